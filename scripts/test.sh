@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's second command: set up .venv if needed, then run the whole test suite (fast tests on a tiny
+# random model, slow ones on the real encoder). Extra arguments go to pytest (e.g. -m "not slow", -k clustering).
+# pytest's "no tests collected" (exit 5) counts as a failure.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=$("$root/scripts/venv.sh") || exit 1
+cd "$root" || exit 1
+"$venv/bin/python" -m pytest "$@"
+code=$?
+if [ "$code" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$code"

@@ -1,0 +1,3 @@
+from fedlease.cli import main
+
+raise SystemExit(main())

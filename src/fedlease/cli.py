@@ -1,0 +1,100 @@
+"""Command line: ``fedlease run`` (one federated training) and ``fedlease tasks`` (the task registry).
+
+The flags of ``run`` are generated from :class:`fedlease.config.RunConfig`. Every bad input ends the program
+with one line, ``fedlease: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+
+from fedlease.config import RunConfig
+from fedlease.errors import FedleaseError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print only the error, on one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"fedlease: error: {message.splitlines()[0]} (see '{self.prog} --help')\n")
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(RunConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    inner = args[0] if args else hint
+    return typing.get_args(inner)[0] if typing.get_origin(inner) is list else inner
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """One flag per RunConfig field, spelled as the field, with its default and help."""
+    defaults = RunConfig()
+    for field in dataclasses.fields(RunConfig):
+        if field.name in exclude:
+            continue
+        meta = dict(field.metadata)
+        default = getattr(defaults, field.name)
+        help_text = meta.pop("help")
+        kind = _field_type(field)
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", action="store_true", help=help_text)
+            continue
+        if default is not None and "nargs" not in meta:
+            help_text += f" (default: {default})"
+        parser.add_argument(f"--{field.name}", type=kind, default=default, help=help_text, **meta)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{key: value for key, value in vars(args).items() if key in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fedlease", description="FedLEASE federated LoRA fine-tuning and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    run = sub.add_parser("run", help="run one federated training and write its artifacts",
+                         description="Run one federated training (FedLEASE by default) and write the log, "
+                                     "metrics, plots and final weights to --output_dir.")
+    add_config_arguments(run)
+    run.add_argument("--no_progress", action="store_true", help="do not show progress bars")
+    sub.add_parser("tasks", help="list the tasks this installation knows")
+    return parser
+
+
+def list_tasks() -> str:
+    from fedlease.data.tasks import TASKS
+
+    rows = [f"{'task':16s} {'source':8s} {'labels':>6s}  description"]
+    rows += [f"{s.name:16s} {s.source:8s} {s.num_labels:6d}  {s.description}" for s in TASKS.values()]
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag error already printed on one line
+        return int(exc.code or 0)
+    try:
+        if args.command == "tasks":
+            print(list_tasks())
+            return 0
+        from fedlease.runtime.simulation import run
+
+        result = run(config_from_args(args), progress=not args.no_progress)
+        print(result.table)
+        print(f"artifacts: {result.output_dir}")
+        return 0
+    except FedleaseError as exc:
+        print(f"fedlease: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlease: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""How many experts, and which clients share one: FedLEASE's allocation step (Sec. 3.2 of the paper).
+
+Clients are compared by their warmup LoRA B matrices only (B carries the task; A stays near its shared random
+init): for every adapted site l, d_l(i, j) = 1 - cos(vec B_i^l, vec B_j^l), and d(i, j) is the mean over sites.
+Average-linkage agglomerative clustering on d is run for every K in 2..min(max_clusters, N-1), and K is the
+one with the best silhouette score (ties go to the smaller K). Davies-Bouldin on a 2-D classical-MDS embedding
+is computed and reported, as the released code does, but does not decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.manifold import ClassicalMDS
+from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+
+@dataclass
+class ClusteringResult:
+    num_clusters: int
+    labels: list[int]  # cluster of each client; clusters are numbered by their first client
+    distances: np.ndarray  # (N, N) mean B-cosine distance
+    reason: str  # how K was decided, for the log
+    silhouette: dict[int, float] = field(default_factory=dict)
+    davies_bouldin: dict[int, float] = field(default_factory=dict)
+    embedding: np.ndarray | None = None  # (N, 2) classical MDS of the distances
+
+    def members(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {k: [] for k in range(self.num_clusters)}
+        for client, k in enumerate(self.labels):
+            groups[k].append(client)
+        return groups
+
+    def to_dict(self) -> dict:
+        return {
+            "num_clusters": self.num_clusters,
+            "labels": self.labels,
+            "reason": self.reason,
+            "silhouette": {str(k): v for k, v in self.silhouette.items()},
+            "davies_bouldin": {str(k): v for k, v in self.davies_bouldin.items()},
+            "distances": self.distances.round(6).tolist(),
+            "embedding": None if self.embedding is None else self.embedding.round(6).tolist(),
+        }
+
+
+def lora_b_distances(b_matrices: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """Mean over sites of 1 - cosine similarity of the flattened B matrices, for every pair of clients."""
+    sites = sorted(b_matrices[0])
+    n = len(b_matrices)
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for site in sites:
+        flat = torch.stack([b[site].reshape(-1).double() for b in b_matrices])  # (N, d_out * r)
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        total += 1.0 - unit @ unit.t()
+    distances = (total / len(sites)).clamp_min(0.0).numpy()
+    np.fill_diagonal(distances, 0.0)
+    return (distances + distances.T) / 2  # exact symmetry for the precomputed-metric estimators
+
+
+def canonical_labels(labels: Sequence[int]) -> list[int]:
+    """Renumber clusters in order of their first client, so the numbering does not depend on the estimator."""
+    order: dict[int, int] = {}
+    return [order.setdefault(int(label), len(order)) for label in labels]
+
+
+def agglomerative(distances: np.ndarray, k: int) -> list[int]:
+    model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+    return canonical_labels(model.fit_predict(distances))
+
+
+def cluster_clients_by_lora_b(b_matrices: Sequence[Mapping[str, torch.Tensor]], max_clusters: int,
+                              fixed_clusters: int | None = None) -> ClusteringResult:
+    """Choose the number of experts and assign clients to them (``fixed_clusters`` skips the choice)."""
+    n = len(b_matrices)
+    distances = lora_b_distances(b_matrices)
+    embedding = ClassicalMDS(n_components=2, metric="precomputed").fit_transform(distances) if n >= 3 else None
+    candidates = range(2, min(max_clusters, n - 1) + 1)
+    silhouette: dict[int, float] = {}
+    davies_bouldin: dict[int, float] = {}
+    labelings: dict[int, list[int]] = {}
+    for k in candidates:
+        labelings[k] = agglomerative(distances, k)
+        silhouette[k] = float(silhouette_score(distances, labelings[k], metric="precomputed"))
+        davies_bouldin[k] = float(davies_bouldin_score(embedding, labelings[k]))
+
+    def result(k: int, labels: list[int], reason: str) -> ClusteringResult:
+        return ClusteringResult(k, labels, distances, reason, silhouette, davies_bouldin, embedding)
+
+    if fixed_clusters is not None:
+        k = min(fixed_clusters, n)
+        labels = [0] if n == 1 else labelings.get(k) or agglomerative(distances, k)
+        return result(k, labels, f"fixed at {k} by --num_experts")
+    if n == 1 or max_clusters == 1:
+        return result(1, [0] * n, "one expert: " + ("a single client" if n == 1 else "--max_clusters 1"))
+    if n == 2:
+        return result(2, [0, 1], "two clients: the silhouette is undefined, so each client gets its own expert")
+    best = max(candidates, key=lambda k: (silhouette[k], -k))  # ties go to the smaller K
+    capped = " (K capped at clients-1)" if max_clusters > n - 1 else ""
+    return result(best, labelings[best], f"best silhouette {silhouette[best]:.4f} over K={candidates.start}.."
+                                         f"{candidates.stop - 1}{capped}")

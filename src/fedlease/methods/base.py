@@ -1,0 +1,131 @@
+"""The small interface every federated method implements.
+
+A method is both halves of one algorithm. The server half says, each round, what every client downloads and
+trains (``configure_train``), how uploads are combined (``aggregate_train``) and which model each client is
+evaluated with (``configure_evaluate``). The client half (``client_train``, ``client_evaluate``) runs on the
+process that holds the client's data. Runtimes (the in-process runner, Flower) only move the two message
+types below between the halves; no runtime contains algorithm code.
+
+State moves as flat ``name -> tensor`` mappings (see ``fedlease.model.experts``), safetensors-friendly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedlease.clustering import ClusteringResult
+from fedlease.config import RunConfig
+from fedlease.model.experts import ExpertLayout
+from fedlease.seeding import derive_seed
+from fedlease.train import LocalClient
+
+Scalar = int | float | str | bool
+
+LORA_PARTS = ("lora_A", "lora_B")
+PART_SUFFIXES = {"lora_A": (".lora_A",), "lora_B": (".lora_B",), "router": (".router",),
+                 "experts": (".experts_A", ".experts_B")}
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server knows of a client: never its data."""
+
+    client_id: int
+    task: str
+    labels: tuple[str, ...]
+
+
+@dataclass
+class Instruction:
+    """Server -> client for one round: arrange the model as ``layout``, load ``state``, train ``train``,
+    send back ``upload``. ``init`` asks the client to start from the seeded initial LoRA and head first."""
+
+    layout: ExpertLayout
+    state: dict[str, torch.Tensor]
+    train: tuple[str, ...] = ()
+    upload: tuple[str, ...] = ()
+    init: bool = False
+    extra: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """Client -> server: the uploaded state, how many examples it was trained on, and training metrics."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    """What the server half did with a round's uploads, for the log and the artifacts."""
+
+    phase: str
+    log: list[str] = field(default_factory=list)
+    clustering: ClusteringResult | None = None
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                   keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Weighted mean of ``keys`` (default: all keys of the first state) over ``states``."""
+    total = float(sum(weights))
+    keys = list(states[0]) if keys is None else list(keys)
+    return {key: sum(s[key].double() * (w / total) for s, w in zip(states, weights)).to(states[0][key].dtype)
+            for key in keys}
+
+
+def select(state: Mapping[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` that belong to ``parts`` (names end in ``.lora_A``, start with ``head.``, ...)."""
+    parts = tuple(parts)
+    suffixes = tuple(suffix for part in parts for suffix in PART_SUFFIXES.get(part, ()))
+    return {k: v for k, v in state.items() if k.endswith(suffixes) or ("head" in parts and k.startswith("head."))}
+
+
+class FederatedMethod(ABC):
+    """Base of all methods: holds the run configuration and the clients, and the generic client half."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
+        self.config = config
+        self.clients = list(clients)
+
+    # -- server half --------------------------------------------------------------------------------------
+    @abstractmethod
+    def configure_train(self, rnd: int) -> dict[int, Instruction]:
+        """What every client downloads and trains in round ``rnd`` (0-based)."""
+
+    @abstractmethod
+    def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
+        """Combine the uploads of round ``rnd``; clients missing from ``updates`` did not reply."""
+
+    @abstractmethod
+    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
+        """The model each client is evaluated with after round ``rnd``: what it would download next."""
+
+    @abstractmethod
+    def client_map(self) -> dict[int, list[int]]:
+        """Which clients share each adapter now: adapter id -> client ids (lora_client_map_round_X.json)."""
+
+    # -- client half --------------------------------------------------------------------------------------
+    def load(self, client: LocalClient, ins: Instruction) -> None:
+        state = ins.state
+        if ins.init:
+            client.adapted.configure(ins.layout)
+            state = {**client.adapted.initial_state(self.config.seed), **state}
+        client.apply(ins.layout, state)
+
+    def client_train(self, client: LocalClient, ins: Instruction, rnd: int) -> Update:
+        self.load(client, ins)
+        metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
+        return Update(client.state(ins.upload), client.num_train, metrics)
+
+    def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int) -> dict[str, float]:
+        self.load(client, ins)
+        return client.evaluate()

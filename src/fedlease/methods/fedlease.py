@@ -1,0 +1,153 @@
+"""FedLEASE: adaptive LoRA experts allocation and selection.
+
+Wang, Bian, Zhang, Xu, "Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning",
+NeurIPS 2025 (arXiv 2509.15087).
+
+Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation; nothing is
+averaged. End of round W-1 (allocation): clients are clustered by their LoRA B matrices and K is chosen by
+silhouette (``fedlease.clustering``); expert k starts as the average of its members' warmup LoRAs (the paper;
+the released code starts from each client's own LoRA instead). Rounds W..R-1 (adaptive): each client holds
+all K experts, trains its own expert, its cluster's router and its head; the server averages expert k over
+cluster k, routers within a cluster, and heads among clients of one cluster that share a label set (the
+released code never trains the head; a head with no such peer stays the client's own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedlease.clustering import ClusteringResult, cluster_clients_by_lora_b
+from fedlease.config import RunConfig
+from fedlease.methods.base import (LORA_PARTS, ClientInfo, FederatedMethod, Instruction, RoundReport, Update,
+                                   average_states, select)
+from fedlease.model.experts import ExpertLayout, init_router
+
+PLAIN_LORA = ExpertLayout()
+WARMUP_PARTS = ("lora_A", "lora_B", "head")
+ADAPTIVE_PARTS = ("lora_A", "lora_B", "router", "head")
+
+
+class FedLease(FederatedMethod):
+    name = "fedlease"
+
+    def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
+        super().__init__(config, clients)
+        self.local: dict[int, dict[str, torch.Tensor]] = {}  # warmup: each client's own LoRA and head
+        self.clustering: ClusteringResult | None = None
+        self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
+        self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
+        self.heads: dict[int, dict[str, torch.Tensor]] = {}  # adaptive phase: each client's head
+
+    # -- who shares what ----------------------------------------------------------------------------------
+    def in_warmup(self, rnd: int) -> bool:
+        return rnd < self.config.warmup_rounds
+
+    def cluster_of(self, cid: int) -> int:
+        assert self.clustering is not None
+        return self.clustering.labels[cid]
+
+    def head_group(self, cid: int) -> list[int]:
+        """Clients whose head is averaged with ``cid``'s: same cluster and same label set."""
+        key = (self.cluster_of(cid), self.clients[cid].labels)
+        return [c.client_id for c in self.clients if (self.cluster_of(c.client_id), c.labels) == key]
+
+    def layout(self, cid: int) -> ExpertLayout:
+        assert self.clustering is not None
+        k = self.clustering.num_clusters
+        if k == 1:
+            return PLAIN_LORA
+        return ExpertLayout(num_experts=k, own_expert=self.cluster_of(cid), routing="adaptive")
+
+    def client_map(self) -> dict[int, list[int]]:
+        if self.clustering is None:
+            return {c.client_id: [c.client_id] for c in self.clients}
+        return self.clustering.members()
+
+    # -- server half --------------------------------------------------------------------------------------
+    def download(self, cid: int) -> Instruction:
+        layout = self.layout(cid)
+        own = self.experts[self.cluster_of(cid)]
+        state = {**own, **self.heads[cid]}
+        if layout.routing != "none":
+            state.update(self.routers[self.cluster_of(cid)])
+            for site in (key.removesuffix(".lora_A") for key in own if key.endswith(".lora_A")):
+                state[f"{site}.experts_A"] = torch.stack([e[f"{site}.lora_A"] for e in self.experts])
+                state[f"{site}.experts_B"] = torch.stack([e[f"{site}.lora_B"] for e in self.experts])
+        return Instruction(layout, state, ADAPTIVE_PARTS, ADAPTIVE_PARTS)
+
+    def configure_train(self, rnd: int) -> dict[int, Instruction]:
+        if self.in_warmup(rnd):
+            return {c.client_id: Instruction(PLAIN_LORA, dict(self.local.get(c.client_id, {})), WARMUP_PARTS,
+                                             WARMUP_PARTS, init=c.client_id not in self.local)
+                    for c in self.clients}
+        return {c.client_id: self.download(c.client_id) for c in self.clients}
+
+    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
+        if self.in_warmup(rnd):
+            return {cid: Instruction(PLAIN_LORA, dict(state)) for cid, state in self.local.items()}
+        return {c.client_id: self.download(c.client_id) for c in self.clients}
+
+    def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
+        if self.in_warmup(rnd):
+            self.local.update({cid: update.state for cid, update in updates.items()})
+            report = RoundReport("warmup", [f"warmup: {len(updates)} clients trained their own LoRA"])
+            if rnd == self.config.warmup_rounds - 1:
+                self.allocate(report)
+            return report
+        report = RoundReport("adaptive")
+        for k, members in self.clustering.members().items():
+            replied = [cid for cid in members if cid in updates]
+            if not replied:
+                report.log.append(f"expert {k}: no member replied, kept as it was")
+                continue
+            states = [updates[cid].state for cid in replied]
+            weights = [updates[cid].num_examples for cid in replied]
+            self.experts[k] = average_states([select(s, LORA_PARTS) for s in states], weights)
+            if self.routers:
+                self.routers[k] = average_states([select(s, ("router",)) for s in states], weights)
+        self.average_heads({cid: u.state for cid, u in updates.items()},
+                           {cid: u.num_examples for cid, u in updates.items()})
+        return report
+
+    def allocate(self, report: RoundReport) -> None:
+        """Cluster the warmup LoRAs, pick K, and build experts, routers and heads from the members."""
+        clients = [c.client_id for c in self.clients]
+        missing = [cid for cid in clients if cid not in self.local]
+        if missing:
+            raise RuntimeError(f"cannot cluster: clients {missing} never delivered a warmup LoRA")
+        b_matrices = [{key: value for key, value in self.local[cid].items() if key.endswith(".lora_B")}
+                      for cid in clients]
+        self.clustering = result = cluster_clients_by_lora_b(b_matrices, self.config.max_clusters)
+        report.clustering = result
+        report.log.append(f"clustering: K={result.num_clusters} ({result.reason})")
+        for k, score in result.silhouette.items():
+            report.log.append(f"  K={k}: silhouette {score:.4f}, Davies-Bouldin (2-D MDS) "
+                              f"{result.davies_bouldin[k]:.4f}")
+        for k, members in result.members().items():
+            tasks = " ".join(self.clients[cid].task for cid in members)
+            report.log.append(f"  expert {k}: clients {members} ({tasks})")
+        self.experts = [average_states([select(self.local[cid], LORA_PARTS) for cid in members],
+                                       [1.0] * len(members)) for members in result.members().values()]
+        self.routers = []
+        if result.num_clusters > 1:
+            slots = self.layout(0).num_slots
+            router = {}
+            for key, value in self.experts[0].items():
+                if key.endswith(".lora_A"):
+                    site = key.removesuffix(".lora_A")
+                    router[f"{site}.router"] = init_router(value.shape[1], slots, self.config.seed, site)
+            self.routers = [dict(router) for _ in range(result.num_clusters)]
+        self.average_heads({cid: self.local[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
+
+    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
+        done: set[int] = set()
+        for cid in states:
+            if cid in done:
+                continue
+            group = [c for c in self.head_group(cid) if c in states]
+            head = average_states([select(states[c], ("head",)) for c in group], [weights[c] for c in group])
+            for c in group:
+                self.heads[c] = head
+            done.update(group)

@@ -1,0 +1,258 @@
+"""A mixture of LoRA experts with a per-token router, as a small PEFT-style tuner.
+
+FedLEASE (Wang et al., NeurIPS 2025, arXiv 2509.15087), Sec. 3.3: an adapted linear layer holds the frozen
+weight W0, M experts (A_k, B_k) and a router G: d_in -> 2M-1 slots. For a client whose own expert is g,
+
+    w = softmax(G x);  slots 0..M-1 -> experts 0..M-1,  slots M..2M-2 -> expert g
+    keep the top-M slots, renormalise them to sum 1, add up the weights of slots that map to one expert
+    y = W0 x + (alpha / r) * sum_k w_k B_k A_k dropout(x)
+
+Expert g owns M of the 2M-1 slots and only M-1 slots point elsewhere, so it is always selected, and the
+number of distinct experts a token uses adapts between 1 and M.
+
+Only the client's own expert is trained, so the layer keeps it as the parameters ``lora_A``/``lora_B`` and
+the other experts as a frozen buffer bank; the forward splices the own expert into the bank. All M experts
+run as one rank-(M*r) matmul pair with the routing weights applied between them: no Python loop over
+experts or slots and no host sync. With M = 1 and no router the layer is exactly plain LoRA.
+
+State moves as a flat mapping ``name -> tensor``: ``<site>.lora_A`` (r, d_in), ``<site>.lora_B`` (d_out, r),
+``<site>.router`` (slots, d_in), ``<site>.experts_A`` (M, r, d_in), ``<site>.experts_B`` (M, d_out, r) and
+``head.<param>`` for the classification head, where ``<site>`` is the adapted module's path in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlease.seeding import generator
+
+ROUTINGS = ("none", "adaptive", "topk")
+PARTS = ("lora_A", "lora_B", "router", "experts", "head")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How the expert layers of a client are arranged for one round.
+
+    routing "none": M must be 1, plain LoRA. "adaptive": 2M-1 slots, top-M, own expert always selected (the
+    paper). "topk": M slots, fixed top-k (the paper's ablation; no own-expert guarantee).
+    """
+
+    num_experts: int = 1
+    own_expert: int = 0
+    routing: str = "none"
+    top_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.num_experts < 1 or not 0 <= self.own_expert < self.num_experts:
+            raise ValueError(f"bad layout: {self}")
+        if self.routing == "none" and self.num_experts != 1:
+            raise ValueError("routing 'none' needs exactly one expert")
+        if self.routing == "topk" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
+
+    @property
+    def num_slots(self) -> int:
+        return {"none": 0, "adaptive": 2 * self.num_experts - 1, "topk": self.num_experts}[self.routing]
+
+    @property
+    def kept_slots(self) -> int:
+        return self.num_experts if self.routing == "adaptive" else self.top_k
+
+    def slot_to_expert(self) -> torch.Tensor:
+        extra = [self.own_expert] * (self.num_slots - self.num_experts)
+        return torch.tensor(list(range(self.num_experts)) + extra, dtype=torch.long)
+
+    def to_config(self) -> dict[str, int | str]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> ExpertLayout:
+        return cls(**{key: config[key] for key in ("num_experts", "own_expert", "routing", "top_k")})
+
+
+def route(router_logits: torch.Tensor, layout: ExpertLayout, slot_to_expert: torch.Tensor) -> torch.Tensor:
+    """Per-token expert weights (..., M) from router logits (..., slots): top-k slots, renormalised, merged."""
+    probs = router_logits.float().softmax(dim=-1)
+    top_p, top_slot = probs.topk(layout.kept_slots, dim=-1)
+    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    weights = probs.new_zeros(*probs.shape[:-1], layout.num_experts)
+    return weights.scatter_add(-1, slot_to_expert[top_slot], top_p)
+
+
+class ExpertLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus LoRA experts and a router; see the module docstring."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        d_in, d_out = base.in_features, base.out_features
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(rank, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **factory))
+        self.register_parameter("router", None)
+        self.register_buffer("experts_A", torch.zeros(0, rank, d_in, **factory), persistent=False)
+        self.register_buffer("experts_B", torch.zeros(0, d_out, rank, **factory), persistent=False)
+        self.register_buffer("own_index", torch.zeros(1, dtype=torch.long, device=factory["device"]),
+                             persistent=False)
+        self.register_buffer("slot_to_expert", torch.zeros(0, dtype=torch.long, device=factory["device"]),
+                             persistent=False)
+        self.layout = ExpertLayout()
+
+    def configure(self, layout: ExpertLayout) -> None:
+        """Re-arrange for ``layout``; tensors are re-allocated only when their shape changes."""
+        device, dtype = self.lora_A.device, self.lora_A.dtype
+        m, slots = layout.num_experts, layout.num_slots
+        if layout.routing == "none":
+            self.experts_A = self.experts_A.new_zeros(0, *self.lora_A.shape)
+            self.experts_B = self.experts_B.new_zeros(0, *self.lora_B.shape)
+            self.router = None
+        else:
+            if self.experts_A.shape[0] != m:
+                self.experts_A = torch.zeros(m, *self.lora_A.shape, device=device, dtype=dtype)
+                self.experts_B = torch.zeros(m, *self.lora_B.shape, device=device, dtype=dtype)
+            if self.router is None or self.router.shape[0] != slots:
+                self.router = nn.Parameter(torch.zeros(slots, self.base.in_features, device=device, dtype=dtype))
+        self.own_index.fill_(layout.own_expert)
+        self.slot_to_expert = layout.slot_to_expert().to(device)
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        h = self.dropout(x).to(self.lora_A.dtype)
+        if self.router is None:
+            return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
+        m, r = self.layout.num_experts, self.rank
+        experts_A = self.experts_A.index_copy(0, self.own_index, self.lora_A.unsqueeze(0))  # (M, r, d_in)
+        experts_B = self.experts_B.index_copy(0, self.own_index, self.lora_B.unsqueeze(0))  # (M, d_out, r)
+        weights = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.slot_to_expert)
+        z = h @ experts_A.reshape(m * r, -1).t()  # every expert's A at once: (..., M*r)
+        z = (z.unflatten(-1, (m, r)) * weights.unsqueeze(-1).to(z.dtype)).flatten(-2)
+        delta = z @ experts_B.permute(1, 0, 2).reshape(-1, m * r).t()  # (..., d_out)
+        return result + (delta * self.scaling).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, layout={self.layout}"
+
+
+def inject_experts(model: nn.Module, target_modules: Iterable[str], rank: int, alpha: float,
+                   dropout: float) -> dict[str, ExpertLinear]:
+    """Replace every ``nn.Linear`` whose last name is in ``target_modules``; return the new layers by path."""
+    targets = set(target_modules)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    sites = {}
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        layer = ExpertLinear(module, rank, alpha, dropout)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        sites[name] = layer
+    return sites
+
+
+def init_lora_state(sites: Mapping[str, ExpertLinear], seed: int) -> dict[str, torch.Tensor]:
+    """The shared initial LoRA of every client: A Kaiming-uniform (as PEFT), B zero, one draw per site."""
+    state = {}
+    for name, layer in sites.items():
+        a = torch.empty(layer.lora_A.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator(seed, "lora_A", name))
+        state[f"{name}.lora_A"] = a
+        state[f"{name}.lora_B"] = torch.zeros(layer.lora_B.shape)
+    return state
+
+
+def init_router(d_in: int, slots: int, seed: int, site: str) -> torch.Tensor:
+    """A router's initial weight, as ``nn.Linear`` draws it (what the released code uses), seeded per site."""
+    weight = torch.empty(slots, d_in)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator(seed, "router", site))
+    return weight
+
+
+class AdaptedModel:
+    """One frozen backbone with expert layers and a classification head.
+
+    Clients differ only by the state they load: ``load_state`` copies tensors in place, ``configure`` changes
+    the expert layout, and nothing is rebuilt between clients or rounds.
+    """
+
+    def __init__(self, model: nn.Module, sites: dict[str, ExpertLinear], head_names: list[str]) -> None:
+        self.model = model
+        self.sites = sites
+        params = dict(model.named_parameters())
+        self.head = {name: params[name] for name in head_names}
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return next(iter(self.sites.values())).layout
+
+    def configure(self, layout: ExpertLayout) -> None:
+        for layer in self.sites.values():
+            layer.configure(layout)
+
+    def tensors(self, parts: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The live tensors of ``parts`` (a subset of PARTS) by state name."""
+        parts = set(parts)
+        unknown = parts - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}")
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.sites.items():
+            if "lora_A" in parts:
+                out[f"{name}.lora_A"] = layer.lora_A
+            if "lora_B" in parts:
+                out[f"{name}.lora_B"] = layer.lora_B
+            if "router" in parts and layer.router is not None:
+                out[f"{name}.router"] = layer.router
+            if "experts" in parts and layer.router is not None:
+                out[f"{name}.experts_A"] = layer.experts_A
+                out[f"{name}.experts_B"] = layer.experts_B
+        if "head" in parts:
+            out.update({f"head.{name}": param for name, param in self.head.items()})
+        return out
+
+    def state(self, parts: Iterable[str]) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of ``parts``: what a client uploads or a checkpoint stores."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.tensors(parts).items()}
+
+    @torch.no_grad()
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the model; every key must exist in the current layout with the same shape."""
+        live = self.tensors(PARTS)
+        for name, value in state.items():
+            if name not in live:
+                raise KeyError(f"state key {name!r} does not exist in layout {self.layout}")
+            if tuple(value.shape) != tuple(live[name].shape):
+                raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(live[name].shape)}")
+            live[name].copy_(value)
+
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """LoRA A/B and head as every client starts: one draw from the seed, the same in every process."""
+        state = init_lora_state(self.sites, seed)
+        for name, param in self.head.items():
+            value = torch.zeros(param.shape)
+            if param.dim() > 1:
+                std = getattr(getattr(self.model, "config", None), "initializer_range", 0.02)
+                value.normal_(0.0, std, generator=generator(seed, "head", name))
+            state[f"head.{name}"] = value
+        return state
+
+    def set_trainable(self, parts: Iterable[str]) -> list[nn.Parameter]:
+        """Make exactly ``parts`` trainable (never the backbone or the frozen bank); return them."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        chosen = [t for t in self.tensors(set(parts) - {"experts"}).values() if isinstance(t, nn.Parameter)]
+        for param in chosen:
+            param.requires_grad_(True)
+        return chosen

@@ -1,0 +1,180 @@
+"""What a run leaves in its output directory, written as the run goes so a stopped run is still readable.
+
+- ``training_log.txt``: the log, round by round, with the clustering decision and every K's scores.
+- ``lora_client_map_round_X.json``: adapter id -> client ids after round X (1-based), the released format.
+- ``round_summary_X.json``: every client's metrics, per-task means, phase, time and bytes moved in round X.
+- ``training_history.json``: everything above for all rounds, the config, the clients, the clustering and the
+  final table; ``client_scores``, ``optimal_n_clusters`` and ``lora_client_map`` keep the released format.
+- plots: ``dendrogram.png``, ``distance_heatmap.png``, ``cluster_scores.png`` (silhouette and Davies-Bouldin
+  vs K), ``embedding_2d.png``, ``accuracy_by_round.png`` (and the task's F1 metric where it has one).
+- ``final/client_<id>.safetensors``: each client's final model (experts, router, head) with its layout.
+- ``results.md``: the final per-task table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from fedlease import __version__
+from fedlease.clustering import ClusteringResult
+from fedlease.config import RunConfig
+from fedlease.methods.base import ClientInfo, Instruction, RoundReport, Update
+from fedlease.report import plots
+from fedlease.storage import write_json
+
+log = logging.getLogger("fedlease")
+
+METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1"}
+PLOT_FILES = ("dendrogram.png", "distance_heatmap.png", "cluster_scores.png", "embedding_2d.png",
+              *(f"{metric}_by_round.png" for metric in METRIC_LABELS))
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def summarize(metrics: Mapping[int, Mapping[str, float]], clients: Sequence[ClientInfo]) -> dict:
+    """Per-task means over the task's clients, and the mean over tasks (the paper's 'avg' column)."""
+    by_task: dict[str, list[Mapping[str, float]]] = {}
+    for cid, values in metrics.items():
+        by_task.setdefault(clients[cid].task, []).append(values)
+    tasks = {task: {name: float(np.mean([v[name] for v in rows])) for name in rows[0] if name != "loss"}
+             for task, rows in by_task.items()}
+    mean = {"accuracy": float(np.mean([t["accuracy"] for t in tasks.values()]))} if tasks else {}
+    return {"tasks": tasks, "mean": mean}
+
+
+class RunRecorder:
+    """Writes the artifacts of one run into ``out_dir``."""
+
+    def __init__(self, out_dir: Path, config: RunConfig, clients: Sequence[ClientInfo], info: Mapping) -> None:
+        self.out_dir = out_dir
+        self.config = config
+        self.clients = list(clients)
+        self.history: dict = {
+            "fedlease_version": __version__,
+            "config": config.to_dict(),
+            **info,
+            "clients": [],
+            "rounds": [],
+            "client_scores": {str(c.client_id): [] for c in clients},
+            "optimal_n_clusters": None,
+            "lora_client_map": None,
+            "clustering": None,
+            "final": None,
+        }
+
+    def describe_clients(self, rows: Sequence[Mapping]) -> None:
+        self.history["clients"] = list(rows)
+
+    def record_round(self, rnd: int, report: RoundReport, instructions: Mapping[int, Instruction],
+                     updates: Mapping[int, Update], metrics: Mapping[int, Mapping[str, float]],
+                     client_map: Mapping[int, list[int]], seconds: float) -> dict:
+        number = rnd + 1
+        clients = {}
+        for cid, values in metrics.items():
+            ins, update = instructions.get(cid), updates.get(cid)
+            clients[str(cid)] = {
+                "task": self.clients[cid].task,
+                "eval": dict(values),
+                "train": dict(update.metrics) if update else None,
+                "download_bytes": state_bytes(ins.state) if ins else 0,
+                "upload_bytes": state_bytes(update.state) if update else 0,
+            }
+            self.history["client_scores"][str(cid)].append(dict(values))
+        summary = {
+            "round": number,
+            "phase": report.phase,
+            "seconds": round(seconds, 3),
+            "num_adapters": len(client_map),
+            **summarize(metrics, self.clients),
+            "clients": clients,
+            "log": report.log,
+        }
+        self.history["rounds"].append(summary)
+        json_map = {str(k): v for k, v in client_map.items()}
+        write_json(self.out_dir / f"lora_client_map_round_{number}.json", json_map)
+        write_json(self.out_dir / f"round_summary_{number}.json", summary)
+        if report.clustering is not None:
+            self.record_clustering(report.clustering)
+        if report.phase != "warmup" or report.clustering is not None:
+            self.history["lora_client_map"] = json_map
+        write_json(self.out_dir / "training_history.json", self.history)
+        self.plot_metrics()
+        return summary
+
+    def record_clustering(self, result: ClusteringResult) -> None:
+        self.history["optimal_n_clusters"] = result.num_clusters
+        self.history["clustering"] = result.to_dict()
+        names = [f"{c.client_id}:{c.task}" for c in self.clients]
+        if len(self.clients) >= 2:
+            plots.plot_dendrogram(result.distances, names, self.out_dir / "dendrogram.png")
+            plots.plot_distance_heatmap(result.distances, names, self.out_dir / "distance_heatmap.png")
+        if result.silhouette:
+            plots.plot_cluster_scores(result.silhouette, result.davies_bouldin, result.num_clusters,
+                                      self.out_dir / "cluster_scores.png")
+        if result.embedding is not None:
+            plots.plot_embedding(result.embedding, result.labels, [c.task for c in self.clients],
+                                 self.out_dir / "embedding_2d.png")
+
+    def plot_metrics(self) -> None:
+        rounds = [r["round"] for r in self.history["rounds"]]
+        tasks = self.history["rounds"][-1]["tasks"]
+        for metric in ("accuracy", "f1", "macro_f1"):
+            series = {task: [r["tasks"][task].get(metric, np.nan) for r in self.history["rounds"]]
+                      for task, values in tasks.items() if metric in values}
+            if series:
+                plots.plot_metric_by_round(rounds, series, METRIC_LABELS[metric], self.config.warmup_rounds,
+                                           self.out_dir / f"{metric}_by_round.png")
+
+    def save_final_models(self, instructions: Mapping[int, Instruction], model_source: str) -> None:
+        folder = self.out_dir / "final"
+        folder.mkdir(exist_ok=True)
+        for cid, ins in instructions.items():
+            info = self.clients[cid]
+            metadata = {
+                "method": self.config.method, "model": model_source, "task": info.task,
+                "labels": json.dumps(list(info.labels)), "layout": json.dumps(ins.layout.to_config()),
+                "rank": str(self.config.rank), "lora_alpha": str(self.config.lora_alpha),
+            }
+            tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in ins.state.items()}
+            save_file(tensors, str(folder / f"client_{cid}.safetensors"), metadata=metadata)
+
+    def finish(self) -> dict:
+        """Final per-task table (last round; the best round's mean is recorded too) and results.md."""
+        rounds = self.history["rounds"]
+        last = rounds[-1]
+        best = max(rounds, key=lambda r: r["mean"].get("accuracy", float("-inf")))
+        final = {"round": last["round"], "tasks": last["tasks"], "mean": last["mean"],
+                 "best_round": best["round"], "best_mean": best["mean"]}
+        self.history["final"] = final
+        write_json(self.out_dir / "training_history.json", self.history)
+        (self.out_dir / "results.md").write_text(format_table(final, self.clients) + "\n", encoding="utf-8")
+        return final
+
+
+def format_table(final: Mapping, clients: Sequence[ClientInfo]) -> str:
+    """A Markdown table of the final round: one row per task, then the mean over tasks (percent)."""
+    counts: dict[str, int] = {}
+    for c in clients:
+        counts[c.task] = counts.get(c.task, 0) + 1
+    extra = [m for m in ("f1", "macro_f1") if any(m in v for v in final["tasks"].values())]
+    header = ["task", "clients", "accuracy", *[METRIC_LABELS[m] for m in extra]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, values in final["tasks"].items():
+        cells = [task, str(counts[task]), f"{100 * values['accuracy']:.2f}"]
+        cells += [f"{100 * values[m]:.2f}" if m in values else "-" for m in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = final["mean"].get("accuracy")
+    lines.append("| mean over tasks | " + str(len(clients)) + f" | {100 * mean:.2f} |" + " |" * len(extra))
+    lines.append("")
+    lines.append(f"Round {final['round']} (final). Best mean accuracy: "
+                 f"{100 * final['best_mean']['accuracy']:.2f} in round {final['best_round']}.")
+    return "\n".join(lines)

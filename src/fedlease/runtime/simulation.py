@@ -1,0 +1,209 @@
+"""The in-process runner: every client in one process, on one shared backbone.
+
+The runner only moves messages: it asks the method what each client gets, runs the method's client half on
+each client, hands the uploads back to the method, and records what happened. Clients run one after another
+on the same model; their state is swapped in and out with in-place copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fedlease.config import RunConfig, expand_tasks
+from fedlease.data.partition import ClientSplit, partition_clients
+from fedlease.data.tasks import TaskData, check_tasks, load_task
+from fedlease.errors import ConfigError
+from fedlease.methods import METHODS, create_method
+from fedlease.methods.base import ClientInfo, FederatedMethod, Update
+from fedlease.model.backbone import Backbone, load_backbone, resolve_model_source
+from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
+from fedlease.train import LocalClient, TrainSettings, encode
+
+log = logging.getLogger("fedlease")
+
+# Files a run writes at the top of its output directory; --overwrite removes exactly these (and final/).
+OWNED_PATTERNS = ("training_log.txt", "training_history.json", "results.md", "lora_client_map_round_*.json",
+                  "round_summary_*.json", *PLOT_FILES)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final: dict
+    table: str
+
+
+def prepare_config(config: RunConfig) -> RunConfig:
+    """Expand 'task:N', validate flags, tasks and method: everything that needs no data and no model."""
+    config = replace(config, tasks=expand_tasks(config.tasks)).validate()
+    check_tasks(config.tasks)
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; known methods: {' '.join(METHODS)}")
+    if config.warmup_rounds >= config.global_rounds:
+        raise ConfigError(f"--warmup_rounds ({config.warmup_rounds}) must be smaller than --global_rounds "
+                          f"({config.global_rounds}), so that rounds remain after clustering")
+    if config.method == "fedlease" and config.warmup_rounds < 1:
+        raise ConfigError("fedlease clusters clients on their warmup LoRAs: --warmup_rounds must be at least 1")
+    return config
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "training_history.json").exists() or (out / "training_log.txt").exists()
+
+
+def check_output_dir(config: RunConfig) -> Path:
+    """Refuse an output directory that cannot be used, without creating or changing anything."""
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} exists and is not a directory")
+    if holds_run(out) and not config.overwrite:
+        raise ConfigError(f"--output_dir {out} already holds a run; pass --overwrite to replace it, "
+                          f"or choose another directory")
+    return out
+
+
+def remove_run_files(out: Path) -> None:
+    for pattern in OWNED_PATTERNS:
+        for path in out.glob(pattern):
+            path.unlink()
+    for path in (out / "final").glob("client_*.safetensors"):
+        path.unlink()
+
+
+def create_output_dir(out: Path) -> bool:
+    """Create (or clear our files from) ``out``; return whether the directory is new."""
+    created = not out.exists()
+    if holds_run(out):
+        remove_run_files(out)  # --overwrite: check_output_dir refused this directory otherwise
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fedlease-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {out} is not writable ({exc.strerror})") from None
+    return created
+
+
+@contextlib.contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """Log to the console and to ``path`` (training_log.txt) for the duration of a run."""
+    log.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.addFilter(lambda record: getattr(record, "console", True))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(file_handler)
+        log.removeHandler(console)
+        file_handler.close()
+
+
+def load_partition(config: RunConfig) -> tuple[dict[str, TaskData], list[ClientSplit]]:
+    data = {task: load_task(task, config.data_dir) for task in dict.fromkeys(config.tasks)}
+    splits = partition_clients(config.tasks, data, config.train_samples, config.test_samples, config.seed,
+                               config.partition, config.alpha, config.allow_overlap)
+    return data, splits
+
+
+def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[ClientSplit]
+                  ) -> tuple[Backbone, list[LocalClient], list[ClientInfo]]:
+    """Load the model once and tokenise every client's splits once."""
+    for split in splits:
+        if split.reused:
+            log.info("client %d (%s): %d examples reused from other clients' slices (--allow_overlap)",
+                     split.client_id, split.task, split.reused)
+    num_labels = max(data[task].spec.num_labels for task in data)
+    backbone = load_backbone(config.model_name, num_labels, rank=config.rank, alpha=config.lora_alpha,
+                             dropout=config.lora_dropout, target_modules=config.target_modules,
+                             device=config.device)
+    settings = TrainSettings(config.lr, config.weight_decay, config.batch_size, config.local_epochs,
+                             config.max_grad_norm, config.eval_batch_size, backbone.device)
+    clients = []
+    for split in splits:
+        spec = data[split.task].spec
+        clients.append(LocalClient(split.client_id, spec, backbone.adapted,
+                                   encode(backbone.tokenizer, split.train, config.max_length),
+                                   encode(backbone.tokenizer, split.test, config.max_length), settings))
+    infos = [ClientInfo(s.client_id, s.task, data[s.task].spec.labels) for s in splits]
+    return backbone, clients, infos
+
+
+def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: RunRecorder, config: RunConfig,
+               progress: bool) -> None:
+    for rnd in range(config.global_rounds):
+        start = time.perf_counter()
+        phase = "warmup" if rnd < config.warmup_rounds else "training"
+        log.info("round %d/%d (%s)", rnd + 1, config.global_rounds, phase)
+        instructions = method.configure_train(rnd)
+        updates: dict[int, Update] = {}
+        bar = tqdm(instructions.items(), desc=f"round {rnd + 1}/{config.global_rounds} train", unit="client",
+                   disable=not progress, leave=False, file=sys.stderr)
+        for cid, ins in bar:
+            updates[cid] = method.client_train(clients[cid], ins, rnd)
+        report = method.aggregate_train(rnd, updates)
+        for line in report.log:
+            log.info("%s", line)
+        metrics = {cid: method.client_evaluate(clients[cid], ins, rnd)
+                   for cid, ins in method.configure_evaluate(rnd).items()}
+        summary = recorder.record_round(rnd, report, instructions, updates, metrics, method.client_map(),
+                                        time.perf_counter() - start)
+        per_task = "  ".join(f"{task} {100 * v['accuracy']:.2f}" for task, v in summary["tasks"].items())
+        log.info("round %d: accuracy %s | mean %.2f | %.1fs", rnd + 1, per_task,
+                 100 * summary["mean"]["accuracy"], summary["seconds"])
+
+
+def run(config: RunConfig, *, progress: bool = True) -> RunResult:
+    """Run one federated training end to end and write its artifacts; see ``fedlease.report.artifacts``.
+
+    Everything that can be checked without training (flags, tasks, data, partition, model location) is
+    checked before the output directory is touched; a run that fails before its first round is recorded
+    leaves nothing behind.
+    """
+    config = prepare_config(config)
+    out = check_output_dir(config)
+    data, splits = load_partition(config)
+    resolve_model_source(config.model_name)
+    created = create_output_dir(out)
+    recorder = None
+    try:
+        with logging_to(out / "training_log.txt"):
+            log.info("fedlease %s: %d clients (%s), %d rounds (%d warmup), output %s", config.method,
+                     config.num_clients, " ".join(config.tasks), config.global_rounds, config.warmup_rounds, out)
+            backbone, clients, infos = build_clients(config, data, splits)
+            method = create_method(config, infos)
+            recorder = RunRecorder(out, config, infos, {"model_source": backbone.source,
+                                                        "device": str(backbone.device)})
+            recorder.describe_clients([
+                {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),
+                 "train_examples": len(s.train), "test_examples": len(s.test), "reused_examples": s.reused}
+                for s in splits])
+            run_rounds(method, clients, recorder, config, progress)
+            recorder.save_final_models(method.configure_evaluate(config.global_rounds - 1), backbone.source)
+            final = recorder.finish()
+            table = format_table(final, infos)
+            # the command line prints the table on stdout; the console log need not repeat it
+            log.info("final results (round %d, %s):\n%s", config.global_rounds, config.method, table,
+                     extra={"console": False})
+    except BaseException:
+        if recorder is None or not recorder.history["rounds"]:
+            remove_run_files(out)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    return RunResult(out, final, table)

@@ -1,0 +1,207 @@
+"""Local training and evaluation of one client on the shared backbone.
+
+Each client's examples are tokenised once, into one padded tensor per split; batches are cut from it by
+index and trimmed to their longest row (dynamic padding). Training batches are grouped by length (shuffle,
+sort within chunks of 50 batches, shuffle the batches), which removes most padding without making batches
+predictable. A fresh AdamW with linear decay is used per local call, as in the released code (Hugging Face
+Trainer defaults: weight decay on matrices only, gradient clipping at 1.0). On CUDA, autocast runs in bf16
+(fp16 with loss scaling where bf16 is missing). Evaluation runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+from fedlease.data.tasks import Example, TaskSpec
+from fedlease.model.experts import AdaptedModel, ExpertLayout
+
+LENGTH_GROUP_BATCHES = 50
+
+
+@dataclass
+class Encoded:
+    """One split of one client, tokenised: rows padded to the longest row of the split."""
+
+    input_ids: torch.Tensor  # (N, L)
+    token_type_ids: torch.Tensor | None  # (N, L) for models that use segments
+    lengths: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
+    text_a = [ex.text_a for ex in examples]
+    text_b = [ex.text_b or "" for ex in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
+    lengths = torch.tensor([len(ids) for ids in enc["input_ids"]], dtype=torch.long)
+    width = int(lengths.max()) if len(lengths) else 0
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+    token_types = enc.get("token_type_ids")
+    return Encoded(
+        input_ids=pad(enc["input_ids"], tokenizer.pad_token_id),
+        token_type_ids=pad(token_types, 0) if token_types is not None else None,
+        lengths=lengths,
+        labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+    )
+
+
+def batch_indices(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Training (with a generator): length-grouped random batches. Evaluation (None): sorted by length."""
+    n = len(lengths)
+    if generator is None:
+        order = torch.argsort(lengths, descending=True, stable=True)
+        return list(order.split(batch_size))
+    perm = torch.randperm(n, generator=generator)
+    batches: list[torch.Tensor] = []
+    for chunk in perm.split(batch_size * LENGTH_GROUP_BATCHES):
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        batches.extend(chunk.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    width = int(data.lengths[index].max())
+    ids = data.input_ids[index, :width]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": (torch.arange(width) < data.lengths[index, None]).long(),
+    }
+    if data.token_type_ids is not None:
+        batch["token_type_ids"] = data.token_type_ids[index, :width]
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    max_grad_norm: float
+    eval_batch_size: int
+    device: torch.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def compute_metrics(spec: TaskSpec, labels: np.ndarray, preds: np.ndarray, loss: float) -> dict[str, float]:
+    metrics = {"accuracy": float(np.mean(preds == labels)), "loss": loss}
+    if spec.extra_metric == "f1":
+        metrics["f1"] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
+    elif spec.extra_metric == "macro_f1":
+        metrics["macro_f1"] = float(f1_score(labels, preds, labels=list(range(spec.num_labels)),
+                                             average="macro", zero_division=0))
+    return metrics
+
+
+class LocalClient:
+    """One client's data bound to the process's shared AdaptedModel."""
+
+    def __init__(self, client_id: int, spec: TaskSpec, adapted: AdaptedModel, train: Encoded, test: Encoded,
+                 settings: TrainSettings) -> None:
+        self.client_id = client_id
+        self.spec = spec
+        self.adapted = adapted
+        self.train_data = train
+        self.test_data = test
+        self.settings = settings
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_data)
+
+    def apply(self, layout: ExpertLayout, state: Mapping[str, torch.Tensor]) -> None:
+        """Arrange the shared model as this client's model and load its state."""
+        self.adapted.configure(layout)
+        self.adapted.load_state(state)
+
+    def state(self, parts: Iterable[str]) -> dict[str, torch.Tensor]:
+        return self.adapted.state(parts)
+
+    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # The head is as wide as the largest label set in the federation; this task uses its first columns.
+        return self.adapted.model(**batch).logits[:, : self.spec.num_labels].float()
+
+    def fit(self, parts: Iterable[str], seed: int, epochs: int | None = None) -> dict[str, float]:
+        """Train ``parts`` on the local train split; return mean loss, steps, examples and seconds."""
+        settings, data = self.settings, self.train_data
+        params = self.adapted.set_trainable(parts)
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+        epochs = settings.epochs if epochs is None else epochs
+        steps = epochs * math.ceil(len(data) / settings.batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
+        scaler = torch.amp.GradScaler(enabled=settings.amp_dtype == torch.float16)
+        torch.manual_seed(seed)  # dropout
+        order = torch.Generator().manual_seed(seed)
+        model = self.adapted.model
+        model.train()
+        loss_sum = torch.zeros((), device=settings.device)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for index in batch_indices(data.lengths, settings.batch_size, order):
+                batch = make_batch(data, index, settings.device)
+                labels = data.labels[index].to(settings.device, non_blocking=True)
+                with settings.autocast():
+                    loss = F.cross_entropy(self.logits(batch), labels)
+                scaler.scale(loss).backward()
+                if settings.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+        model.eval()
+        for param in params:
+            param.requires_grad_(False)
+        return {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps, "examples": epochs * len(data),
+                "seconds": time.perf_counter() - start}
+
+    @torch.inference_mode()
+    def predict(self, data: Encoded) -> tuple[np.ndarray, float]:
+        """Predicted labels in data order, and the mean cross-entropy."""
+        settings = self.settings
+        self.adapted.model.eval()
+        preds = torch.empty(len(data), dtype=torch.long)
+        loss_sum = torch.zeros((), device=settings.device)
+        for index in batch_indices(data.lengths, settings.eval_batch_size, None):
+            batch = make_batch(data, index, settings.device)
+            with settings.autocast():
+                logits = self.logits(batch)
+            loss_sum += F.cross_entropy(logits, data.labels[index].to(settings.device), reduction="sum")
+            preds[index] = logits.argmax(dim=-1).cpu()
+        return preds.numpy(), float(loss_sum) / max(len(data), 1)
+
+    def evaluate(self) -> dict[str, float]:
+        preds, loss = self.predict(self.test_data)
+        return compute_metrics(self.spec, self.test_data.labels.numpy(), preds, loss)
+

@@ -1,0 +1,186 @@
+"""The expert layer: router semantics, equivalence with plain LoRA, vectorised = naive, what trains."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedlease.model.experts import AdaptedModel, ExpertLayout, ExpertLinear, inject_experts, route
+
+
+def make_layer(d_in=16, d_out=12, rank=4, alpha=16.0, dropout=0.0, seed=0) -> ExpertLinear:
+    torch.manual_seed(seed)
+    return ExpertLinear(nn.Linear(d_in, d_out), rank, alpha, dropout)
+
+
+def randomize(layer: ExpertLinear, layout: ExpertLayout, seed=1) -> None:
+    layer.configure(layout)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (layer.lora_A, layer.lora_B, layer.experts_A, layer.experts_B):
+            t.copy_(torch.randn(t.shape, generator=g))
+        if layer.router is not None:
+            layer.router.copy_(torch.randn(layer.router.shape, generator=g))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+def test_adaptive_routing_always_keeps_the_own_expert(m):
+    torch.manual_seed(m)
+    for own in range(m):
+        layout = ExpertLayout(num_experts=m, own_expert=own, routing="adaptive")
+        logits = torch.randn(64, 50, layout.num_slots) * 3
+        weights = route(logits, layout, layout.slot_to_expert())
+        assert weights.shape == (64, 50, m)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(64, 50))
+        assert (weights[..., own] > 0).all(), "own expert must be selected for every token"
+        distinct = (weights > 0).sum(-1)
+        assert distinct.min() >= 1 and distinct.max() <= m
+        # adaptive: with random logits some tokens use only their own expert and some use several
+        assert distinct.min() < distinct.max()
+
+
+def test_route_matches_hand_computation():
+    # M=2, own expert 1: slots (0 -> e0, 1 -> e1, 2 -> e1). probs (0.5, 0.2, 0.3): top-2 slots 0 and 2.
+    layout = ExpertLayout(num_experts=2, own_expert=1, routing="adaptive")
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
+    weights = route(logits, layout, layout.slot_to_expert())
+    torch.testing.assert_close(weights, torch.tensor([[0.5 / 0.8, 0.3 / 0.8]]))
+    # the own expert wins all kept slots when the extra slots dominate
+    logits = torch.log(torch.tensor([[0.1, 0.45, 0.45]]))
+    torch.testing.assert_close(route(logits, layout, layout.slot_to_expert()), torch.tensor([[0.0, 1.0]]))
+
+
+def test_fixed_topk_routing_keeps_k_experts():
+    layout = ExpertLayout(num_experts=4, own_expert=2, routing="topk", top_k=2)
+    logits = torch.randn(100, 4)
+    weights = route(logits, layout, layout.slot_to_expert())
+    assert ((weights > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(100))
+    chosen = logits.topk(2, dim=-1).indices
+    assert torch.equal((weights > 0).nonzero()[:, 1].view(100, 2).sort(-1).values, chosen.sort(-1).values)
+
+
+def naive_forward(layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k B_k A_k x with a Python loop over experts: the definition, not the implementation."""
+    layout = layer.layout
+    experts_A = layer.experts_A.clone()
+    experts_B = layer.experts_B.clone()
+    experts_A[layout.own_expert] = layer.lora_A
+    experts_B[layout.own_expert] = layer.lora_B
+    weights = route(x @ layer.router.t(), layout, layout.slot_to_expert())
+    out = layer.base(x)
+    for k in range(layout.num_experts):
+        out = out + weights[..., k : k + 1] * (x @ experts_A[k].t() @ experts_B[k].t()) * layer.scaling
+    return out
+
+
+@pytest.mark.parametrize("m,own,routing", [(2, 0, "adaptive"), (4, 3, "adaptive"), (8, 5, "adaptive"),
+                                           (4, 1, "topk")])
+def test_vectorised_forward_equals_naive_loop(m, own, routing):
+    layer = make_layer()
+    randomize(layer, ExpertLayout(num_experts=m, own_expert=own, routing=routing, top_k=2))
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_single_expert_without_router_is_exactly_peft_lora():
+    peft = pytest.importorskip("peft")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Linear(16, 12)
+
+        def forward(self, x):
+            return self.query(x)
+
+    torch.manual_seed(0)
+    block = Block()
+    reference = peft.get_peft_model(Block(), peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                                                             target_modules=["query"]))
+    reference.base_model.model.query.base_layer.load_state_dict(block.query.state_dict())
+    with torch.no_grad():
+        reference.base_model.model.query.lora_B["default"].weight.normal_()
+    sites = inject_experts(block, ["query"], rank=4, alpha=16, dropout=0.0)
+    layer = sites["query"]
+    assert layer.router is None and layer.layout == ExpertLayout()
+    with torch.no_grad():
+        layer.lora_A.copy_(reference.base_model.model.query.lora_A["default"].weight)
+        layer.lora_B.copy_(reference.base_model.model.query.lora_B["default"].weight)
+    x = torch.randn(5, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert layer.scaling == 4.0
+
+
+def test_only_own_expert_router_and_head_receive_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("query", nn.Linear(16, 16))
+    model.add_module("classifier", nn.Linear(16, 3))
+    sites = inject_experts(model, ["query"], rank=4, alpha=16, dropout=0.0)
+    adapted = AdaptedModel(model, sites, ["classifier.weight", "classifier.bias"])
+    layout = ExpertLayout(num_experts=3, own_expert=1, routing="adaptive")
+    randomize(sites["query"], layout)
+    before = {k: v.clone() for k, v in adapted.tensors(["lora_A", "lora_B", "router", "experts", "head"]).items()}
+    base_before = sites["query"].base.weight.clone()
+    params = adapted.set_trainable(["lora_A", "lora_B", "router", "head"])
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = adapted.tensors(["lora_A", "lora_B", "router", "experts", "head"])
+    for key in ("query.lora_A", "query.lora_B", "query.router", "head.classifier.weight"):
+        assert not torch.equal(before[key], after[key]), key
+    for key in ("query.experts_A", "query.experts_B"):
+        torch.testing.assert_close(before[key], after[key])  # the frozen bank never moves
+    torch.testing.assert_close(base_before, sites["query"].base.weight)
+
+
+def test_configure_and_load_state_check_shapes():
+    layer = make_layer()
+    model = nn.Module()
+    model.query = layer.base
+    sites = inject_experts(model, ["query"], rank=4, alpha=16, dropout=0.0)
+    adapted = AdaptedModel(model, sites, [])
+    adapted.configure(ExpertLayout(num_experts=3, own_expert=0, routing="adaptive"))
+    assert sites["query"].router.shape == (5, 16)
+    assert sites["query"].experts_A.shape == (3, 4, 16)
+    with pytest.raises(ValueError, match="shape"):
+        adapted.load_state({"query.router": torch.zeros(4, 16)})
+    with pytest.raises(KeyError):
+        adapted.load_state({"query.unknown": torch.zeros(1)})
+    adapted.configure(ExpertLayout())
+    assert sites["query"].router is None
+    with pytest.raises(KeyError):
+        adapted.load_state({"query.router": torch.zeros(5, 16)})
+
+
+def test_initial_state_is_seeded_and_shared():
+    layer = make_layer()
+    model = nn.Module()
+    model.query = layer.base
+    model.classifier = nn.Linear(16, 2)
+    sites = inject_experts(model, ["query"], rank=4, alpha=16, dropout=0.0)
+    adapted = AdaptedModel(model, sites, ["classifier.weight", "classifier.bias"])
+    first, again, other = adapted.initial_state(7), adapted.initial_state(7), adapted.initial_state(8)
+    for key in first:
+        torch.testing.assert_close(first[key], again[key])
+    assert not torch.equal(first["query.lora_A"], other["query.lora_A"])
+    assert torch.count_nonzero(first["query.lora_B"]) == 0
+    bound = 1 / math.sqrt(16)  # kaiming-uniform with a=sqrt(5) on fan_in 16
+    assert first["query.lora_A"].abs().max() <= bound
+
+
+@pytest.mark.parametrize("bad", [dict(num_experts=2, routing="none"), dict(num_experts=2, own_expert=2,
+                                 routing="adaptive"), dict(num_experts=3, routing="topk", top_k=4),
+                                 dict(routing="sparse")])
+def test_invalid_layouts_are_refused(bad):
+    with pytest.raises(ValueError):
+        ExpertLayout(**bad)

@@ -1,0 +1,127 @@
+"""FedLEASE's server half on hand-made client states: warmup, allocation, cluster-wise aggregation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlease.config import RunConfig
+from fedlease.methods.base import ClientInfo, Update
+from fedlease.methods.fedlease import FedLease
+
+SITES = ("enc.0.query", "enc.0.value")
+D_IN, D_OUT, R = 8, 6, 2
+BIN, TRI = ("neg", "pos"), ("a", "b", "c")
+
+
+def client_state(direction: torch.Tensor, seed: int, router_slots: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for site in SITES:
+        state[f"{site}.lora_A"] = torch.randn(R, D_IN, generator=g)
+        state[f"{site}.lora_B"] = direction + 0.05 * torch.randn(D_OUT, R, generator=g)
+        if router_slots:
+            state[f"{site}.router"] = torch.randn(router_slots, D_IN, generator=g)
+    state["head.classifier.weight"] = torch.randn(3, D_OUT, generator=g)
+    return state
+
+
+@pytest.fixture
+def setup():
+    tasks = ["t1", "t1", "t2", "t2", "t3"]
+    labels = [BIN, BIN, BIN, TRI, TRI]  # clients 2 and 3 share a cluster but not a label set
+    clients = [ClientInfo(i, t, lab) for i, (t, lab) in enumerate(zip(tasks, labels))]
+    config = RunConfig(tasks=tasks, global_rounds=4, warmup_rounds=2, max_clusters=4, seed=3)
+    g = torch.Generator().manual_seed(0)
+    directions = {t: torch.randn(D_OUT, R, generator=g) for t in ("t1", "t2", "t3")}
+    return FedLease(config, clients), clients, directions
+
+
+def run_warmup(method, clients, directions):
+    for rnd in range(2):
+        ins = method.configure_train(rnd)
+        assert set(ins) == {c.client_id for c in clients}
+        assert all(i.init == (rnd == 0) for i in ins.values())
+        assert all(i.train == ("lora_A", "lora_B", "head") and i.layout.num_experts == 1 for i in ins.values())
+        updates = {c.client_id: Update(client_state(directions[c.task], 10 * rnd + c.client_id), 100)
+                   for c in clients}
+        report = method.aggregate_train(rnd, updates)
+    return updates, report
+
+
+def test_warmup_keeps_every_client_its_own_lora(setup):
+    method, clients, directions = setup
+    ins = method.configure_train(0)
+    updates = {c.client_id: Update(client_state(directions[c.task], c.client_id), 100) for c in clients}
+    report = method.aggregate_train(0, updates)
+    assert report.clustering is None and method.clustering is None
+    for cid, instruction in method.configure_evaluate(0).items():
+        for key, value in updates[cid].state.items():
+            assert torch.equal(instruction.state[key], value)  # no averaging in warmup
+    assert method.client_map() == {i: [i] for i in range(5)}
+    assert not ins[0].state
+
+
+def test_allocation_clusters_by_b_and_starts_experts_from_member_averages(setup):
+    method, clients, directions = setup
+    updates, report = run_warmup(method, clients, directions)
+    result = report.clustering
+    assert result.num_clusters == 3 and result.labels == [0, 0, 1, 1, 2]
+    assert method.client_map() == {0: [0, 1], 1: [2, 3], 2: [4]}
+    for k, members in method.client_map().items():
+        for key in (f"{SITES[0]}.lora_A", f"{SITES[1]}.lora_B"):
+            expected = torch.stack([updates[c].state[key] for c in members]).mean(0)
+            torch.testing.assert_close(method.experts[k][key], expected)
+    # routers: one per cluster, 2K-1 slots, all from the seed
+    assert method.routers[0][f"{SITES[0]}.router"].shape == (5, D_IN)
+    # heads: averaged in the cluster among clients with the same label set only
+    head = "head.classifier.weight"
+    torch.testing.assert_close(method.heads[0][head], (updates[0].state[head] + updates[1].state[head]) / 2)
+    torch.testing.assert_close(method.heads[2][head], updates[2].state[head])
+    torch.testing.assert_close(method.heads[3][head], updates[3].state[head])
+
+
+def test_adaptive_download_holds_all_experts_own_router_and_head(setup):
+    method, clients, directions = setup
+    run_warmup(method, clients, directions)
+    ins = method.configure_train(2)
+    for cid, own in ((0, 0), (3, 1), (4, 2)):
+        i = ins[cid]
+        assert i.layout.num_experts == 3 and i.layout.own_expert == own and i.layout.routing == "adaptive"
+        assert i.train == ("lora_A", "lora_B", "router", "head")
+        key = f"{SITES[1]}.experts_B"
+        assert i.state[key].shape == (3, D_OUT, R)
+        for k in range(3):
+            torch.testing.assert_close(i.state[key][k], method.experts[k][f"{SITES[1]}.lora_B"])
+        torch.testing.assert_close(i.state[f"{SITES[1]}.lora_B"], method.experts[own][f"{SITES[1]}.lora_B"])
+
+
+def test_adaptive_aggregation_is_cluster_wise(setup):
+    method, clients, directions = setup
+    run_warmup(method, clients, directions)
+    before = [dict(e) for e in method.experts]
+    updates = {c.client_id: Update(client_state(directions[c.task], 100 + c.client_id, router_slots=5),
+                                   100 + 50 * c.client_id) for c in clients if c.client_id != 4}
+    report = method.aggregate_train(2, updates)
+    assert report.phase == "adaptive"
+    key = f"{SITES[0]}.lora_B"
+    for k, members in ((0, [0, 1]), (1, [2, 3])):
+        w = torch.tensor([updates[c].num_examples for c in members], dtype=torch.float64)
+        expected = sum(updates[c].state[key].double() * wi for c, wi in zip(members, w / w.sum()))
+        torch.testing.assert_close(method.experts[k][key], expected.float())
+        router = f"{SITES[0]}.router"
+        expected_router = sum(updates[c].state[router].double() * wi for c, wi in zip(members, w / w.sum()))
+        torch.testing.assert_close(method.routers[k][router], expected_router.float())
+    # client 4 (alone in expert 2) did not reply: its expert is kept
+    assert torch.equal(method.experts[2][key], before[2][key])
+    assert any("no member replied" in line for line in report.log)
+
+
+def test_one_expert_when_max_clusters_is_one(setup):
+    _, clients, directions = setup
+    method = FedLease(RunConfig(tasks=[c.task for c in clients], global_rounds=3, warmup_rounds=2,
+                                max_clusters=1), clients)
+    run_warmup(method, clients, directions)
+    ins = method.configure_train(2)
+    assert all(i.layout.routing == "none" and i.layout.num_experts == 1 for i in ins.values())
+    assert all(not any(k.endswith(".router") for k in i.state) for i in ins.values())
