@@ -42,14 +42,20 @@ class ClientInfo:
 
 @dataclass
 class Instruction:
-    """Server -> client for one round: arrange the model as ``layout``, load ``state``, train ``train``,
-    send back ``upload``. ``init`` asks the client to start from the seeded initial LoRA and head first."""
+    """Server -> client for one round.
+
+    The client arranges the model as ``layout`` and loads, in this order: the seeded initial LoRA and head
+    (``init``), the ``restore`` parts of its own store (state that never leaves the client), and the
+    downloaded ``state``. It trains ``train``, saves ``keep`` to its store and uploads ``upload``.
+    """
 
     layout: ExpertLayout
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
     train: tuple[str, ...] = ()
     upload: tuple[str, ...] = ()
     init: bool = False
+    restore: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
     extra: dict[str, Scalar] = field(default_factory=dict)
 
 
@@ -114,18 +120,24 @@ class FederatedMethod(ABC):
         """Which clients share each adapter now: adapter id -> client ids (lora_client_map_round_X.json)."""
 
     # -- client half --------------------------------------------------------------------------------------
-    def load(self, client: LocalClient, ins: Instruction) -> None:
-        state = ins.state
+    # ``store`` is the client's own persistent state (a name -> tensor mapping the runtime keeps for it across
+    # rounds: a dict in process, the node's state under Flower). It never travels to the server.
+    def load(self, client: LocalClient, ins: Instruction, store: Mapping[str, torch.Tensor]) -> None:
+        state: dict[str, torch.Tensor] = {}
         if ins.init:
-            client.adapted.configure(ins.layout)
-            state = {**client.adapted.initial_state(self.config.seed), **state}
+            state.update(client.adapted.initial_state(self.config.seed))
+        state.update(select(store, ins.restore))
+        state.update(ins.state)
         client.apply(ins.layout, state)
 
-    def client_train(self, client: LocalClient, ins: Instruction, rnd: int) -> Update:
-        self.load(client, ins)
+    def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
+                     store: dict[str, torch.Tensor]) -> Update:
+        self.load(client, ins, store)
         metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
+        store.update(client.state(ins.keep))
         return Update(client.state(ins.upload), client.num_train, metrics)
 
-    def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int) -> dict[str, float]:
-        self.load(client, ins)
+    def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int,
+                        store: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.load(client, ins, store)
         return client.evaluate()

@@ -3,8 +3,9 @@
 Wang, Bian, Zhang, Xu, "Adaptive LoRA Experts Allocation and Selection for Federated Fine-Tuning",
 NeurIPS 2025 (arXiv 2509.15087).
 
-Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation; nothing is
-averaged. End of round W-1 (allocation): clients are clustered by their LoRA B matrices and K is chosen by
+Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation and keeps it;
+nothing is averaged, and each client uploads its LoRA so the server can cluster (as the released code does;
+the server clusters on the latest LoRA it received from each client). End of round W-1 (allocation): clients are clustered by their LoRA B matrices and K is chosen by
 silhouette (``fedlease.clustering``); expert k starts as the average of its members' warmup LoRAs (the paper;
 the released code starts from each client's own LoRA instead). Rounds W..R-1 (adaptive): each client holds
 all K experts, trains its own expert, its cluster's router and its head; the server averages expert k over
@@ -34,7 +35,7 @@ class FedLease(FederatedMethod):
 
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         super().__init__(config, clients)
-        self.local: dict[int, dict[str, torch.Tensor]] = {}  # warmup: each client's own LoRA and head
+        self.warmup_loras: dict[int, dict[str, torch.Tensor]] = {}  # latest warmup upload of each client
         self.clustering: ClusteringResult | None = None
         self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
         self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
@@ -75,23 +76,24 @@ class FedLease(FederatedMethod):
             for site in (key.removesuffix(".lora_A") for key in own if key.endswith(".lora_A")):
                 state[f"{site}.experts_A"] = torch.stack([e[f"{site}.lora_A"] for e in self.experts])
                 state[f"{site}.experts_B"] = torch.stack([e[f"{site}.lora_B"] for e in self.experts])
-        return Instruction(layout, state, ADAPTIVE_PARTS, ADAPTIVE_PARTS)
+        return Instruction(layout, state, train=ADAPTIVE_PARTS, upload=ADAPTIVE_PARTS)
 
     def configure_train(self, rnd: int) -> dict[int, Instruction]:
         if self.in_warmup(rnd):
-            return {c.client_id: Instruction(PLAIN_LORA, dict(self.local.get(c.client_id, {})), WARMUP_PARTS,
-                                             WARMUP_PARTS, init=c.client_id not in self.local)
+            # Round 0 starts from the shared seeded init; later warmup rounds continue the client's own LoRA.
+            return {c.client_id: Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
+                                             init=rnd == 0, restore=() if rnd == 0 else WARMUP_PARTS)
                     for c in self.clients}
         return {c.client_id: self.download(c.client_id) for c in self.clients}
 
     def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
         if self.in_warmup(rnd):
-            return {cid: Instruction(PLAIN_LORA, dict(state)) for cid, state in self.local.items()}
+            return {c.client_id: Instruction(PLAIN_LORA, restore=WARMUP_PARTS) for c in self.clients}
         return {c.client_id: self.download(c.client_id) for c in self.clients}
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         if self.in_warmup(rnd):
-            self.local.update({cid: update.state for cid, update in updates.items()})
+            self.warmup_loras.update({cid: update.state for cid, update in updates.items()})
             report = RoundReport("warmup", [f"warmup: {len(updates)} clients trained their own LoRA"])
             if rnd == self.config.warmup_rounds - 1:
                 self.allocate(report)
@@ -114,11 +116,10 @@ class FedLease(FederatedMethod):
     def allocate(self, report: RoundReport) -> None:
         """Cluster the warmup LoRAs, pick K, and build experts, routers and heads from the members."""
         clients = [c.client_id for c in self.clients]
-        missing = [cid for cid in clients if cid not in self.local]
+        missing = [cid for cid in clients if cid not in self.warmup_loras]
         if missing:
             raise RuntimeError(f"cannot cluster: clients {missing} never delivered a warmup LoRA")
-        b_matrices = [{key: value for key, value in self.local[cid].items() if key.endswith(".lora_B")}
-                      for cid in clients]
+        b_matrices = [select(self.warmup_loras[cid], ("lora_B",)) for cid in clients]
         self.clustering = result = cluster_clients_by_lora_b(b_matrices, self.config.max_clusters)
         report.clustering = result
         report.log.append(f"clustering: K={result.num_clusters} ({result.reason})")
@@ -128,7 +129,7 @@ class FedLease(FederatedMethod):
         for k, members in result.members().items():
             tasks = " ".join(self.clients[cid].task for cid in members)
             report.log.append(f"  expert {k}: clients {members} ({tasks})")
-        self.experts = [average_states([select(self.local[cid], LORA_PARTS) for cid in members],
+        self.experts = [average_states([select(self.warmup_loras[cid], LORA_PARTS) for cid in members],
                                        [1.0] * len(members)) for members in result.members().values()]
         self.routers = []
         if result.num_clusters > 1:
@@ -139,7 +140,7 @@ class FedLease(FederatedMethod):
                     site = key.removesuffix(".lora_A")
                     router[f"{site}.router"] = init_router(value.shape[1], slots, self.config.seed, site)
             self.routers = [dict(router) for _ in range(result.num_clusters)]
-        self.average_heads({cid: self.local[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
+        self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
 
     def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
         done: set[int] = set()

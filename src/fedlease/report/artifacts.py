@@ -26,6 +26,7 @@ from fedlease import __version__
 from fedlease.clustering import ClusteringResult
 from fedlease.config import RunConfig
 from fedlease.methods.base import ClientInfo, Instruction, RoundReport, Update
+from fedlease.model.experts import ExpertLayout
 from fedlease.report import plots
 from fedlease.storage import write_json
 
@@ -36,8 +37,9 @@ PLOT_FILES = ("dendrogram.png", "distance_heatmap.png", "cluster_scores.png", "e
               *(f"{metric}_by_round.png" for metric in METRIC_LABELS))
 
 
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+def state_size(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(parameters, bytes) of a state mapping: what one message carries."""
+    return sum(t.numel() for t in state.values()), sum(t.numel() * t.element_size() for t in state.values())
 
 
 def summarize(metrics: Mapping[int, Mapping[str, float]], clients: Sequence[ClientInfo]) -> dict:
@@ -81,12 +83,14 @@ class RunRecorder:
         clients = {}
         for cid, values in metrics.items():
             ins, update = instructions.get(cid), updates.get(cid)
+            down_params, down_bytes = state_size(ins.state) if ins else (0, 0)
+            up_params, up_bytes = state_size(update.state) if update else (0, 0)
             clients[str(cid)] = {
                 "task": self.clients[cid].task,
                 "eval": dict(values),
                 "train": dict(update.metrics) if update else None,
-                "download_bytes": state_bytes(ins.state) if ins else 0,
-                "upload_bytes": state_bytes(update.state) if update else 0,
+                "download_params": down_params, "download_bytes": down_bytes,
+                "upload_params": up_params, "upload_bytes": up_bytes,
             }
             self.history["client_scores"][str(cid)].append(dict(values))
         summary = {
@@ -134,17 +138,19 @@ class RunRecorder:
                 plots.plot_metric_by_round(rounds, series, METRIC_LABELS[metric], self.config.warmup_rounds,
                                            self.out_dir / f"{metric}_by_round.png")
 
-    def save_final_models(self, instructions: Mapping[int, Instruction], model_source: str) -> None:
+    def save_final_models(self, models: Mapping[int, tuple[ExpertLayout, Mapping[str, torch.Tensor]]],
+                          model_source: str) -> None:
+        """``final/client_<id>.safetensors``: the state each client was last evaluated with, and its layout."""
         folder = self.out_dir / "final"
         folder.mkdir(exist_ok=True)
-        for cid, ins in instructions.items():
+        for cid, (layout, state) in models.items():
             info = self.clients[cid]
             metadata = {
                 "method": self.config.method, "model": model_source, "task": info.task,
-                "labels": json.dumps(list(info.labels)), "layout": json.dumps(ins.layout.to_config()),
+                "labels": json.dumps(list(info.labels)), "layout": json.dumps(layout.to_config()),
                 "rank": str(self.config.rank), "lora_alpha": str(self.config.lora_alpha),
             }
-            tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in ins.state.items()}
+            tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
             save_file(tensors, str(folder / f"client_{cid}.safetensors"), metadata=metadata)
 
     def finish(self) -> dict:

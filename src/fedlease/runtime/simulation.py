@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from fedlease.config import RunConfig, expand_tasks
@@ -25,6 +26,7 @@ from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Update
 from fedlease.model.backbone import Backbone, load_backbone, resolve_model_source
+from fedlease.model.experts import PARTS, ExpertLayout
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.train import LocalClient, TrainSettings, encode
 
@@ -145,7 +147,10 @@ def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[Cli
 
 
 def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: RunRecorder, config: RunConfig,
-               progress: bool) -> None:
+               progress: bool) -> dict[int, tuple[ExpertLayout, dict[str, torch.Tensor]]]:
+    """All rounds; returns each client's final model (layout and state), as it was evaluated last."""
+    stores: dict[int, dict[str, torch.Tensor]] = {c.client_id: {} for c in clients}  # what each client keeps
+    final: dict[int, tuple[ExpertLayout, dict[str, torch.Tensor]]] = {}
     for rnd in range(config.global_rounds):
         start = time.perf_counter()
         phase = "warmup" if rnd < config.warmup_rounds else "training"
@@ -155,17 +160,22 @@ def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: Ru
         bar = tqdm(instructions.items(), desc=f"round {rnd + 1}/{config.global_rounds} train", unit="client",
                    disable=not progress, leave=False, file=sys.stderr)
         for cid, ins in bar:
-            updates[cid] = method.client_train(clients[cid], ins, rnd)
+            updates[cid] = method.client_train(clients[cid], ins, rnd, stores[cid])
         report = method.aggregate_train(rnd, updates)
         for line in report.log:
             log.info("%s", line)
-        metrics = {cid: method.client_evaluate(clients[cid], ins, rnd)
-                   for cid, ins in method.configure_evaluate(rnd).items()}
+        metrics = {}
+        for cid, ins in method.configure_evaluate(rnd).items():
+            metrics[cid] = method.client_evaluate(clients[cid], ins, rnd, stores[cid])
+            if rnd == config.global_rounds - 1:
+                adapted = clients[cid].adapted
+                final[cid] = (adapted.layout, adapted.state(PARTS))
         summary = recorder.record_round(rnd, report, instructions, updates, metrics, method.client_map(),
                                         time.perf_counter() - start)
         per_task = "  ".join(f"{task} {100 * v['accuracy']:.2f}" for task, v in summary["tasks"].items())
         log.info("round %d: accuracy %s | mean %.2f | %.1fs", rnd + 1, per_task,
                  100 * summary["mean"]["accuracy"], summary["seconds"])
+    return final
 
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
@@ -193,8 +203,8 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
                 {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),
                  "train_examples": len(s.train), "test_examples": len(s.test), "reused_examples": s.reused}
                 for s in splits])
-            run_rounds(method, clients, recorder, config, progress)
-            recorder.save_final_models(method.configure_evaluate(config.global_rounds - 1), backbone.source)
+            final_models = run_rounds(method, clients, recorder, config, progress)
+            recorder.save_final_models(final_models, backbone.source)
             final = recorder.finish()
             table = format_table(final, infos)
             # the command line prints the table on stdout; the console log need not repeat it
