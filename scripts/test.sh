@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The README's second command: set up .venv if needed, then run the whole test suite (fast tests on a tiny
-# random model, slow ones on the real encoder). Extra arguments go to pytest (e.g. -m "not slow", -k clustering).
+# random model, slow ones on the real encoder), after a lint pass (ruff). Extra arguments go to pytest (e.g. -m "not slow", -k clustering).
 # pytest's "no tests collected" (exit 5) counts as a failure.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$("$root/scripts/venv.sh") || exit 1
 cd "$root" || exit 1
+"$venv/bin/ruff" check --quiet src tests tools benchmarks || exit 1
 "$venv/bin/python" -m pytest "$@"
 code=$?
 if [ "$code" -eq 5 ]; then

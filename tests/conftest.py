@@ -45,3 +45,24 @@ def glue_dir() -> Path:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"real GLUE TSVs not found at {GLUE_DIR} (set FEDLEASE_GLUE_DIR)")
     return GLUE_DIR
+
+
+def tiny_run_config(model: str, out, **overrides):
+    """A run on the tiny model that finishes in seconds."""
+    from fedlease.config import RunConfig
+
+    values = dict(model_name=model, tasks=["rotten_tomatoes:2", "snli:2"], output_dir=str(out), global_rounds=3,
+                  warmup_rounds=1, train_samples=24, test_samples=12, batch_size=8, max_length=24, seed=7, lr=1e-2)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_clients(tiny_model, tmp_path_factory):
+    """(config, clients, infos) of four tiny-model clients: two rotten_tomatoes, two snli."""
+    from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
+
+    config = prepare_config(tiny_run_config(tiny_model, tmp_path_factory.mktemp("unused")))
+    data, splits = load_partition(config)
+    _, clients, infos = build_clients(config, data, splits)
+    return config, clients, infos

@@ -30,7 +30,7 @@ def client_state(direction: torch.Tensor, seed: int, router_slots: int = 0) -> d
 def setup():
     tasks = ["t1", "t1", "t2", "t2", "t3"]
     labels = [BIN, BIN, BIN, TRI, TRI]  # clients 2 and 3 share a cluster but not a label set
-    clients = [ClientInfo(i, t, lab) for i, (t, lab) in enumerate(zip(tasks, labels))]
+    clients = [ClientInfo(i, t, lab) for i, (t, lab) in enumerate(zip(tasks, labels, strict=True))]
     config = RunConfig(tasks=tasks, global_rounds=4, warmup_rounds=2, max_clusters=4, seed=3)
     g = torch.Generator().manual_seed(0)
     directions = {t: torch.randn(D_OUT, R, generator=g) for t in ("t1", "t2", "t3")}
@@ -41,7 +41,7 @@ def run_warmup(method, clients, directions):
     for rnd in range(2):
         ins = method.configure_train(rnd)
         assert set(ins) == {c.client_id for c in clients}
-        assert all(i.init == (rnd == 0) and i.restore == (() if rnd == 0 else i.train) for i in ins.values())
+        assert all(i.restore == i.train for i in ins.values())
         assert all(not i.state and i.keep == i.train == i.upload for i in ins.values())
         assert all(i.train == ("lora_A", "lora_B", "head") and i.layout.num_experts == 1 for i in ins.values())
         updates = {c.client_id: Update(client_state(directions[c.task], 10 * rnd + c.client_id), 100)
@@ -60,7 +60,7 @@ def test_warmup_keeps_every_client_its_own_lora(setup):
         # evaluated on the client's own LoRA, from its own store: nothing downloaded, nothing averaged
         assert not instruction.state and instruction.restore == ("lora_A", "lora_B", "head")
     assert method.client_map() == {i: [i] for i in range(5)}
-    assert all(i.init and not i.state for i in ins.values())
+    assert all(not i.state for i in ins.values())
 
 
 def test_allocation_clusters_by_b_and_starts_experts_from_member_averages(setup):
@@ -108,10 +108,11 @@ def test_adaptive_aggregation_is_cluster_wise(setup):
     key = f"{SITES[0]}.lora_B"
     for k, members in ((0, [0, 1]), (1, [2, 3])):
         w = torch.tensor([updates[c].num_examples for c in members], dtype=torch.float64)
-        expected = sum(updates[c].state[key].double() * wi for c, wi in zip(members, w / w.sum()))
+        share = dict(zip(members, (w / w.sum()).tolist(), strict=True))
+        expected = sum(updates[c].state[key].double() * share[c] for c in members)
         torch.testing.assert_close(method.experts[k][key], expected.float())
         router = f"{SITES[0]}.router"
-        expected_router = sum(updates[c].state[router].double() * wi for c, wi in zip(members, w / w.sum()))
+        expected_router = sum(updates[c].state[router].double() * share[c] for c in members)
         torch.testing.assert_close(method.routers[k][router], expected_router.float())
     # client 4 (alone in expert 2) did not reply: its expert is kept
     assert torch.equal(method.experts[2][key], before[2][key])

@@ -8,13 +8,12 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from fedlease.data.partition import balanced_counts, dirichlet_counts, partition_clients
 from fedlease.data.tasks import Example, TaskData, TaskSpec
 from fedlease.errors import DataError
-
-import numpy as np
 
 SPEC = TaskSpec("toy", ("a", "b", "c"), False, "builtin", "toy task")
 

@@ -8,16 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedlease.config import RunConfig
+from conftest import tiny_run_config as tiny_config
 from fedlease.runtime.simulation import run
-
-
-def tiny_config(model: str, out, **overrides) -> RunConfig:
-    values = dict(model_name=model, tasks=["rotten_tomatoes:2", "snli:2"], output_dir=str(out), global_rounds=3,
-                  warmup_rounds=1, train_samples=24, test_samples=12, batch_size=8, max_length=24, seed=7,
-                  lr=1e-2)
-    values.update(overrides)
-    return RunConfig(**values)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def read_orange_tab(archive: Path, member: str) -> list[dict[str, str]]:
         text = zf.read(member).decode("utf-8")
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
     names = rows[0]
-    return [dict(zip(names, row)) for row in rows[3:] if len(row) == len(names)]
+    return [dict(zip(names, row, strict=True)) for row in rows[3:] if len(row) == len(names)]
 
 
 def dedupe(examples: list[dict]) -> list[dict]:

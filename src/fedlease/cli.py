@@ -1,18 +1,20 @@
-"""Command line: ``fedlease run`` (one federated training) and ``fedlease tasks`` (the task registry).
+"""Command line: ``fedlease run`` (one federated training), ``fedlease compare`` (several methods, one table)
+and ``fedlease tasks`` (the task registry).
 
-The flags of ``run`` are generated from :class:`fedlease.config.RunConfig`. Every bad input ends the program
-with one line, ``fedlease: error: ...``, and exit status 2.
+The flags of ``run`` and ``compare`` are generated from :class:`fedlease.config.RunConfig`. Every bad input
+ends the program with one line, ``fedlease: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from collections.abc import Sequence
 
-from fedlease.config import RunConfig
+from fedlease.config import METHOD_NAMES, RunConfig, field_type
 from fedlease.errors import FedleaseError
 
 
@@ -21,13 +23,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"fedlease: error: {message.splitlines()[0]} (see '{self.prog} --help')\n")
-
-
-def _field_type(field: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(RunConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    inner = args[0] if args else hint
-    return typing.get_args(inner)[0] if typing.get_origin(inner) is list else inner
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
@@ -39,7 +34,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         meta = dict(field.metadata)
         default = getattr(defaults, field.name)
         help_text = meta.pop("help")
-        kind = _field_type(field)
+        kind = field_type(field.name)
         if kind is bool:
             parser.add_argument(f"--{field.name}", action="store_true", help=help_text)
             continue
@@ -61,8 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
                                      "metrics, plots and final weights to --output_dir.")
     add_config_arguments(run)
     run.add_argument("--no_progress", action="store_true", help="do not show progress bars")
+    compare = sub.add_parser(
+        "compare", help="run several methods on identical partitions and seeds and tabulate them",
+        description="Run several methods (each with every seed) on identical partitions and write "
+                    "comparison.md / .csv / .png plus each run's own directory under --output_dir. A method "
+                    "spec may carry settings of its own: fedit:rank=16, fedlease:num_experts=16, "
+                    "fedlease:top_k=2.")
+    compare.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
+                         help=f"method specs (default: {' '.join(METHOD_NAMES)})")
+    compare.add_argument("--seeds", nargs="+", type=int, default=[RunConfig().seed],
+                         help="seeds; each method runs once per seed (default: 42)")
+    add_config_arguments(compare, exclude=("method", "seed"))
+    compare.add_argument("--no_progress", action="store_true", help="do not show progress bars")
     sub.add_parser("tasks", help="list the tasks this installation knows")
     return parser
+
+
+def log_to_console() -> None:
+    from fedlease.runtime.simulation import CONSOLE
+
+    logger = logging.getLogger("fedlease")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: getattr(record, CONSOLE, True))
+    logger.addHandler(handler)
 
 
 def list_tasks() -> str:
@@ -81,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             print(list_tasks())
+            return 0
+        log_to_console()
+        if args.command == "compare":
+            from fedlease.compare import compare
+
+            base = config_from_args(args)
+            print(compare(base, args.methods, args.seeds, progress=not args.no_progress))
+            print(f"artifacts: {base.output_dir}")
             return 0
         from fedlease.runtime.simulation import run
 

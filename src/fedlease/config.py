@@ -9,13 +9,16 @@ batch 128, seed 42), except the model and the tasks, which default to what works
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedlease.errors import ConfigError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 
@@ -53,7 +56,13 @@ class RunConfig:
     seed: int = field(default=42, metadata=_opt("Seed of the partition, the initialisation and training."))
 
     # -- additions --
-    method: str = field(default="fedlease", metadata=_opt("Federated method to run."))
+    method: str = field(default="fedlease", metadata=_opt(f"Federated method: {', '.join(METHOD_NAMES)}."))
+    num_experts: int | None = field(default=None, metadata=_opt(
+        "fedlease ablation: fix the number of experts K instead of choosing it by silhouette "
+        "(K = number of clients gives one expert per client)."))
+    top_k: int | None = field(default=None, metadata=_opt(
+        "fedlease ablation: fixed top-k routing over K slots instead of the adaptive top-K over 2K-1 slots."))
+    num_clusters: int = field(default=4, metadata=_opt("ifca: number of cluster LoRAs."))
     data_dir: str | None = field(default=None, metadata=_opt(
         "Local GLUE directory in the official layout (SST-2/, QNLI/, MRPC/, QQP/, RTE/, MNLI/ with "
         "train.tsv and dev.tsv or dev_matched.tsv)."))
@@ -102,8 +111,10 @@ class RunConfig:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.warmup_rounds < 0:
             raise ConfigError(f"--warmup_rounds must be zero or positive, got {self.warmup_rounds}")
-        if self.max_clusters < 1:
-            raise ConfigError(f"--max_clusters must be at least 1, got {self.max_clusters}")
+        for name in ("max_clusters", "num_clusters", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
         if self.partition == "dirichlet" and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"--alpha must be a positive number, got {self.alpha}")
         if not self.tasks:
@@ -122,6 +133,36 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+@functools.cache
+def field_type(name: str) -> type:
+    """The scalar type of a RunConfig field (the element type for list fields)."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    inner = args[0] if args else hint
+    return typing.get_args(inner)[0] if typing.get_origin(inner) is list else inner
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'rank=16' -> ('rank', 16), typed as the RunConfig field; a ConfigError names what is wrong."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    if not sep or name not in known:
+        raise ConfigError(f"{text!r} is not a setting=value pair of a known setting")
+    kind = field_type(name)
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{text!r}: {name} takes true or false")
+        return name, raw.lower() in ("true", "1")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{text!r}: {raw!r} is not a valid {kind.__name__}") from None
+    hint = typing.get_type_hints(RunConfig)[name]
+    is_list = typing.get_origin(hint) is list or any(typing.get_origin(a) is list for a in typing.get_args(hint))
+    return name, [value] if is_list else value
 
 
 def expand_tasks(specs: list[str]) -> list[str]:

@@ -39,6 +39,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, index: torch.Tensor) -> Encoded:
+        return Encoded(self.input_ids[index], None if self.token_type_ids is None else self.token_type_ids[index],
+                       self.lengths[index], self.labels[index])
+
 
 def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
     text_a = [ex.text_a for ex in examples]
@@ -187,21 +191,48 @@ class LocalClient:
                 "seconds": time.perf_counter() - start}
 
     @torch.inference_mode()
-    def predict(self, data: Encoded) -> tuple[np.ndarray, float]:
-        """Predicted labels in data order, and the mean cross-entropy."""
+    def predict(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+        """Predicted labels in data order, and the mean cross-entropy. ``mixture`` (N, M): per-example expert
+        weights for "fixed" routing."""
         settings = self.settings
         self.adapted.model.eval()
         preds = torch.empty(len(data), dtype=torch.long)
         loss_sum = torch.zeros((), device=settings.device)
         for index in batch_indices(data.lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
+            if mixture is not None:
+                self.adapted.set_mixture(mixture[index])
             with settings.autocast():
                 logits = self.logits(batch)
             loss_sum += F.cross_entropy(logits, data.labels[index].to(settings.device), reduction="sum")
             preds[index] = logits.argmax(dim=-1).cpu()
         return preds.numpy(), float(loss_sum) / max(len(data), 1)
 
-    def evaluate(self) -> dict[str, float]:
-        preds, loss = self.predict(self.test_data)
+    def evaluate(self, mixture: torch.Tensor | None = None) -> dict[str, float]:
+        preds, loss = self.predict(self.test_data, mixture)
         return compute_metrics(self.spec, self.test_data.labels.numpy(), preds, loss)
+
+    @torch.inference_mode()
+    def embed(self, data: Encoded) -> torch.Tensor:
+        """Mean-pooled last hidden state of every example, in data order: (N, hidden)."""
+        settings = self.settings
+        self.adapted.model.eval()
+        out: torch.Tensor | None = None
+        for index in batch_indices(data.lengths, settings.eval_batch_size, None):
+            batch = make_batch(data, index, settings.device)
+            with settings.autocast():
+                hidden = self.adapted.model(**batch, output_hidden_states=True).hidden_states[-1].float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = ((hidden * mask).sum(1) / mask.sum(1)).cpu()
+            if out is None:
+                out = torch.empty(len(data), pooled.shape[-1])
+            out[index] = pooled
+        assert out is not None
+        return out
+
+    @torch.inference_mode()
+    def train_loss(self) -> float:
+        """Mean cross-entropy of the current model on the local training split (IFCA's cluster choice)."""
+        _, loss = self.predict(self.train_data)
+        return loss
 

@@ -7,9 +7,17 @@ from collections.abc import Sequence
 from fedlease.config import RunConfig
 from fedlease.errors import ConfigError
 from fedlease.methods.base import ClientInfo, FederatedMethod
+from fedlease.methods.feddpa import FedDPA
+from fedlease.methods.fedit import FedIT
 from fedlease.methods.fedlease import FedLease
+from fedlease.methods.fedsa import FedSALoRA
+from fedlease.methods.ffa import FFALoRA
+from fedlease.methods.ifca import IFCA
+from fedlease.methods.local import Local
 
-METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (FedLease,)}
+METHODS: dict[str, type[FederatedMethod]] = {
+    cls.name: cls for cls in (FedLease, FedIT, FFALoRA, FedSALoRA, FedDPA, IFCA, Local)
+}
 
 
 def create_method(config: RunConfig, clients: Sequence[ClientInfo]) -> FederatedMethod:

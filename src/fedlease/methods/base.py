@@ -12,7 +12,7 @@ State moves as flat ``name -> tensor`` mappings (see ``fedlease.model.experts``)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -45,15 +45,15 @@ class Instruction:
     """Server -> client for one round.
 
     The client arranges the model as ``layout`` and loads, in this order: the seeded initial LoRA and head
-    (``init``), the ``restore`` parts of its own store (state that never leaves the client), and the
-    downloaded ``state``. It trains ``train``, saves ``keep`` to its store and uploads ``upload``.
+    (so nothing of another client's state can survive in the shared model), the ``restore`` parts of its own
+    store (state that never leaves the client), and the downloaded ``state``. It trains ``train``, saves
+    ``keep`` to its store and uploads ``upload``.
     """
 
     layout: ExpertLayout
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     train: tuple[str, ...] = ()
     upload: tuple[str, ...] = ()
-    init: bool = False
     restore: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     extra: dict[str, Scalar] = field(default_factory=dict)
@@ -82,8 +82,21 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     """Weighted mean of ``keys`` (default: all keys of the first state) over ``states``."""
     total = float(sum(weights))
     keys = list(states[0]) if keys is None else list(keys)
-    return {key: sum(s[key].double() * (w / total) for s, w in zip(states, weights)).to(states[0][key].dtype)
-            for key in keys}
+    return {key: sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
+            .to(states[0][key].dtype) for key in keys}
+
+
+def average_groups(states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
+                   group_of: Callable[[int], Hashable], parts: Iterable[str]) -> dict[int, dict[str, torch.Tensor]]:
+    """Average ``parts`` of the clients' ``states`` within groups; every member gets its group's average."""
+    groups: dict[Hashable, list[int]] = {}
+    for cid in states:
+        groups.setdefault(group_of(cid), []).append(cid)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for members in groups.values():
+        mean = average_states([select(states[c], parts) for c in members], [weights[c] for c in members])
+        out.update(dict.fromkeys(members, mean))
+    return out
 
 
 def select(state: Mapping[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -123,9 +136,8 @@ class FederatedMethod(ABC):
     # ``store`` is the client's own persistent state (a name -> tensor mapping the runtime keeps for it across
     # rounds: a dict in process, the node's state under Flower). It never travels to the server.
     def load(self, client: LocalClient, ins: Instruction, store: Mapping[str, torch.Tensor]) -> None:
-        state: dict[str, torch.Tensor] = {}
-        if ins.init:
-            state.update(client.adapted.initial_state(self.config.seed))
+        client.adapted.configure(ins.layout)
+        state = client.adapted.initial_state(self.config.seed)
         state.update(select(store, ins.restore))
         state.update(ins.state)
         client.apply(ins.layout, state)

@@ -5,9 +5,10 @@ NeurIPS 2025 (arXiv 2509.15087).
 
 Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation and keeps it;
 nothing is averaged, and each client uploads its LoRA so the server can cluster (as the released code does;
-the server clusters on the latest LoRA it received from each client). End of round W-1 (allocation): clients are clustered by their LoRA B matrices and K is chosen by
-silhouette (``fedlease.clustering``); expert k starts as the average of its members' warmup LoRAs (the paper;
-the released code starts from each client's own LoRA instead). Rounds W..R-1 (adaptive): each client holds
+the server clusters on the latest LoRA it received from each client). End of round W-1 (allocation): clients
+are clustered by their LoRA B matrices and K is chosen by silhouette (``fedlease.clustering``); expert k starts
+as the average of its members' warmup LoRAs (the paper; the released code starts from each client's own LoRA
+instead). Rounds W..R-1 (adaptive): each client holds
 all K experts, trains its own expert, its cluster's router and its head; the server averages expert k over
 cluster k, routers within a cluster, and heads among clients of one cluster that share a label set (the
 released code never trains the head; a head with no such peer stays the client's own).
@@ -21,8 +22,17 @@ import torch
 
 from fedlease.clustering import ClusteringResult, cluster_clients_by_lora_b
 from fedlease.config import RunConfig
-from fedlease.methods.base import (LORA_PARTS, ClientInfo, FederatedMethod, Instruction, RoundReport, Update,
-                                   average_states, select)
+from fedlease.methods.base import (
+    LORA_PARTS,
+    ClientInfo,
+    FederatedMethod,
+    Instruction,
+    RoundReport,
+    Update,
+    average_groups,
+    average_states,
+    select,
+)
 from fedlease.model.experts import ExpertLayout, init_router
 
 PLAIN_LORA = ExpertLayout()
@@ -49,16 +59,18 @@ class FedLease(FederatedMethod):
         assert self.clustering is not None
         return self.clustering.labels[cid]
 
-    def head_group(self, cid: int) -> list[int]:
-        """Clients whose head is averaged with ``cid``'s: same cluster and same label set."""
-        key = (self.cluster_of(cid), self.clients[cid].labels)
-        return [c.client_id for c in self.clients if (self.cluster_of(c.client_id), c.labels) == key]
+    def head_group(self, cid: int) -> tuple[int, tuple[str, ...]]:
+        """Heads are averaged among clients of one cluster that share a label set."""
+        return self.cluster_of(cid), self.clients[cid].labels
 
     def layout(self, cid: int) -> ExpertLayout:
         assert self.clustering is not None
         k = self.clustering.num_clusters
         if k == 1:
             return PLAIN_LORA
+        if self.config.top_k is not None:  # ablation: fixed top-k over K slots
+            return ExpertLayout(num_experts=k, own_expert=self.cluster_of(cid), routing="topk",
+                                top_k=min(self.config.top_k, k))
         return ExpertLayout(num_experts=k, own_expert=self.cluster_of(cid), routing="adaptive")
 
     def client_map(self) -> dict[int, list[int]]:
@@ -82,7 +94,7 @@ class FedLease(FederatedMethod):
         if self.in_warmup(rnd):
             # Round 0 starts from the shared seeded init; later warmup rounds continue the client's own LoRA.
             return {c.client_id: Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
-                                             init=rnd == 0, restore=() if rnd == 0 else WARMUP_PARTS)
+                                             restore=WARMUP_PARTS)
                     for c in self.clients}
         return {c.client_id: self.download(c.client_id) for c in self.clients}
 
@@ -120,7 +132,8 @@ class FedLease(FederatedMethod):
         if missing:
             raise RuntimeError(f"cannot cluster: clients {missing} never delivered a warmup LoRA")
         b_matrices = [select(self.warmup_loras[cid], ("lora_B",)) for cid in clients]
-        self.clustering = result = cluster_clients_by_lora_b(b_matrices, self.config.max_clusters)
+        self.clustering = result = cluster_clients_by_lora_b(b_matrices, self.config.max_clusters,
+                                                             fixed_clusters=self.config.num_experts)
         report.clustering = result
         report.log.append(f"clustering: K={result.num_clusters} ({result.reason})")
         for k, score in result.silhouette.items():
@@ -129,6 +142,9 @@ class FedLease(FederatedMethod):
         for k, members in result.members().items():
             tasks = " ".join(self.clients[cid].task for cid in members)
             report.log.append(f"  expert {k}: clients {members} ({tasks})")
+        if self.config.top_k is not None and result.num_clusters > 1:
+            report.log.append(f"routing: fixed top-{min(self.config.top_k, result.num_clusters)} of "
+                              f"{result.num_clusters} experts (ablation)")
         self.experts = [average_states([select(self.warmup_loras[cid], LORA_PARTS) for cid in members],
                                        [1.0] * len(members)) for members in result.members().values()]
         self.routers = []
@@ -143,12 +159,4 @@ class FedLease(FederatedMethod):
         self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
 
     def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
-        done: set[int] = set()
-        for cid in states:
-            if cid in done:
-                continue
-            group = [c for c in self.head_group(cid) if c in states]
-            head = average_states([select(states[c], ("head",)) for c in group], [weights[c] for c in group])
-            for c in group:
-                self.heads[c] = head
-            done.update(group)
+        self.heads.update(average_groups(states, weights, self.head_group, ("head",)))

@@ -32,7 +32,7 @@ from torch import nn
 
 from fedlease.seeding import generator
 
-ROUTINGS = ("none", "adaptive", "topk")
+ROUTINGS = ("none", "adaptive", "topk", "fixed")
 PARTS = ("lora_A", "lora_B", "router", "experts", "head")
 
 
@@ -41,7 +41,8 @@ class ExpertLayout:
     """How the expert layers of a client are arranged for one round.
 
     routing "none": M must be 1, plain LoRA. "adaptive": 2M-1 slots, top-M, own expert always selected (the
-    paper). "topk": M slots, fixed top-k (the paper's ablation; no own-expert guarantee).
+    paper). "topk": M slots, fixed top-k (the paper's ablation; no own-expert guarantee). "fixed": no router;
+    the expert weights are set from outside per example (``AdaptedModel.set_mixture``; FedDPA).
     """
 
     num_experts: int = 1
@@ -61,7 +62,7 @@ class ExpertLayout:
 
     @property
     def num_slots(self) -> int:
-        return {"none": 0, "adaptive": 2 * self.num_experts - 1, "topk": self.num_experts}[self.routing]
+        return {"none": 0, "adaptive": 2 * self.num_experts - 1, "topk": self.num_experts, "fixed": 0}[self.routing]
 
     @property
     def kept_slots(self) -> int:
@@ -108,6 +109,8 @@ class ExpertLinear(nn.Module):
                              persistent=False)
         self.register_buffer("slot_to_expert", torch.zeros(0, dtype=torch.long, device=factory["device"]),
                              persistent=False)
+        # "fixed" routing: expert weights (M,) or per example (batch, 1, M), set by AdaptedModel.set_mixture
+        self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
 
     def configure(self, layout: ExpertLayout) -> None:
@@ -122,21 +125,27 @@ class ExpertLinear(nn.Module):
             if self.experts_A.shape[0] != m:
                 self.experts_A = torch.zeros(m, *self.lora_A.shape, device=device, dtype=dtype)
                 self.experts_B = torch.zeros(m, *self.lora_B.shape, device=device, dtype=dtype)
-            if self.router is None or self.router.shape[0] != slots:
+            if slots == 0:
+                self.router = None
+            elif self.router is None or self.router.shape[0] != slots:
                 self.router = nn.Parameter(torch.zeros(slots, self.base.in_features, device=device, dtype=dtype))
         self.own_index.fill_(layout.own_expert)
         self.slot_to_expert = layout.slot_to_expert().to(device)
+        self.mixture = torch.full((m,), 1.0 / m, device=device)
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         h = self.dropout(x).to(self.lora_A.dtype)
-        if self.router is None:
+        if self.layout.routing == "none":
             return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
         m, r = self.layout.num_experts, self.rank
         experts_A = self.experts_A.index_copy(0, self.own_index, self.lora_A.unsqueeze(0))  # (M, r, d_in)
         experts_B = self.experts_B.index_copy(0, self.own_index, self.lora_B.unsqueeze(0))  # (M, d_out, r)
-        weights = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.slot_to_expert)
+        if self.router is None:
+            weights = self.mixture
+        else:
+            weights = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.slot_to_expert)
         z = h @ experts_A.reshape(m * r, -1).t()  # every expert's A at once: (..., M*r)
         z = (z.unflatten(-1, (m, r)) * weights.unsqueeze(-1).to(z.dtype)).flatten(-2)
         delta = z @ experts_B.permute(1, 0, 2).reshape(-1, m * r).t()  # (..., d_out)
@@ -200,6 +209,14 @@ class AdaptedModel:
         for layer in self.sites.values():
             layer.configure(layout)
 
+    def set_mixture(self, weights: torch.Tensor) -> None:
+        """Expert weights for "fixed" routing: (M,) for every token, or (batch, M) per example."""
+        device = next(iter(self.sites.values())).lora_A.device
+        weights = weights.to(device)
+        if weights.dim() == 2:
+            weights = weights.unsqueeze(1)  # (batch, 1, M): the same weights for every token of an example
+        for layer in self.sites.values():
+            layer.mixture = weights
     def tensors(self, parts: Iterable[str]) -> dict[str, torch.Tensor]:
         """The live tensors of ``parts`` (a subset of PARTS) by state name."""
         parts = set(parts)
@@ -214,7 +231,7 @@ class AdaptedModel:
                 out[f"{name}.lora_B"] = layer.lora_B
             if "router" in parts and layer.router is not None:
                 out[f"{name}.router"] = layer.router
-            if "experts" in parts and layer.router is not None:
+            if "experts" in parts and layer.layout.routing != "none":
                 out[f"{name}.experts_A"] = layer.experts_A
                 out[f"{name}.experts_B"] = layer.experts_B
         if "head" in parts:

@@ -68,7 +68,7 @@ def plot_embedding(embedding: np.ndarray, clusters: Sequence[int], tasks: Sequen
     ax = fig.add_subplot()
     markers = "osD^v<>ph*"
     task_names = sorted(set(tasks))
-    for cid, ((x, y), cluster, task) in enumerate(zip(embedding, clusters, tasks)):
+    for cid, ((x, y), cluster, task) in enumerate(zip(embedding, clusters, tasks, strict=True)):
         ax.scatter(x, y, s=90, color=f"C{cluster % 10}", marker=markers[task_names.index(task) % len(markers)])
         ax.annotate(str(cid), (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     for k in sorted(set(clusters)):

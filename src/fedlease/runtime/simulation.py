@@ -31,6 +31,7 @@ from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.train import LocalClient, TrainSettings, encode
 
 log = logging.getLogger("fedlease")
+CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training_log.txt only
 
 # Files a run writes at the top of its output directory; --overwrite removes exactly these (and final/).
 OWNED_PATTERNS = ("training_log.txt", "training_history.json", "results.md", "lora_client_map_round_*.json",
@@ -98,22 +99,17 @@ def create_output_dir(out: Path) -> bool:
 
 @contextlib.contextmanager
 def logging_to(path: Path) -> Iterator[None]:
-    """Log to the console and to ``path`` (training_log.txt) for the duration of a run."""
+    """Copy the "fedlease" log into ``path`` (training_log.txt) for the duration of a run. The console is
+    the application's business (the command line logs there); a library caller configures its own."""
     log.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(path, encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    console.addFilter(lambda record: getattr(record, "console", True))
-    log.addHandler(file_handler)
-    log.addHandler(console)
-    log.propagate = False
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
     try:
         yield
     finally:
-        log.removeHandler(file_handler)
-        log.removeHandler(console)
-        file_handler.close()
+        log.removeHandler(handler)
+        handler.close()
 
 
 def load_partition(config: RunConfig) -> tuple[dict[str, TaskData], list[ClientSplit]]:
@@ -153,8 +149,7 @@ def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: Ru
     final: dict[int, tuple[ExpertLayout, dict[str, torch.Tensor]]] = {}
     for rnd in range(config.global_rounds):
         start = time.perf_counter()
-        phase = "warmup" if rnd < config.warmup_rounds else "training"
-        log.info("round %d/%d (%s)", rnd + 1, config.global_rounds, phase)
+        log.info("round %d/%d", rnd + 1, config.global_rounds)
         instructions = method.configure_train(rnd)
         updates: dict[int, Update] = {}
         bar = tqdm(instructions.items(), desc=f"round {rnd + 1}/{config.global_rounds} train", unit="client",
@@ -173,7 +168,7 @@ def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: Ru
         summary = recorder.record_round(rnd, report, instructions, updates, metrics, method.client_map(),
                                         time.perf_counter() - start)
         per_task = "  ".join(f"{task} {100 * v['accuracy']:.2f}" for task, v in summary["tasks"].items())
-        log.info("round %d: accuracy %s | mean %.2f | %.1fs", rnd + 1, per_task,
+        log.info("round %d (%s): accuracy %s | mean %.2f | %.1fs", rnd + 1, report.phase, per_task,
                  100 * summary["mean"]["accuracy"], summary["seconds"])
     return final
 
@@ -209,7 +204,7 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
             table = format_table(final, infos)
             # the command line prints the table on stdout; the console log need not repeat it
             log.info("final results (round %d, %s):\n%s", config.global_rounds, config.method, table,
-                     extra={"console": False})
+                     extra={CONSOLE: False})
     except BaseException:
         if recorder is None or not recorder.history["rounds"]:
             remove_run_files(out)

@@ -1,0 +1,65 @@
+"""The server half shared by the methods that average one adapter over all clients.
+
+FedIT averages A and B, FFA-LoRA only B, FedSA-LoRA only A (B stays on each client), FedDPA its global
+adapter. Each keeps the example-weighted mean of its shared parts over the clients that replied, and one head
+per label set (a head is shared by the clients whose label sets match). A method module only says which parts
+are shared, trained, uploaded and kept by the client; FedDPA adds its own client half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+
+from fedlease.config import RunConfig
+from fedlease.methods.base import (
+    ClientInfo,
+    FederatedMethod,
+    Instruction,
+    RoundReport,
+    Update,
+    average_groups,
+    average_states,
+    select,
+)
+from fedlease.model.experts import ExpertLayout
+
+
+class SharedAdapterMethod(FederatedMethod):
+    shared: ClassVar[tuple[str, ...]]  # LoRA parts averaged over all clients
+    trained: ClassVar[tuple[str, ...]]  # parts each client trains
+    uploaded: ClassVar[tuple[str, ...]]  # parts each client sends back
+    personal: ClassVar[tuple[str, ...]] = ()  # parts that stay on the client
+
+    def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
+        super().__init__(config, clients)
+        self.state: dict[str, torch.Tensor] = {}
+        self.heads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def download(self, cid: int) -> dict[str, torch.Tensor]:
+        # Round 0 downloads nothing: every client starts from the shared seeded init.
+        return {**self.state, **self.heads.get(cid, {})}
+
+    def configure_train(self, rnd: int) -> dict[int, Instruction]:
+        return {c.client_id: Instruction(ExpertLayout(), self.download(c.client_id), train=self.trained,
+                                         upload=self.uploaded, restore=self.personal, keep=self.personal)
+                for c in self.clients}
+
+    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
+        return {c.client_id: Instruction(ExpertLayout(), self.download(c.client_id), restore=self.personal)
+                for c in self.clients}
+
+    def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
+        if not updates:
+            return RoundReport("federated", ["no client replied; the shared adapter is unchanged"])
+        states = {cid: u.state for cid, u in updates.items()}
+        weights = {cid: float(u.num_examples) for cid, u in updates.items()}
+        self.state = average_states([select(s, self.shared) for s in states.values()], list(weights.values()))
+        self.heads.update(average_groups(states, weights, lambda cid: self.clients[cid].labels, ("head",)))
+        return RoundReport("federated", [f"FedAvg of {'/'.join(self.shared)} over {len(updates)} clients; "
+                                         f"heads per label set"])
+
+    def client_map(self) -> dict[int, list[int]]:
+        return {0: [c.client_id for c in self.clients]}

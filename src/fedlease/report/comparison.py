@@ -1,0 +1,133 @@
+"""The comparison table of ``fedlease compare``: the FedLEASE paper's layout, with spread over seeds.
+
+Per method and task: the final round's mean over the task's clients (accuracy, and F1 / macro-F1 where the
+task has one); the average over tasks; the best round's average; communication per client per round and in
+total; wall time. With several seeds every number is the mean and the sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fedlease.config import RunConfig
+from fedlease.report.artifacts import METRIC_LABELS
+
+MB = 1e6
+
+
+@dataclass
+class MethodResult:
+    label: str
+    seeds: list[int] = field(default_factory=list)
+    tasks: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # task -> metric -> per seed
+    average: list[float] = field(default_factory=list)
+    best_average: list[float] = field(default_factory=list)
+    best_round: list[int] = field(default_factory=list)
+    upload_per_client_round: list[float] = field(default_factory=list)  # bytes
+    download_per_client_round: list[float] = field(default_factory=list)
+    total_bytes: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def add(self, seed: int, history: Mapping, seconds: float) -> None:
+        final = history["final"]
+        self.seeds.append(seed)
+        for task, metrics in final["tasks"].items():
+            for metric, value in metrics.items():
+                self.tasks.setdefault(task, {}).setdefault(metric, []).append(value)
+        self.average.append(final["mean"]["accuracy"])
+        self.best_average.append(final["best_mean"]["accuracy"])
+        self.best_round.append(final["best_round"])
+        messages = [c for r in history["rounds"] for c in r["clients"].values()]
+        self.upload_per_client_round.append(float(np.mean([c["upload_bytes"] for c in messages])))
+        self.download_per_client_round.append(float(np.mean([c["download_bytes"] for c in messages])))
+        self.total_bytes.append(float(sum(c["upload_bytes"] + c["download_bytes"] for c in messages)))
+        self.seconds.append(seconds)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    mean, std = mean_std(values)
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(values) > 1 else "")
+
+
+def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) -> str:
+    tasks = list(dict.fromkeys(task for r in results for task in r.tasks))
+    extra = [(task, metric) for task in tasks for metric in ("f1", "macro_f1")
+             if any(metric in r.tasks.get(task, {}) for r in results)]
+    seeds = results[0].seeds if results else []
+
+    lines = [f"Final-round accuracy (%), mean over each task's clients; {len(seeds)} seed(s): "
+             f"{' '.join(map(str, seeds))}.", "",
+             "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
+    for r in results:
+        lines.append(f"| {r.label} | " + " | ".join(cell(r.tasks[t]["accuracy"]) for t in tasks)
+                     + f" | {cell(r.average)} |")
+    lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
+              + (" | " if extra else "") + "best-round avg | upload MB / client / round | "
+              "download MB / client / round | total MB | wall min |",
+              "|---|" + "---|" * (len(extra) + 5)]
+    for r in results:
+        cells = [cell(r.tasks[t][m]) for t, m in extra]
+        cells += [cell(r.best_average), cell(r.upload_per_client_round, 1 / MB, 3),
+                  cell(r.download_per_client_round, 1 / MB, 3), cell(r.total_bytes, 1 / MB, 1),
+                  cell(r.seconds, 1 / 60, 1)]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Setting: {base.num_clients} clients ({' '.join(base.tasks)}), {base.global_rounds} rounds "
+                  f"({base.warmup_rounds} warmup for fedlease), {base.local_epochs} local epochs, "
+                  f"{base.train_samples}/{base.test_samples} train/test examples per client, batch "
+                  f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}."]
+    table = "\n".join(lines)
+    (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    write_csv(out / "comparison.csv", results, tasks)
+    plot_comparison(out / "comparison.png", results, tasks)
+    return table
+
+
+def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None:
+    rows = []
+    for r in results:
+        row: dict[str, object] = {"method": r.label, "seeds": " ".join(map(str, r.seeds))}
+        for task in tasks:
+            for metric, values in r.tasks.get(task, {}).items():
+                if metric == "loss":
+                    continue
+                row[f"{task}_{metric}_mean"], row[f"{task}_{metric}_std"] = mean_std(values)
+        for name in ("average", "best_average", "upload_per_client_round", "download_per_client_round",
+                     "total_bytes", "seconds"):
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(getattr(r, name))
+        row["best_round"] = " ".join(map(str, r.best_round))
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_comparison(path: Path, results: list[MethodResult], tasks: list[str]) -> None:
+    groups = [*tasks, "avg"]
+    fig = Figure(figsize=(max(7, 1.3 * len(groups) * max(1, len(results)) / 3), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(results))
+    x = np.arange(len(groups))
+    for i, r in enumerate(results):
+        series = [r.tasks[t]["accuracy"] for t in tasks] + [r.average]
+        means = [100 * mean_std(v)[0] for v in series]
+        stds = [100 * mean_std(v)[1] for v in series]
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, label=r.label, capsize=2)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("final accuracy (%)")
+    ax.set_title("Per-task accuracy by method")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=min(4, max(1, len(results))))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,203 @@
+"""Each baseline's rule: what it averages, what it keeps local, what it never moves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedlease.methods import METHODS, create_method
+from fedlease.methods.base import ClientInfo, Update, select
+from fedlease.methods.fedit import FedIT
+from fedlease.methods.fedsa import FedSALoRA
+from fedlease.methods.ffa import FFALoRA
+from fedlease.methods.ifca import IFCA, cluster_key
+from fedlease.methods.local import Local
+
+SITE = "enc.query"
+BIN, OTHER = ("neg", "pos"), ("clinton", "trump")
+
+
+def state(value: float, parts=("lora_A", "lora_B", "head")) -> dict[str, torch.Tensor]:
+    out = {}
+    if "lora_A" in parts:
+        out[f"{SITE}.lora_A"] = torch.full((2, 4), value)
+    if "lora_B" in parts:
+        out[f"{SITE}.lora_B"] = torch.full((3, 2), -value)
+    if "head" in parts:
+        out["head.classifier.weight"] = torch.full((2, 3), 10 * value)
+    return out
+
+
+def make(cls, tiny_clients=None, **overrides):
+    from fedlease.config import RunConfig
+
+    infos = [ClientInfo(0, "a", BIN), ClientInfo(1, "a", BIN), ClientInfo(2, "b", OTHER)]
+    return cls(RunConfig(tasks=["a", "a", "b"], **overrides), infos)
+
+
+def test_fedit_averages_a_and_b_over_all_and_heads_per_label_set():
+    method = make(FedIT)
+    assert all(not i.state and i.upload == ("lora_A", "lora_B", "head") for i in method.configure_train(0).values())
+    method.aggregate_train(0, {0: Update(state(1.0), 100), 1: Update(state(2.0), 300), 2: Update(state(5.0), 100)})
+    down = method.configure_train(1)
+    expected = (1 * 100 + 2 * 300 + 5 * 100) / 500
+    for cid in range(3):
+        torch.testing.assert_close(down[cid].state[f"{SITE}.lora_A"], torch.full((2, 4), expected))
+        torch.testing.assert_close(down[cid].state[f"{SITE}.lora_B"], torch.full((3, 2), -expected))
+    torch.testing.assert_close(down[0].state["head.classifier.weight"], torch.full((2, 3), 17.5))
+    torch.testing.assert_close(down[2].state["head.classifier.weight"], torch.full((2, 3), 50.0))
+
+
+def test_ffa_never_moves_or_trains_a():
+    method = make(FFALoRA)
+    for rnd in range(2):
+        for ins in method.configure_train(rnd).values():
+            assert "lora_A" not in ins.train and "lora_A" not in ins.upload
+            assert not any(k.endswith(".lora_A") for k in ins.state)
+        method.aggregate_train(rnd, {c: Update(state(c + 1.0, ("lora_B", "head")), 10) for c in range(3)})
+    assert set(method.state) == {f"{SITE}.lora_B"}
+    torch.testing.assert_close(method.state[f"{SITE}.lora_B"], torch.full((3, 2), -2.0))
+
+
+def test_ffa_client_keeps_the_seeded_a(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = FFALoRA(dataclasses.replace(config, method="ffa_lora"), infos)
+    client = clients[0]
+    update = method.client_train(client, method.configure_train(0)[0], 0, {})
+    initial = client.adapted.initial_state(config.seed)
+    live = client.adapted.state(["lora_A", "lora_B"])
+    for key in select(initial, ("lora_A",)):
+        torch.testing.assert_close(live[key], initial[key])  # A did not move
+    assert any(torch.count_nonzero(v) for k, v in update.state.items() if k.endswith(".lora_B"))
+
+
+def test_fedsa_averages_a_and_keeps_b_on_the_client(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = FedSALoRA(dataclasses.replace(config, method="fedsa_lora"), infos)
+    stores = [{}, {}]
+    updates = {}
+    for cid in (0, 1):
+        ins = method.configure_train(0)[cid]
+        assert ins.keep == ("lora_B",) and "lora_B" not in ins.upload
+        updates[cid] = method.client_train(clients[cid], ins, 0, stores[cid])
+        assert not any(k.endswith(".lora_B") for k in updates[cid].state)
+        assert stores[cid] and all(k.endswith(".lora_B") for k in stores[cid])
+    method.aggregate_train(0, updates)
+    key = next(iter(stores[0]))
+    assert not torch.equal(stores[0][key], stores[1][key])  # personal B differ
+    ins = method.configure_train(1)[0]
+    assert ins.restore == ("lora_B",) and not any(k.endswith(".lora_B") for k in ins.state)
+    a_key = key.replace(".lora_B", ".lora_A")
+    torch.testing.assert_close(ins.state[a_key], (updates[0].state[a_key] + updates[1].state[a_key]) / 2)
+    method.load(clients[0], ins, stores[0])
+    torch.testing.assert_close(clients[0].adapted.state(["lora_B"])[key], stores[0][key])
+
+
+def test_local_communicates_nothing(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = Local(dataclasses.replace(config, method="local"), infos)
+    stores = {0: {}, 1: {}}
+    for rnd in range(2):
+        for cid in (0, 1):
+            ins = method.configure_train(rnd)[cid]
+            assert not ins.state and not ins.upload
+            update = method.client_train(clients[cid], ins, rnd, stores[cid])
+            assert not update.state
+    key = next(k for k in stores[0] if k.endswith(".lora_B"))
+    assert not torch.equal(stores[0][key], stores[1][key])
+
+
+def test_ifca_server_averages_each_cluster_over_its_choosers():
+    method = make(IFCA, num_clusters=3)
+    updates = {0: Update(state(1.0), 10, {"cluster": 2}), 1: Update(state(3.0), 10, {"cluster": 2}),
+               2: Update(state(7.0), 10, {"cluster": 0})}
+    report = method.aggregate_train(0, updates)
+    assert method.client_map() == {0: [2], 2: [0, 1]}
+    torch.testing.assert_close(method.clusters[2][f"{SITE}.lora_A"], torch.full((2, 4), 2.0))
+    assert 1 not in method.clusters and "cluster 1: clients [] (kept)" in report.log
+    ins = method.configure_train(1)[0]
+    assert cluster_key(2, f"{SITE}.lora_A") in ins.state and cluster_key(0, f"{SITE}.lora_B") in ins.state
+    assert method.configure_evaluate(1)[2].extra["cluster"] == 0
+
+
+def test_ifca_client_joins_the_cluster_with_the_lowest_loss(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = IFCA(dataclasses.replace(config, method="ifca", num_clusters=3, local_epochs=3), infos)
+    client = clients[2]
+    # a LoRA fitted to this client's data, offered as cluster 1; clusters 0 and 2 are untrained
+    method.load(client, method.configure_train(0)[2], {})
+    client.fit(("lora_A", "lora_B", "head"), seed=1, epochs=8)
+    trained = client.state(("lora_A", "lora_B", "head"))
+    ins = method.configure_train(0)[2]
+    ins.state = {**{cluster_key(1, k): v for k, v in select(trained, ("lora_A", "lora_B")).items()},
+                 **select(trained, ("head",))}
+    update = method.client_train(client, ins, 1, {})
+    losses = [update.metrics[f"loss_cluster_{k}"] for k in range(3)]
+    assert update.metrics["cluster"] == 1 == min(range(3), key=losses.__getitem__)
+
+
+def test_ifca_ties_are_broken_at_random_per_client(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = IFCA(dataclasses.replace(config, method="ifca", num_clusters=4, local_epochs=1), infos)
+    choices = set()
+    for rnd in range(3):
+        for cid in range(4):
+            update = method.client_train(clients[cid], method.configure_train(rnd)[cid], rnd, {})
+            losses = {update.metrics[f"loss_cluster_{k}"] for k in range(4)}
+            assert len(losses) == 1  # B = 0: every untrained cluster computes the same function
+            choices.add(update.metrics["cluster"])
+    assert len(choices) > 1
+
+
+def test_every_method_is_registered_and_documented():
+    from fedlease.config import METHOD_NAMES
+
+    assert tuple(METHODS) == METHOD_NAMES
+    for name, cls in METHODS.items():
+        module = __import__(cls.__module__, fromlist=["_"])
+        assert module.__doc__ and ("arXiv" in module.__doc__ or name == "local"), name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_rounds_on_the_tiny_model(name, tiny_clients):
+    config, clients, infos = tiny_clients
+    method = create_method(dataclasses.replace(config, method=name, num_clusters=2), infos)
+    stores = {c.client_id: {} for c in clients}
+    for rnd in range(3):
+        updates = {cid: method.client_train(clients[cid], ins, rnd, stores[cid])
+                   for cid, ins in method.configure_train(rnd).items()}
+        method.aggregate_train(rnd, updates)
+        for cid, ins in method.configure_evaluate(rnd).items():
+            metrics = method.client_evaluate(clients[cid], ins, rnd, stores[cid])
+            assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert sorted(c for members in method.client_map().values() for c in members) == [0, 1, 2, 3]
+
+
+def test_feddpa_keeps_the_local_adapter_and_mixes_per_instance(tiny_clients, monkeypatch):
+    from fedlease.methods.feddpa import FedDPA
+
+    config, clients, infos = tiny_clients
+    method = FedDPA(dataclasses.replace(config, method="feddpa"), infos)
+    client, store = clients[0], {}
+    first = method.client_train(client, method.configure_train(0)[0], 0, store)
+    assert not store  # no global adapter yet: nothing to personalise
+    method.aggregate_train(0, {0: first})
+    update = method.client_train(client, method.configure_train(1)[0], 1, store)
+    assert store and all(key.startswith("local/") for key in store)
+    assert set(update.state) == set(first.state)  # only the global adapter and the head travel
+    assert "local_train_loss" in update.metrics
+    local_b = next(v for k, v in store.items() if k.endswith(".lora_B"))
+    assert not torch.equal(local_b, method.state[next(k for k in method.state if k.endswith(".lora_B"))])
+    method.aggregate_train(1, {0: update})
+    captured = {}
+    evaluate = client.evaluate
+    monkeypatch.setattr(client, "evaluate", lambda mixture=None: captured.setdefault("m", mixture) is None
+                        or evaluate(mixture))
+    method.client_evaluate(client, method.configure_evaluate(1)[0], 1, store)
+    mixture = captured["m"]
+    assert mixture.shape == (len(client.test_data), 2)
+    torch.testing.assert_close(mixture.sum(1), torch.ones(len(mixture)))
+    assert (mixture[:, 1] > 0).all() and (mixture[:, 1] <= 0.5).all()
+    assert mixture[:, 1].std() > 0  # instance-wise, not one weight for all
