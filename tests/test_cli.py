@@ -45,6 +45,7 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--max_clusters", "0"], "--max_clusters must be at least 1"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs CUDA"),
     (["--partition", "dirichlet", "--alpha", "-1"], "--alpha must be a positive number"),
     (["--unknown_flag"], "unrecognized arguments: --unknown_flag"),
 ])

@@ -4,8 +4,10 @@ Each client's examples are tokenised once, into one padded tensor per split; bat
 index and trimmed to their longest row (dynamic padding). Training batches are grouped by length (shuffle,
 sort within chunks of 50 batches, shuffle the batches), which removes most padding without making batches
 predictable. A fresh AdamW with linear decay is used per local call, as in the released code (Hugging Face
-Trainer defaults: weight decay on matrices only, gradient clipping at 1.0). On CUDA, autocast runs in bf16
-(fp16 with loss scaling where bf16 is missing). Evaluation runs under ``torch.inference_mode``.
+Trainer defaults: weight decay on matrices only, gradient clipping at 1.0). Matrix products run under autocast
+in the dtype ``--precision`` resolves to (bf16 on CUDA and on CPUs with native bf16; fp16 with loss scaling
+on GPUs without bf16); parameters and optimiser state stay fp32. Evaluation runs under
+``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from fedlease.data.tasks import Example, TaskSpec
+from fedlease.errors import ConfigError
 from fedlease.model.experts import AdaptedModel, ExpertLayout
 
 LENGTH_GROUP_BATCHES = 50
@@ -92,6 +95,25 @@ def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def native_cpu_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32)."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_cpu_bf16() else None
+    if precision == "fp16" and not cuda:
+        raise ConfigError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     lr: float
@@ -101,12 +123,7 @@ class TrainSettings:
     max_grad_norm: float
     eval_batch_size: int
     device: torch.device
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None trains in fp32
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.amp_dtype

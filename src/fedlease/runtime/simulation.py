@@ -25,10 +25,10 @@ from fedlease.data.tasks import TaskData, check_tasks, load_task
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Update
-from fedlease.model.backbone import Backbone, load_backbone, resolve_model_source
+from fedlease.model.backbone import Backbone, load_backbone, resolve_device, resolve_model_source
 from fedlease.model.experts import PARTS, ExpertLayout
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
-from fedlease.train import LocalClient, TrainSettings, encode
+from fedlease.train import LocalClient, TrainSettings, encode, resolve_precision
 
 log = logging.getLogger("fedlease")
 CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training_log.txt only
@@ -131,7 +131,9 @@ def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[Cli
                              dropout=config.lora_dropout, target_modules=config.target_modules,
                              device=config.device)
     settings = TrainSettings(config.lr, config.weight_decay, config.batch_size, config.local_epochs,
-                             config.max_grad_norm, config.eval_batch_size, backbone.device)
+                             config.max_grad_norm, config.eval_batch_size, backbone.device,
+                             resolve_precision(config.precision, backbone.device))
+    log.info("precision: %s", "fp32" if settings.amp_dtype is None else f"autocast {settings.amp_dtype}")
     clients = []
     for split in splits:
         spec = data[split.task].spec
@@ -184,6 +186,7 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
     out = check_output_dir(config)
     data, splits = load_partition(config)
     resolve_model_source(config.model_name)
+    resolve_precision(config.precision, resolve_device(config.device))
     created = create_output_dir(out)
     recorder = None
     try:
