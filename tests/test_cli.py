@@ -96,7 +96,8 @@ def test_output_dir_holding_a_run_is_refused(capsys, tmp_path):
     out.mkdir()
     (out / "training_history.json").write_text("{}")
     code, err = run_cli(capsys, "run", "--output_dir", str(out), *FAST)
-    assert_one_line_error(code, err, "already holds a run; pass --overwrite")
+    assert_one_line_error(code, err, "already holds a run; pass --resume")
+    assert "--overwrite to replace it" in err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, err = run_cli(capsys, "run", "--output_dir", str(blocker), *FAST)
@@ -115,3 +116,34 @@ def test_tasks_listing(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "rotten_tomatoes" in out and "mnli" in out
+
+
+def test_bad_data_dirs(capsys, tmp_path):
+    common = ["--output_dir", str(tmp_path / "o"), *FAST]
+    code, err = run_cli(capsys, "run", "--tasks", "sst2", "--data_dir", str(tmp_path / "none"), *common)
+    assert_one_line_error(code, err, "is not a directory")
+    (tmp_path / "glue").mkdir()
+    code, err = run_cli(capsys, "run", "--tasks", "sst2", "--data_dir", str(tmp_path / "glue"), *common)
+    assert_one_line_error(code, err, "has no SST-2/ folder")
+    (tmp_path / "glue" / "SST-2").mkdir()
+    (tmp_path / "glue" / "SST-2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\nbroken row\n")
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    code, err = run_cli(capsys, "run", "--tasks", "sst2", "--data_dir", str(tmp_path / "glue"), *common)
+    assert_one_line_error(code, err, "SST-2/train.tsv:3: expected 2 tab-separated fields, found 1")
+    (tmp_path / "glue" / "SST-2" / "train.tsv").write_text("sentence\tlabel\nfine\t1\nalso fine\t1\n")
+    code, err = run_cli(capsys, "run", "--tasks", "sst2", "--data_dir", str(tmp_path / "glue"), *common)
+    assert_one_line_error(code, err, "no example of class 'negative'")  # the label set does not fit the data
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_dir(capsys, tmp_path, tiny_model):
+    code, err = run_cli(capsys, "run", "--tasks", "snli", "--model_name", tiny_model, "--output_dir",
+                        "/dev/null/run", *FAST)
+    assert_one_line_error(code, err, "is not writable")
+
+
+def test_resume_flag_conflicts(capsys, tmp_path):
+    code, err = run_cli(capsys, "run", "--resume", str(tmp_path), "--output_dir", str(tmp_path / "other"))
+    assert_one_line_error(code, err, "do not pass a different --output_dir")
+    code, err = run_cli(capsys, "run", "--resume", str(tmp_path), "--overwrite")
+    assert_one_line_error(code, err, "pass one of them")

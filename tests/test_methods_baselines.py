@@ -201,3 +201,10 @@ def test_feddpa_keeps_the_local_adapter_and_mixes_per_instance(tiny_clients, mon
     torch.testing.assert_close(mixture.sum(1), torch.ones(len(mixture)))
     assert (mixture[:, 1] > 0).all() and (mixture[:, 1] <= 0.5).all()
     assert mixture[:, 1].std() > 0  # instance-wise, not one weight for all
+
+
+def test_ifca_ignores_an_update_with_an_invalid_cluster():
+    method = make(IFCA, num_clusters=2)
+    report = method.aggregate_train(0, {0: Update(state(1.0), 10, {"cluster": 7}),
+                                        1: Update(state(3.0), 10, {"cluster": 1})})
+    assert method.assignment == {1: 1} and "client 0 named no valid cluster (7)" in report.log[0]

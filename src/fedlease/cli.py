@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 
 from fedlease.config import METHOD_NAMES, RunConfig, field_type
-from fedlease.errors import FedleaseError
+from fedlease.errors import ConfigError, FedleaseError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,8 +25,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"fedlease: error: {message.splitlines()[0]} (see '{self.prog} --help')\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """One flag per RunConfig field, spelled as the field, with its default and help."""
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (),
+                         suppress_defaults: bool = False) -> None:
+    """One flag per RunConfig field, spelled as the field, with its default and help. With
+    ``suppress_defaults`` a flag that is not given is absent from the parsed namespace."""
     defaults = RunConfig()
     for field in dataclasses.fields(RunConfig):
         if field.name in exclude:
@@ -35,10 +37,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         default = getattr(defaults, field.name)
         help_text = meta.pop("help")
         kind = field_type(field.name)
+        if suppress_defaults:
+            default = argparse.SUPPRESS
         if kind is bool:
-            parser.add_argument(f"--{field.name}", action="store_true", help=help_text)
+            parser.add_argument(f"--{field.name}", action="store_true", help=help_text,
+                                **({"default": default} if suppress_defaults else {}))
             continue
-        if default is not None and "nargs" not in meta:
+        if default not in (None, argparse.SUPPRESS) and "nargs" not in meta:
             help_text += f" (default: {default})"
         parser.add_argument(f"--{field.name}", type=kind, default=default, help=help_text, **meta)
 
@@ -48,13 +53,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**{key: value for key, value in vars(args).items() if key in names})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedlease", description="FedLEASE federated LoRA fine-tuning and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="run one federated training and write its artifacts",
                          description="Run one federated training (FedLEASE by default) and write the log, "
-                                     "metrics, plots and final weights to --output_dir.")
-    add_config_arguments(run)
+                                     "metrics, plots and final weights to --output_dir. A checkpoint is saved "
+                                     "after every round; --resume continues a stopped run.")
+    add_config_arguments(run, suppress_defaults=suppress_defaults)
+    run.add_argument("--resume", metavar="OUTPUT_DIR", default=None,
+                     help="continue the run in OUTPUT_DIR from its last complete round (its settings are reused; "
+                          "flags given again must match them)")
     run.add_argument("--no_progress", action="store_true", help="do not show progress bars")
     compare = sub.add_parser(
         "compare", help="run several methods on identical partitions and seeds and tabulate them",
@@ -78,7 +87,10 @@ def log_to_console() -> None:
     logger = logging.getLogger("fedlease")
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    for old in [h for h in logger.handlers if getattr(h, "fedlease_console", False)]:
+        logger.removeHandler(old)  # main() may be called more than once in a process
     handler = logging.StreamHandler(sys.stderr)
+    handler.fedlease_console = True
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda record: getattr(record, CONSOLE, True))
     logger.addHandler(handler)
@@ -109,9 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(compare(base, args.methods, args.seeds, progress=not args.no_progress))
             print(f"artifacts: {base.output_dir}")
             return 0
-        from fedlease.runtime.simulation import run
+        from fedlease.runtime.simulation import resume_config, run
 
-        result = run(config_from_args(args), progress=not args.no_progress)
+        if args.resume is not None:
+            explicit = {k: v for k, v in vars(build_parser(suppress_defaults=True).parse_args(argv)).items()
+                        if k not in ("command", "resume", "no_progress")}
+            if explicit.get("output_dir", args.resume) != args.resume:
+                raise ConfigError("--resume names the output directory; do not pass a different --output_dir")
+            if explicit.get("overwrite"):
+                raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+            result = run(resume_config(args.resume, explicit), progress=not args.no_progress, resume=True)
+        else:
+            result = run(config_from_args(args), progress=not args.no_progress)
         print(result.table)
         print(f"artifacts: {result.output_dir}")
         return 0

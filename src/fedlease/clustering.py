@@ -46,6 +46,13 @@ class ClusteringResult:
             "embedding": None if self.embedding is None else self.embedding.round(6).tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, values: Mapping) -> ClusteringResult:
+        return cls(int(values["num_clusters"]), [int(x) for x in values["labels"]], np.array(values["distances"]),
+                   values["reason"], {int(k): v for k, v in values["silhouette"].items()},
+                   {int(k): v for k, v in values["davies_bouldin"].items()},
+                   None if values["embedding"] is None else np.array(values["embedding"]))
+
 
 def lora_b_distances(b_matrices: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
     """Mean over sites of 1 - cosine similarity of the flattened B matrices, for every pair of clients."""

@@ -87,6 +87,8 @@ class RunConfig:
     weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay."))
     max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
+    max_update_norm: float | None = field(default=None, metadata=_opt(
+        "Reject a client update whose L2 norm (over all its tensors) exceeds this bound (default: no bound)."))
     overwrite: bool = field(default=False, metadata=_opt(
         "Replace the results of an earlier run in --output_dir."))
 
@@ -106,6 +108,8 @@ class RunConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name} must be a positive number, got {value}")
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ConfigError(f"--max_update_norm must be a positive number, got {self.max_update_norm}")
         for name in ("weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

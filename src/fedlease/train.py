@@ -24,10 +24,14 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from fedlease.data.tasks import Example, TaskSpec
-from fedlease.errors import ConfigError
+from fedlease.errors import ConfigError, FedleaseError
 from fedlease.model.experts import AdaptedModel, ExpertLayout
 
 LENGTH_GROUP_BATCHES = 50
+
+
+class TrainingDiverged(FedleaseError):
+    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -204,7 +208,11 @@ class LocalClient:
         model.eval()
         for param in params:
             param.requires_grad_(False)
-        return {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps, "examples": epochs * len(data),
+        loss = float(loss_sum) / max(steps, 1)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"client {self.client_id} ({self.spec.name}): the training loss became {loss}; "
+                                   f"the last good checkpoint is kept (lower --lr, or resume with --resume)")
+        return {"train_loss": loss, "steps": steps, "examples": epochs * len(data),
                 "seconds": time.perf_counter() - start}
 
     @torch.inference_mode()

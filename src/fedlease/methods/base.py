@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -131,6 +131,15 @@ class FederatedMethod(ABC):
     @abstractmethod
     def client_map(self) -> dict[int, list[int]]:
         """Which clients share each adapter now: adapter id -> client ids (lora_client_map_round_X.json)."""
+
+    @abstractmethod
+    def server_state(self) -> dict[str, Any]:
+        """Everything the server half holds between rounds, as nested dicts/lists of tensors and JSON values
+        (what a checkpoint saves)."""
+
+    @abstractmethod
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``server_state`` returned."""
 
     # -- client half --------------------------------------------------------------------------------------
     # ``store`` is the client's own persistent state (a name -> tensor mapping the runtime keeps for it across

@@ -17,6 +17,7 @@ released code never trains the head; a head with no such peer stays the client's
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -77,6 +78,15 @@ class FedLease(FederatedMethod):
         if self.clustering is None:
             return {c.client_id: [c.client_id] for c in self.clients}
         return self.clustering.members()
+
+    def server_state(self) -> dict[str, Any]:
+        return {"warmup_loras": self.warmup_loras, "experts": self.experts, "routers": self.routers,
+                "heads": self.heads, "clustering": None if self.clustering is None else self.clustering.to_dict()}
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        self.warmup_loras = dict(state["warmup_loras"])
+        self.experts, self.routers, self.heads = list(state["experts"]), list(state["routers"]), dict(state["heads"])
+        self.clustering = None if state["clustering"] is None else ClusteringResult.from_dict(state["clustering"])
 
     # -- server half --------------------------------------------------------------------------------------
     def download(self, cid: int) -> Instruction:

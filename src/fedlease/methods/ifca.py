@@ -15,6 +15,7 @@ and round, which gives IFCA's random initial assignment.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -68,8 +69,15 @@ class IFCA(FederatedMethod):
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         report = RoundReport("federated")
+        valid = {}
         for cid, update in updates.items():
-            self.assignment[cid] = int(update.metrics["cluster"])
+            choice = update.metrics.get("cluster")
+            if isinstance(choice, int | float) and float(choice).is_integer() and 0 <= choice < self.num_clusters:
+                self.assignment[cid] = int(choice)
+                valid[cid] = update
+            else:
+                report.log.append(f"client {cid} named no valid cluster ({choice!r}); its update is left out")
+        updates = valid
         for k in range(self.num_clusters):
             members = [cid for cid in updates if self.assignment[cid] == k]
             if members:
@@ -86,6 +94,12 @@ class IFCA(FederatedMethod):
         for cid, k in sorted(self.assignment.items()):
             members.setdefault(k, []).append(cid)
         return members or {0: [c.client_id for c in self.clients]}
+
+    def server_state(self) -> dict[str, Any]:
+        return {"clusters": self.clusters, "assignment": self.assignment, "heads": self.heads}
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        self.clusters, self.assignment, self.heads = (dict(state[k]) for k in ("clusters", "assignment", "heads"))
 
     # -- client half --------------------------------------------------------------------------------------
     def cluster_lora(self, client: LocalClient, ins: Instruction, k: int) -> dict[str, torch.Tensor]:

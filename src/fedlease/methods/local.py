@@ -7,6 +7,7 @@ client" shares experts through the router, Local shares nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from fedlease.methods.base import FederatedMethod, Instruction, RoundReport, Update
 from fedlease.model.experts import ExpertLayout
@@ -30,3 +31,9 @@ class Local(FederatedMethod):
 
     def client_map(self) -> dict[int, list[int]]:
         return {c.client_id: [c.client_id] for c in self.clients}
+
+    def server_state(self) -> dict[str, Any]:
+        return {}  # the server holds nothing: every client keeps its own model
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        pass

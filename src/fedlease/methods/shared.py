@@ -9,7 +9,7 @@ are shared, trained, uploaded and kept by the client; FedDPA adds its own client
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,3 +63,9 @@ class SharedAdapterMethod(FederatedMethod):
 
     def client_map(self) -> dict[int, list[int]]:
         return {0: [c.client_id for c in self.clients]}
+
+    def server_state(self) -> dict[str, Any]:
+        return {"state": self.state, "heads": self.heads}
+
+    def load_server_state(self, state: Mapping[str, Any]) -> None:
+        self.state, self.heads = dict(state["state"]), dict(state["heads"])

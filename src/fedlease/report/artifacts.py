@@ -78,7 +78,8 @@ class RunRecorder:
 
     def record_round(self, rnd: int, report: RoundReport, instructions: Mapping[int, Instruction],
                      updates: Mapping[int, Update], metrics: Mapping[int, Mapping[str, float]],
-                     client_map: Mapping[int, list[int]], seconds: float) -> dict:
+                     client_map: Mapping[int, list[int]], seconds: float,
+                     rejected: Mapping[int, str] | None = None) -> dict:
         number = rnd + 1
         clients = {}
         for cid, values in metrics.items():
@@ -100,6 +101,7 @@ class RunRecorder:
             "num_adapters": len(client_map),
             **summarize(metrics, self.clients),
             "clients": clients,
+            "rejected_updates": {str(cid): reason for cid, reason in (rejected or {}).items()},
             "log": report.log,
         }
         self.history["rounds"].append(summary)

@@ -11,8 +11,7 @@ import contextlib
 import logging
 import shutil
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,14 +23,20 @@ from fedlease.data.partition import ClientSplit, partition_clients
 from fedlease.data.tasks import TaskData, check_tasks, load_task
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
-from fedlease.methods.base import ClientInfo, FederatedMethod, Update
+from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
 from fedlease.model.backbone import Backbone, load_backbone, resolve_device, resolve_model_source
-from fedlease.model.experts import PARTS, ExpertLayout
+from fedlease.model.experts import PARTS
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
-from fedlease.train import LocalClient, TrainSettings, encode, resolve_precision
+from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
+from fedlease.runtime.loop import Evaluation, Federation
+from fedlease.train import LocalClient, TrainingDiverged, TrainSettings, encode, resolve_precision
 
 log = logging.getLogger("fedlease")
 CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training_log.txt only
+
+# Settings that may differ when a run is resumed: they do not change what is computed.
+RESUME_MAY_CHANGE = frozenset({"device", "precision", "eval_batch_size", "overwrite"})
 
 # Files a run writes at the top of its output directory; --overwrite removes exactly these (and final/).
 OWNED_PATTERNS = ("training_log.txt", "training_history.json", "results.md", "lora_client_map_round_*.json",
@@ -69,8 +74,8 @@ def check_output_dir(config: RunConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} exists and is not a directory")
     if holds_run(out) and not config.overwrite:
-        raise ConfigError(f"--output_dir {out} already holds a run; pass --overwrite to replace it, "
-                          f"or choose another directory")
+        raise ConfigError(f"--output_dir {out} already holds a run; pass --resume {out} to continue it, "
+                          f"--overwrite to replace it, or choose another directory")
     return out
 
 
@@ -78,7 +83,7 @@ def remove_run_files(out: Path) -> None:
     for pattern in OWNED_PATTERNS:
         for path in out.glob(pattern):
             path.unlink()
-    for path in (out / "final").glob("client_*.safetensors"):
+    for path in (*(out / "final").glob("client_*.safetensors"), *(out / CHECKPOINT_FOLDER).glob("*")):
         path.unlink()
 
 
@@ -144,72 +149,112 @@ def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[Cli
     return backbone, clients, infos
 
 
-def run_rounds(method: FederatedMethod, clients: list[LocalClient], recorder: RunRecorder, config: RunConfig,
-               progress: bool) -> dict[int, tuple[ExpertLayout, dict[str, torch.Tensor]]]:
-    """All rounds; returns each client's final model (layout and state), as it was evaluated last."""
-    stores: dict[int, dict[str, torch.Tensor]] = {c.client_id: {} for c in clients}  # what each client keeps
-    final: dict[int, tuple[ExpertLayout, dict[str, torch.Tensor]]] = {}
-    for rnd in range(config.global_rounds):
-        start = time.perf_counter()
-        log.info("round %d/%d", rnd + 1, config.global_rounds)
-        instructions = method.configure_train(rnd)
-        updates: dict[int, Update] = {}
-        bar = tqdm(instructions.items(), desc=f"round {rnd + 1}/{config.global_rounds} train", unit="client",
-                   disable=not progress, leave=False, file=sys.stderr)
-        for cid, ins in bar:
-            updates[cid] = method.client_train(clients[cid], ins, rnd, stores[cid])
-        report = method.aggregate_train(rnd, updates)
-        for line in report.log:
-            log.info("%s", line)
-        metrics = {}
-        for cid, ins in method.configure_evaluate(rnd).items():
-            metrics[cid] = method.client_evaluate(clients[cid], ins, rnd, stores[cid])
-            if rnd == config.global_rounds - 1:
-                adapted = clients[cid].adapted
-                final[cid] = (adapted.layout, adapted.state(PARTS))
-        summary = recorder.record_round(rnd, report, instructions, updates, metrics, method.client_map(),
-                                        time.perf_counter() - start)
-        per_task = "  ".join(f"{task} {100 * v['accuracy']:.2f}" for task, v in summary["tasks"].items())
-        log.info("round %d (%s): accuracy %s | mean %.2f | %.1fs", rnd + 1, report.phase, per_task,
-                 100 * summary["mean"]["accuracy"], summary["seconds"])
-    return final
+class InProcessTransport:
+    """Every client in this process: the method's client half runs directly on the shared model."""
+
+    def __init__(self, method: FederatedMethod, clients: list[LocalClient],
+                 stores: dict[int, dict[str, torch.Tensor]], progress: bool, total_rounds: int) -> None:
+        self.method = method
+        self.clients = clients
+        self.stores = stores  # what each client keeps between rounds
+        self.progress = progress
+        self.total_rounds = total_rounds
+
+    def bar(self, items, rnd: int, what: str):
+        return tqdm(items, desc=f"round {rnd + 1}/{self.total_rounds} {what}", unit="client",
+                    disable=not self.progress, leave=False, file=sys.stderr)
+
+    def train(self, rnd: int, instructions: Mapping[int, Instruction]) -> dict[int, Update]:
+        updates = {}
+        for cid, ins in self.bar(instructions.items(), rnd, "train"):
+            try:
+                updates[cid] = self.method.client_train(self.clients[cid], ins, rnd, self.stores[cid])
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"round {rnd + 1}, {exc}") from None
+        return updates
+
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool) -> dict[int, Evaluation]:
+        evaluations = {}
+        for cid, ins in self.bar(instructions.items(), rnd, "evaluate"):
+            metrics = self.method.client_evaluate(self.clients[cid], ins, rnd, self.stores[cid])
+            adapted = self.clients[cid].adapted
+            evaluations[cid] = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
+        return evaluations
+
+    def client_stores(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self.stores
 
 
-def run(config: RunConfig, *, progress: bool = True) -> RunResult:
+def resume_config(output_dir: str, explicit: Mapping[str, object]) -> RunConfig:
+    """The configuration of the run in ``output_dir``, with the flags given again; any difference in a
+    setting that shapes the results is refused, naming it."""
+    ckpt_config = read_checkpoint_config(Path(output_dir))
+    config = RunConfig.from_dict({**ckpt_config, "output_dir": output_dir})
+    changes = []
+    for name, value in explicit.items():
+        if name == "output_dir":
+            continue
+        if name == "tasks":
+            value = expand_tasks(list(value))
+        if value != getattr(config, name) and name not in RESUME_MAY_CHANGE:
+            changes.append(f"--{name} {value} (the run used {getattr(config, name)})")
+    if changes:
+        raise ConfigError(f"cannot resume {output_dir} with a different configuration: {', '.join(changes)}")
+    return replace(config, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
+
+
+def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> RunResult:
     """Run one federated training end to end and write its artifacts; see ``fedlease.report.artifacts``.
 
     Everything that can be checked without training (flags, tasks, data, partition, model location) is
     checked before the output directory is touched; a run that fails before its first round is recorded
-    leaves nothing behind.
+    leaves nothing behind. After every round a checkpoint is saved; ``resume`` continues from the last one
+    (use :func:`resume_config` to get the configuration back).
     """
     config = prepare_config(config)
-    out = check_output_dir(config)
+    out = Path(config.output_dir).expanduser()
+    ckpt = load_checkpoint(out) if resume else None
+    if ckpt is None:
+        check_output_dir(config)
     data, splits = load_partition(config)
     resolve_model_source(config.model_name)
     resolve_precision(config.precision, resolve_device(config.device))
-    created = create_output_dir(out)
+    created = create_output_dir(out) if ckpt is None else False
     recorder = None
     try:
         with logging_to(out / "training_log.txt"):
-            log.info("fedlease %s: %d clients (%s), %d rounds (%d warmup), output %s", config.method,
-                     config.num_clients, " ".join(config.tasks), config.global_rounds, config.warmup_rounds, out)
+            if ckpt is None:
+                log.info("fedlease %s: %d clients (%s), %d rounds (%d warmup), output %s", config.method,
+                         config.num_clients, " ".join(config.tasks), config.global_rounds, config.warmup_rounds,
+                         out)
+            else:
+                log.info("resuming %s after round %d of %d", out, ckpt.round + 1, config.global_rounds)
             backbone, clients, infos = build_clients(config, data, splits)
             method = create_method(config, infos)
-            recorder = RunRecorder(out, config, infos, {"model_source": backbone.source,
-                                                        "device": str(backbone.device)})
+            info = {"model_source": backbone.source, "device": str(backbone.device),
+                    "precision": str(clients[0].settings.amp_dtype or "fp32")}
+            recorder = RunRecorder(out, config, infos, info)
             recorder.describe_clients([
                 {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),
                  "train_examples": len(s.train), "test_examples": len(s.test), "reused_examples": s.reused}
                 for s in splits])
-            final_models = run_rounds(method, clients, recorder, config, progress)
-            recorder.save_final_models(final_models, backbone.source)
-            final = recorder.finish()
+            stores: dict[int, dict[str, torch.Tensor]] = {c.client_id: {} for c in clients}
+            transport = InProcessTransport(method, clients, stores, progress, config.global_rounds)
+            federation = Federation(config, method, transport, recorder, out, info)
+            start = 0
+            if ckpt is not None:
+                if ckpt.info.get("precision") != info["precision"]:
+                    log.info("note: the run used precision %s, this machine resolves %s; results may differ "
+                             "slightly from an uninterrupted run", ckpt.info.get("precision"), info["precision"])
+                start = federation.restore(ckpt)
+                stores.update(ckpt.stores)
+            final = federation.run(start)
             table = format_table(final, infos)
             # the command line prints the table on stdout; the console log need not repeat it
             log.info("final results (round %d, %s):\n%s", config.global_rounds, config.method, table,
                      extra={CONSOLE: False})
     except BaseException:
-        if recorder is None or not recorder.history["rounds"]:
+        if ckpt is None and (recorder is None or not recorder.history["rounds"]):
             remove_run_files(out)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
