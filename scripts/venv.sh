@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
         "$venv/bin/python" -m pip install -q "${FEDLEASE_TORCH:-torch==2.13.0}" >&2
     fi
-    "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+    "$venv/bin/python" -m pip install -q -e "$root[test,flower]" >&2
     echo "$want" >"$stamp"
 fi
 echo "$venv"

@@ -98,3 +98,16 @@ def test_dirichlet_partition_skews_labels_and_keeps_sizes():
     assert max(skewed) > 0.6  # alpha 0.1 concentrates a client on few classes
     counts = dirichlet_counts(7, np.array([0.5, 0.3, 0.2]))
     assert counts.sum() == 7 and list(counts) == [4, 2, 1]
+
+
+def test_one_task_alone_gets_the_same_slices():
+    """A SuperNode loads only its own task: its slice must equal the whole-federation partition's."""
+    other = TaskData(TaskSpec("other", ("x", "y"), False, "builtin", "other"),
+                     [Example(f"o{i}", None, i % 2) for i in range(60)], [Example(f"v{i}", None, i % 2)
+                                                                         for i in range(20)])
+    data = {"toy": toy_data(), "other": other}
+    tasks = ["other", "toy", "other", "toy"]
+    everything = partition_clients(tasks, data, 12, 6, seed=4)
+    alone = partition_clients(tasks, {"toy": data["toy"]}, 12, 6, seed=4)
+    assert [s.client_id for s in alone] == [1, 3]
+    assert alone == [everything[1], everything[3]]

@@ -77,6 +77,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                          help="seeds; each method runs once per seed (default: 42)")
     add_config_arguments(compare, exclude=("method", "seed"))
     compare.add_argument("--no_progress", action="store_true", help="do not show progress bars")
+    deploy = sub.add_parser(
+        "deploy", help="run on Flower: a SuperLink and one SuperNode per client on loopback",
+        description="Start a Flower SuperLink and one SuperNode per client on 127.0.0.1 (TLS with --tls), "
+                    "submit the run with flwr run, stream its log, and stop everything afterwards. Same flags "
+                    "and artifacts as fedlease run.")
+    add_config_arguments(deploy)
+    deploy.add_argument("--tls", action="store_true", help="TLS between SuperNodes and SuperLink, with a "
+                                                           "throw-away CA generated in the work directory")
+    deploy.add_argument("--workdir", default=None, help="where logs, certificates and Flower homes go "
+                                                        "(default: <output_dir>/flower)")
     sub.add_parser("tasks", help="list the tasks this installation knows")
     return parser
 
@@ -114,6 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(list_tasks())
             return 0
         log_to_console()
+        if args.command == "deploy":
+            from pathlib import Path
+
+            from fedlease.runtime.flower.deploy import deploy
+
+            base = config_from_args(args)
+            workdir = Path(args.workdir) if args.workdir else Path(base.output_dir).expanduser() / "flower"
+            out = deploy(base, workdir, tls=args.tls)
+            print((out / "results.md").read_text(encoding="utf-8"))
+            print(f"artifacts: {out}")
+            return 0
         if args.command == "compare":
             from fedlease.compare import compare
 

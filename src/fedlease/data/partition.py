@@ -75,10 +75,15 @@ def partition_clients(
     alpha: float = 0.5,
     allow_overlap: bool = False,
 ) -> list[ClientSplit]:
-    """One ClientSplit per entry of ``tasks`` (client i holds task ``tasks[i]``)."""
+    """One ClientSplit per client whose task is in ``data`` (client i holds task ``tasks[i]``), in client order.
+
+    Tasks are partitioned independently, so a process that loads only its own task's data (a Flower
+    SuperNode) gets exactly the slices the whole-federation partition gives.
+    """
     members: dict[str, list[int]] = {}
     for cid, task in enumerate(tasks):
-        members.setdefault(task, []).append(cid)
+        if task in data:
+            members.setdefault(task, []).append(cid)
 
     splits: dict[int, ClientSplit] = {}
     for task, cids in members.items():
@@ -117,4 +122,4 @@ def partition_clients(
                 reused[cid] += n_reused
         for cid in cids:
             splits[cid] = ClientSplit(cid, task, chosen[cid]["train"], chosen[cid]["validation"], reused[cid])
-    return [splits[cid] for cid in range(len(tasks))]
+    return [splits[cid] for cid in sorted(splits)]

@@ -81,6 +81,7 @@ class RunRecorder:
                      client_map: Mapping[int, list[int]], seconds: float,
                      rejected: Mapping[int, str] | None = None) -> dict:
         number = rnd + 1
+        metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
         clients = {}
         for cid, values in metrics.items():
             ins, update = instructions.get(cid), updates.get(cid)
@@ -131,14 +132,14 @@ class RunRecorder:
                                  self.out_dir / "embedding_2d.png")
 
     def plot_metrics(self) -> None:
-        rounds = [r["round"] for r in self.history["rounds"]]
-        tasks = self.history["rounds"][-1]["tasks"]
+        rounds = self.history["rounds"]
+        tasks = list(dict.fromkeys(task for r in rounds for task in r["tasks"]))  # a round may lack a task
         for metric in ("accuracy", "f1", "macro_f1"):
-            series = {task: [r["tasks"][task].get(metric, np.nan) for r in self.history["rounds"]]
-                      for task, values in tasks.items() if metric in values}
+            series = {task: [r["tasks"].get(task, {}).get(metric, np.nan) for r in rounds] for task in tasks
+                      if any(metric in r["tasks"].get(task, {}) for r in rounds)}
             if series:
-                plots.plot_metric_by_round(rounds, series, METRIC_LABELS[metric], self.config.warmup_rounds,
-                                           self.out_dir / f"{metric}_by_round.png")
+                plots.plot_metric_by_round([r["round"] for r in rounds], series, METRIC_LABELS[metric],
+                                           self.config.warmup_rounds, self.out_dir / f"{metric}_by_round.png")
 
     def save_final_models(self, models: Mapping[int, tuple[ExpertLayout, Mapping[str, torch.Tensor]]],
                           model_source: str) -> None:

@@ -55,6 +55,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "-"  # e.g. a task none of whose clients answered in the last round
     mean, std = mean_std(values)
     return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(values) > 1 else "")
 
@@ -69,14 +71,14 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
              f"{' '.join(map(str, seeds))}.", "",
              "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for r in results:
-        lines.append(f"| {r.label} | " + " | ".join(cell(r.tasks[t]["accuracy"]) for t in tasks)
+        lines.append(f"| {r.label} | " + " | ".join(cell(r.tasks.get(t, {}).get("accuracy", [])) for t in tasks)
                      + f" | {cell(r.average)} |")
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "best-round avg | upload MB / client / round | "
               "download MB / client / round | total MB | wall min |",
               "|---|" + "---|" * (len(extra) + 5)]
     for r in results:
-        cells = [cell(r.tasks[t][m]) for t, m in extra]
+        cells = [cell(r.tasks.get(t, {}).get(m, [])) for t, m in extra]
         cells += [cell(r.best_average), cell(r.upload_per_client_round, 1 / MB, 3),
                   cell(r.download_per_client_round, 1 / MB, 3), cell(r.total_bytes, 1 / MB, 1),
                   cell(r.seconds, 1 / 60, 1)]
@@ -120,9 +122,9 @@ def plot_comparison(path: Path, results: list[MethodResult], tasks: list[str]) -
     width = 0.8 / max(1, len(results))
     x = np.arange(len(groups))
     for i, r in enumerate(results):
-        series = [r.tasks[t]["accuracy"] for t in tasks] + [r.average]
-        means = [100 * mean_std(v)[0] for v in series]
-        stds = [100 * mean_std(v)[1] for v in series]
+        series = [r.tasks.get(t, {}).get("accuracy", []) for t in tasks] + [r.average]
+        means = [100 * mean_std(v)[0] if v else np.nan for v in series]
+        stds = [100 * mean_std(v)[1] if v else 0.0 for v in series]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, label=r.label, capsize=2)
     ax.set_xticks(x, groups)
     ax.set_ylabel("final accuracy (%)")

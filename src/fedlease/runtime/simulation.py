@@ -19,18 +19,19 @@ import torch
 from tqdm import tqdm
 
 from fedlease.config import RunConfig, expand_tasks
-from fedlease.data.partition import ClientSplit, partition_clients
-from fedlease.data.tasks import TaskData, check_tasks, load_task
+from fedlease.data.partition import ClientSplit
+from fedlease.data.tasks import TaskData, check_tasks
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
-from fedlease.model.backbone import Backbone, load_backbone, resolve_device, resolve_model_source
+from fedlease.model.backbone import Backbone, resolve_device, resolve_model_source
 from fedlease.model.experts import PARTS
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
+from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
 from fedlease.runtime.loop import Evaluation, Federation
-from fedlease.train import LocalClient, TrainingDiverged, TrainSettings, encode, resolve_precision
+from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
 
 log = logging.getLogger("fedlease")
 CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training_log.txt only
@@ -117,13 +118,6 @@ def logging_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def load_partition(config: RunConfig) -> tuple[dict[str, TaskData], list[ClientSplit]]:
-    data = {task: load_task(task, config.data_dir) for task in dict.fromkeys(config.tasks)}
-    splits = partition_clients(config.tasks, data, config.train_samples, config.test_samples, config.seed,
-                               config.partition, config.alpha, config.allow_overlap)
-    return data, splits
-
-
 def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[ClientSplit]
                   ) -> tuple[Backbone, list[LocalClient], list[ClientInfo]]:
     """Load the model once and tokenise every client's splits once."""
@@ -131,22 +125,11 @@ def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[Cli
         if split.reused:
             log.info("client %d (%s): %d examples reused from other clients' slices (--allow_overlap)",
                      split.client_id, split.task, split.reused)
-    num_labels = max(data[task].spec.num_labels for task in data)
-    backbone = load_backbone(config.model_name, num_labels, rank=config.rank, alpha=config.lora_alpha,
-                             dropout=config.lora_dropout, target_modules=config.target_modules,
-                             device=config.device)
-    settings = TrainSettings(config.lr, config.weight_decay, config.batch_size, config.local_epochs,
-                             config.max_grad_norm, config.eval_batch_size, backbone.device,
-                             resolve_precision(config.precision, backbone.device))
+    backbone = load_shared_backbone(config)
+    settings = train_settings(config, backbone)
     log.info("precision: %s", "fp32" if settings.amp_dtype is None else f"autocast {settings.amp_dtype}")
-    clients = []
-    for split in splits:
-        spec = data[split.task].spec
-        clients.append(LocalClient(split.client_id, spec, backbone.adapted,
-                                   encode(backbone.tokenizer, split.train, config.max_length),
-                                   encode(backbone.tokenizer, split.test, config.max_length), settings))
-    infos = [ClientInfo(s.client_id, s.task, data[s.task].spec.labels) for s in splits]
-    return backbone, clients, infos
+    clients = [local_client(config, backbone, settings, split) for split in splits]
+    return backbone, clients, client_infos(config)
 
 
 class InProcessTransport:

@@ -1,0 +1,78 @@
+"""The method's messages as Flower records.
+
+An Instruction travels as an ArrayRecord (``state``) and a ConfigRecord (the layout, the part lists as
+comma-separated strings, ``extra.*`` values and the round). An Update comes back as an ArrayRecord, a
+MetricRecord (``num-examples`` and the training metrics) and the sender's partition id; an evaluation as a
+MetricRecord, plus, in the last round, the model the client was evaluated with. Tensors travel as float32
+or int64 arrays (Flower serialises them with numpy, without pickle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedlease.methods.base import Instruction, Update
+from fedlease.model.experts import ExpertLayout
+from fedlease.runtime.loop import Evaluation
+
+LAYOUT_KEYS = ("num_experts", "own_expert", "routing", "top_k")
+PART_LISTS = ("train", "upload", "restore", "keep")
+
+
+def arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()})
+
+
+def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict()) if len(record) else {}
+
+
+def encode_instruction(ins: Instruction, rnd: int, final: bool = False) -> RecordDict:
+    config: dict = {"round": rnd, "final": final}
+    config.update({f"layout.{k}": v for k, v in ins.layout.to_config().items()})
+    config.update({part: ",".join(getattr(ins, part)) for part in PART_LISTS})
+    config.update({f"extra.{k}": v for k, v in ins.extra.items()})
+    return RecordDict({"state": arrays(ins.state), "config": ConfigRecord(config)})
+
+
+def decode_instruction(content: RecordDict) -> tuple[Instruction, int, bool]:
+    config = content["config"]
+    layout = ExpertLayout.from_config({k: config[f"layout.{k}"] for k in LAYOUT_KEYS})
+    parts = {part: tuple(p for p in str(config[part]).split(",") if p) for part in PART_LISTS}
+    extra = {k.removeprefix("extra."): v for k, v in config.items() if k.startswith("extra.")}
+    ins = Instruction(layout, tensors(content["state"]), extra=extra, **parts)
+    return ins, int(config["round"]), bool(config["final"])
+
+
+def encode_update(update: Update, partition_id: int) -> RecordDict:
+    metrics = {"num-examples": update.num_examples, "partition-id": partition_id}
+    metrics.update({k: v for k, v in update.metrics.items() if isinstance(v, int | float)})
+    return RecordDict({"state": arrays(update.state), "metrics": MetricRecord(metrics)})
+
+
+def decode_update(content: RecordDict) -> tuple[int, Update]:
+    metrics = dict(content["metrics"])
+    partition_id = int(metrics.pop("partition-id"))
+    num_examples = metrics.pop("num-examples")
+    return partition_id, Update(tensors(content["state"]), num_examples, metrics)
+
+
+def encode_evaluation(evaluation: Evaluation, partition_id: int) -> RecordDict:
+    content = RecordDict({"metrics": MetricRecord({**evaluation.metrics, "partition-id": partition_id})})
+    if evaluation.final is not None:
+        layout, state = evaluation.final
+        content["final-state"] = arrays(state)
+        content["final-layout"] = ConfigRecord(layout.to_config())
+    return content
+
+
+def decode_evaluation(content: RecordDict) -> tuple[int, Evaluation]:
+    metrics = dict(content["metrics"])
+    partition_id = int(metrics.pop("partition-id"))
+    final = None
+    if "final-state" in content:
+        final = (ExpertLayout.from_config(dict(content["final-layout"])), tensors(content["final-state"]))
+    return partition_id, Evaluation({k: float(v) for k, v in metrics.items()}, final)

@@ -1,0 +1,84 @@
+"""An in-process Flower Grid for tests: the real ServerApp and ClientApp objects and the real message records,
+delivered synchronously to virtual nodes, with no Ray and no sockets.
+
+Each virtual node has its own Context (node config with its partition id, a ``state`` that persists across
+the run). ``fail`` makes nodes go silent for given rounds, and a node that comes back gets a new node id and an
+empty state, as a restarted SuperNode does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity  # internal: building a Message needs a task identity
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict,
+                 fail: dict[int, set[int]] | None = None) -> None:
+        self.client_app = client_app
+        self.run_config = dict(run_config)
+        self._run = Run.create_empty(run_id=1)
+        self.fail = fail or {}  # partition id -> rounds (0-based group ids) in which it does not answer
+        self.nodes: dict[int, Context] = {}
+        self.next_node_id = 100
+        self.replies: dict[str, Message] = {}
+        for pid in range(num_nodes):
+            self.add_node(pid)
+
+    def add_node(self, partition_id: int) -> None:
+        self.nodes[self.next_node_id] = Context(run_id=1, node_id=self.next_node_id,
+                                                node_config={"partition-id": partition_id},
+                                                state=RecordDict(), run_config=self.run_config)
+        self.next_node_id += 1
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            context = self.nodes.get(msg.metadata.dst_node_id)
+            if context is None:
+                continue
+            pid = context.node_config["partition-id"]
+            group = msg.metadata.group_id
+            if group.isdigit() and int(group) in self.fail.get(pid, set()):
+                # the node dies: no reply now, and it comes back as a new node with an empty state
+                del self.nodes[msg.metadata.dst_node_id]
+                self.add_node(pid)
+                continue
+            try:
+                reply = self.client_app(msg, context)
+            except Exception as exc:  # as a SuperNode reports a ClientApp exception
+                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+def run_server(server_app: ServerApp, grid: InProcessGrid) -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=grid.run_config))
