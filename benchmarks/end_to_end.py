@@ -136,8 +136,8 @@ def throughput(args) -> dict:
     config = prepare_config(RunConfig(tasks=["rotten_tomatoes:2", "snli:2", "newsgroups:2", "election_tweets:2"],
                                       train_samples=args.samples, test_samples=32, batch_size=32,
                                       local_epochs=1, global_rounds=2, warmup_rounds=1, output_dir="unused"))
-    data, splits = load_partition(config)
-    backbone, clients, infos = build_clients(config, data, splits)
+    _, splits = load_partition(config)
+    backbone, clients, infos = build_clients(config, splits)
     method = FedLease(config, infos)
     client = clients[2]  # snli: sentence pairs, ~26 tokens
     dtype = client.settings.amp_dtype

@@ -63,6 +63,6 @@ def tiny_clients(tiny_model, tmp_path_factory):
     from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
 
     config = prepare_config(tiny_run_config(tiny_model, tmp_path_factory.mktemp("unused")))
-    data, splits = load_partition(config)
-    _, clients, infos = build_clients(config, data, splits)
+    _, splits = load_partition(config)
+    _, clients, infos = build_clients(config, splits)
     return config, clients, infos

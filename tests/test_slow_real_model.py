@@ -25,8 +25,8 @@ def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
 
     # the same clients before any training: a random head on the frozen encoder
     prepared = prepare_config(config)
-    data, splits = load_partition(prepared)
-    backbone, clients, _ = build_clients(prepared, data, splits)
+    _, splits = load_partition(prepared)
+    backbone, clients, _ = build_clients(prepared, splits)
     untrained = []
     for client in clients:
         client.apply(backbone.adapted.layout, backbone.adapted.initial_state(prepared.seed))

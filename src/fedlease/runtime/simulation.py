@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from fedlease.config import RunConfig, expand_tasks
 from fedlease.data.partition import ClientSplit
-from fedlease.data.tasks import TaskData, check_tasks
+from fedlease.data.tasks import check_tasks
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
@@ -118,8 +118,7 @@ def logging_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def build_clients(config: RunConfig, data: dict[str, TaskData], splits: list[ClientSplit]
-                  ) -> tuple[Backbone, list[LocalClient], list[ClientInfo]]:
+def build_clients(config: RunConfig, splits: list[ClientSplit]) -> tuple[Backbone, list[LocalClient], list[ClientInfo]]:
     """Load the model once and tokenise every client's splits once."""
     for split in splits:
         if split.reused:
@@ -199,7 +198,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None:
         check_output_dir(config)
-    data, splits = load_partition(config)
+    _, splits = load_partition(config)
     resolve_model_source(config.model_name)
     resolve_precision(config.precision, resolve_device(config.device))
     created = create_output_dir(out) if ckpt is None else False
@@ -212,7 +211,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                          out)
             else:
                 log.info("resuming %s after round %d of %d", out, ckpt.round + 1, config.global_rounds)
-            backbone, clients, infos = build_clients(config, data, splits)
+            backbone, clients, infos = build_clients(config, splits)
             method = create_method(config, infos)
             info = {"model_source": backbone.source, "device": str(backbone.device),
                     "precision": str(clients[0].settings.amp_dtype or "fp32")}
