@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +57,48 @@ def test_compare_checks_every_spec_before_running(capsys, tmp_path):
     assert code == 2
     assert "unknown method 'nonsense'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def compare_args(model: str, out, *extra: str) -> list[str]:
+    return ["compare", "--model_name", model, "--methods", "fedit", "fedlease", "local",
+            "--tasks", "rotten_tomatoes:2", "snli:2", "--global_rounds", "3", "--warmup_rounds", "1",
+            "--train_samples", "24", "--test_samples", "12", "--batch_size", "8", "--max_length", "24",
+            "--lr", "0.01", "--seed", "5", "--output_dir", str(out), "--no_progress", *extra]
+
+
+def accuracy_rows(out) -> list[str]:
+    table = (out / "comparison.md").read_text().split("\n\n")[1]  # the first table: accuracy per task
+    return [line for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_killed_comparison_resumes(tiny_model, tmp_path):
+    """Killed twice (fedlease before its first round was recorded, then after it), resumed: the same table as
+    an uninterrupted comparison, and the finished fedit run is kept, not run again."""
+    from test_resume import HARNESS
+
+    reference = tmp_path / "reference"
+    assert main(compare_args(tiny_model, reference)) == 0
+    out = tmp_path / "cmp"
+    # fedit: 4 clients x 3 rounds = 12 local trainings; the 14th is fedlease's round 1, client 2
+    # the second process (resuming) keeps fedit and restarts fedlease; its 6th fit is fedlease's round 2
+    for point, extra in (("fit:14", ()), ("fit:6", ("--resume",))):
+        proc = subprocess.run([sys.executable, str(HARNESS), point, *compare_args(tiny_model, out, *extra)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    fedit_history = (out / "fedit" / "seed_5" / "training_history.json").read_bytes()
+    assert not (out / "comparison.md").exists() and not (out / "local").exists()
+    assert main(compare_args(tiny_model, out, "--resume")) == 0
+    assert (out / "fedit" / "seed_5" / "training_history.json").read_bytes() == fedit_history
+    assert "resuming" in (out / "fedlease" / "seed_5" / "training_log.txt").read_text()
+    assert accuracy_rows(out) == accuracy_rows(reference)
+
+
+def test_comparison_resume_refuses_other_settings(tiny_model, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(compare_args(tiny_model, out)) == 0
+    capsys.readouterr()
+    assert main(compare_args(tiny_model, out, "--resume", "--lr", "0.02")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lr 0.02 (the run used 0.01)" in err
+    assert main(compare_args(tiny_model, tmp_path / "missing", "--resume")) == 2
+    assert "holds no comparison to continue" in capsys.readouterr().err

@@ -76,6 +76,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     compare.add_argument("--seeds", nargs="+", type=int, default=[RunConfig().seed],
                          help="seeds; each method runs once per seed (default: 42)")
     add_config_arguments(compare, exclude=("method", "seed"))
+    compare.add_argument("--resume", action="store_true",
+                         help="continue a stopped comparison in --output_dir (same flags): finished runs are "
+                              "kept, a run with a checkpoint continues from it, the others start again")
     compare.add_argument("--no_progress", action="store_true", help="do not show progress bars")
     deploy = sub.add_parser(
         "deploy", help="run on Flower: a SuperLink and one SuperNode per client on loopback",
@@ -139,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedlease.compare import compare
 
             base = config_from_args(args)
-            print(compare(base, args.methods, args.seeds, progress=not args.no_progress))
+            print(compare(base, args.methods, args.seeds, progress=not args.no_progress, resume=args.resume))
             print(f"artifacts: {base.output_dir}")
             return 0
         from fedlease.runtime.simulation import resume_config, run

@@ -5,6 +5,10 @@ expert at rank 16), ``fedlease:num_experts=16`` (one expert per client) or ``fed
 routing): the FedLEASE paper's main comparison and its ablations come from one command. Every run gets its
 own directory, ``<output_dir>/<spec>/seed_<seed>``, with all the artifacts of ``fedlease run``; the
 comparison itself is written to ``comparison.md``, ``comparison.csv`` and ``comparison.png``.
+
+A comparison that was stopped (killed, machine lost) continues with ``--resume``: runs that finished are
+kept (after checking they were made with the same settings), a run with a checkpoint continues from it, and
+a run that stopped before its first round was recorded starts again.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import dataclasses
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedlease.config import RunConfig, expand_tasks, parse_override
 from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult, write_comparison
-from fedlease.runtime.simulation import check_output_dir, prepare_config, run
+from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from fedlease.runtime.checkpoint import MANIFEST
+from fedlease.runtime.simulation import RESUME_MAY_CHANGE, check_output_dir, prepare_config, resume_config, run
 
 log = logging.getLogger("fedlease")
 
@@ -45,7 +50,8 @@ def parse_spec(text: str) -> MethodSpec:
     return MethodSpec(text, name.strip(), overrides)
 
 
-def plan(base: RunConfig, specs: list[str], seeds: list[int]) -> list[tuple[MethodSpec, int, RunConfig]]:
+def plan(base: RunConfig, specs: list[str], seeds: list[int],
+         resume: bool = False) -> list[tuple[MethodSpec, int, RunConfig]]:
     """Every (spec, seed) run's configuration, each checked before anything runs."""
     if not specs:
         raise ConfigError("--methods is empty")
@@ -62,24 +68,72 @@ def plan(base: RunConfig, specs: list[str], seeds: list[int]) -> list[tuple[Meth
             config = dataclasses.replace(base, method=spec.method, seed=seed,
                                          output_dir=str(out / spec.folder / f"seed_{seed}"), **spec.overrides)
             config = prepare_config(config)
-            check_output_dir(config)
+            if not resume:
+                check_output_dir(config)
             runs.append((spec, seed, config))
     return runs
 
 
-def compare(base: RunConfig, specs: list[str], seeds: list[int], *, progress: bool = True) -> str:
-    """Run every spec with every seed and write the comparison; return the Markdown table."""
+def compare(base: RunConfig, specs: list[str], seeds: list[int], *, progress: bool = True,
+            resume: bool = False) -> str:
+    """Run every spec with every seed and write the comparison; return the Markdown table. With
+    ``resume``, continue a comparison in ``base.output_dir`` that was stopped."""
     base = dataclasses.replace(base, tasks=expand_tasks(base.tasks))
-    runs = plan(base, specs, seeds)
     out = Path(base.output_dir)
-    if (out / "comparison.md").exists() and not base.overwrite:
+    if resume and base.overwrite:
+        raise ConfigError("--resume continues a comparison and --overwrite replaces it: pass one of them")
+    if resume and not out.is_dir():
+        raise ConfigError(f"--resume: {out} holds no comparison to continue")
+    runs = plan(base, specs, seeds, resume)
+    if (out / "comparison.md").exists() and not (base.overwrite or resume):
         raise ConfigError(f"--output_dir {out} already holds a comparison; pass --overwrite to replace it")
+    # with --resume, every earlier run is checked against the flags before anything runs
+    earlier = [resume_state(config) if resume else (None, None) for _, _, config in runs]
     results: dict[str, MethodResult] = {}
-    for index, (spec, seed, config) in enumerate(runs, start=1):
+    for index, ((spec, seed, config), (history, resumed)) in enumerate(zip(runs, earlier, strict=True), start=1):
         log.info("compare: run %d/%d: %s, seed %d", index, len(runs), spec.label, seed)
-        start = time.perf_counter()
-        result = run(config, progress=progress)
-        seconds = time.perf_counter() - start
-        history = json.loads((result.output_dir / "training_history.json").read_text())
+        if history is not None:
+            log.info("compare: %s already finished; keeping it", config.output_dir)
+        else:
+            if resumed is not None:
+                result = run(resumed, progress=progress, resume=True)
+            else:  # new, or stopped before its first round was recorded: start it (again)
+                result = run(dataclasses.replace(config, overwrite=config.overwrite or resume), progress=progress)
+            history = json.loads((result.output_dir / "training_history.json").read_text())
+        # the rounds' wall time: comparable whether a run went through at once or was resumed
+        seconds = sum(r["seconds"] for r in history["rounds"])
         results.setdefault(spec.label, MethodResult(spec.label)).add(seed, history, seconds)
     return write_comparison(out, list(results.values()), base)
+
+
+def resume_state(config: RunConfig) -> tuple[dict | None, RunConfig | None]:
+    """What an earlier attempt left in ``config.output_dir``: (the history of a finished run, None),
+    (None, the configuration to resume a run with a checkpoint) or (None, None): start afresh. A run made
+    with other settings is refused, naming them."""
+    history = finished_history(config)
+    if history is not None:
+        return history, None
+    if (Path(config.output_dir) / CHECKPOINT_FOLDER / MANIFEST).exists():
+        explicit = {k: v for k, v in config.to_dict().items() if k != "overwrite"}
+        return None, resume_config(config.output_dir, explicit)
+    return None, None
+
+
+def finished_history(config: RunConfig) -> dict | None:
+    """The history of a finished run in ``config.output_dir``, or None; a finished run made with other
+    settings is refused, naming them."""
+    path = Path(config.output_dir) / "training_history.json"
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # json.JSONDecodeError: killed while writing; its checkpoint has the rounds
+    if not history.get("final"):
+        return None
+    recorded = history.get("config", {})
+    wanted = json.loads(json.dumps(config.to_dict()))  # as the history stores it: tuples become lists
+    changes = [f"{name} {value!r} (the run used {recorded.get(name)!r})"
+               for name, value in wanted.items()
+               if name not in RESUME_MAY_CHANGE | {"output_dir"} and recorded.get(name) != value]
+    if changes:
+        raise ConfigError(f"cannot resume: {path.parent} was run with other settings: {', '.join(changes)}")
+    return history
