@@ -25,7 +25,7 @@ from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult, write_comparison
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import MANIFEST
-from fedlease.runtime.simulation import RESUME_MAY_CHANGE, check_output_dir, prepare_config, resume_config, run
+from fedlease.runtime.simulation import check_output_dir, config_changes, prepare_config, resume_config, run
 
 log = logging.getLogger("fedlease")
 
@@ -114,8 +114,7 @@ def resume_state(config: RunConfig) -> tuple[dict | None, RunConfig | None]:
     if history is not None:
         return history, None
     if (Path(config.output_dir) / CHECKPOINT_FOLDER / MANIFEST).exists():
-        explicit = {k: v for k, v in config.to_dict().items() if k != "overwrite"}
-        return None, resume_config(config.output_dir, explicit)
+        return None, resume_config(config.output_dir, config.to_dict())
     return None, None
 
 
@@ -129,11 +128,7 @@ def finished_history(config: RunConfig) -> dict | None:
         return None  # json.JSONDecodeError: killed while writing; its checkpoint has the rounds
     if not history.get("final"):
         return None
-    recorded = history.get("config", {})
-    wanted = json.loads(json.dumps(config.to_dict()))  # as the history stores it: tuples become lists
-    changes = [f"{name} {value!r} (the run used {recorded.get(name)!r})"
-               for name, value in wanted.items()
-               if name not in RESUME_MAY_CHANGE | {"output_dir"} and recorded.get(name) != value]
+    changes = config_changes(RunConfig.from_dict(history["config"]), config.to_dict())
     if changes:
         raise ConfigError(f"cannot resume: {path.parent} was run with other settings: {', '.join(changes)}")
     return history

@@ -167,19 +167,25 @@ class InProcessTransport:
         return self.stores
 
 
+def config_changes(recorded: RunConfig, wanted: Mapping[str, object]) -> list[str]:
+    """Each setting in ``wanted`` that differs from the run's ``recorded`` one and shapes the results, named."""
+    changes = []
+    for name, value in wanted.items():
+        if name == "output_dir" or name in RESUME_MAY_CHANGE:
+            continue
+        if name == "tasks":
+            value = expand_tasks(list(value))
+        if value != getattr(recorded, name):
+            changes.append(f"--{name} {value} (the run used {getattr(recorded, name)})")
+    return changes
+
+
 def resume_config(output_dir: str, explicit: Mapping[str, object]) -> RunConfig:
     """The configuration of the run in ``output_dir``, with the flags given again; any difference in a
     setting that shapes the results is refused, naming it."""
     ckpt_config = read_checkpoint_config(Path(output_dir))
     config = RunConfig.from_dict({**ckpt_config, "output_dir": output_dir})
-    changes = []
-    for name, value in explicit.items():
-        if name == "output_dir":
-            continue
-        if name == "tasks":
-            value = expand_tasks(list(value))
-        if value != getattr(config, name) and name not in RESUME_MAY_CHANGE:
-            changes.append(f"--{name} {value} (the run used {getattr(config, name)})")
+    changes = config_changes(config, explicit)
     if changes:
         raise ConfigError(f"cannot resume {output_dir} with a different configuration: {', '.join(changes)}")
     return replace(config, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
