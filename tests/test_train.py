@@ -1,0 +1,59 @@
+"""Batching (padding to a multiple of 8) and the attention-dropout switch of the shared backbone."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import profile
+
+from fedlease.model.backbone import load_backbone
+from fedlease.train import PAD_MULTIPLE, batch_indices, make_batch
+
+
+def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_clients):
+    _, clients, _ = tiny_clients
+    cpu = torch.device("cpu")
+    widths = set()
+    for client in clients:
+        for data, order in ((client.train_data, torch.Generator().manual_seed(0)), (client.test_data, None)):
+            assert data.input_ids.shape[1] % PAD_MULTIPLE == 0
+            for index in batch_indices(data.lengths, 4, order):
+                batch = make_batch(data, index, cpu)
+                width, longest = batch["input_ids"].shape[1], int(data.lengths[index].max())
+                widths.add(width)
+                assert width % PAD_MULTIPLE == 0 and longest <= width < longest + PAD_MULTIPLE
+                assert torch.equal(batch["attention_mask"].sum(1), data.lengths[index])
+    assert len(widths) > 1  # the lengths vary, so this checked more than one shape
+
+    client = clients[2]  # snli: sentence pairs with token types
+    data = client.test_data
+    index = torch.arange(len(data))
+    padded = make_batch(data, index, cpu)
+    longest = int(data.lengths.max())
+    trimmed = {key: value[:, :longest] for key, value in padded.items()}
+    assert padded["input_ids"].shape[1] > longest or longest % PAD_MULTIPLE == 0
+    client.adapted.model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(client.logits(padded), client.logits(trimmed), rtol=1e-4, atol=1e-5)
+
+
+def attention_kernels(adapted) -> set[str]:
+    """The attention kernels one training step of the adapted model runs."""
+    adapted.set_trainable(["lora_A", "lora_B"])
+    model = adapted.model
+    model.train()
+    ids = torch.randint(5, 40, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[:2, 12:] = 0
+    with profile() as prof:
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    return {e.key for e in prof.key_averages() if "dot_product" in e.key and "backward" not in e.key}
+
+
+def test_no_attention_dropout_switches_only_attention_dropout_off(tiny_model):
+    default = load_backbone(tiny_model, 2, rank=4, alpha=16, dropout=0.05, device="cpu").adapted
+    off = load_backbone(tiny_model, 2, rank=4, alpha=16, dropout=0.05, device="cpu", attention_dropout=False).adapted
+    assert default.model.config.attention_probs_dropout_prob > 0 and off.model.config.attention_probs_dropout_prob == 0
+    assert off.model.config.hidden_dropout_prob == default.model.config.hidden_dropout_prob > 0
+    # With attention dropout PyTorch falls back to the unfused attention; without it the fused kernel runs.
+    assert "aten::_scaled_dot_product_attention_math" in attention_kernels(default)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in attention_kernels(off)
