@@ -84,6 +84,10 @@ class RunConfig:
         nargs="+"))
     lora_alpha: float = field(default=16.0, metadata=_opt("LoRA scaling numerator: updates are scaled by alpha/r."))
     lora_dropout: float = field(default=0.05, metadata=_opt("Dropout on the LoRA input."))
+    no_attention_dropout: bool = field(default=False, metadata=_opt(
+        "Train with the encoder's dropout on attention probabilities off (its other dropout stays). PyTorch's "
+        "fused CPU attention kernel cannot apply dropout, so with it on every layer falls back to the unfused "
+        "path that keeps the full fp32 attention matrices: off cuts training memory by about 40%% at 128 tokens."))
     weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay."))
     max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))

@@ -89,9 +89,26 @@ def find_target_modules(model: nn.Module) -> list[str]:
                      f"layers are named: {' '.join(sorted(names))})")
 
 
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def attention_dropout_off(source: str, local_only: bool, model_name: str) -> dict[str, float]:
+    """Config overrides that set the model family's attention-probability dropout to 0."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    keys = [name for name in ATTENTION_DROPOUT_KEYS if hasattr(config, name)]
+    if not keys:
+        raise ModelError(f"--no_attention_dropout: the config of {model_name} names no attention dropout "
+                         f"(looked for {', '.join(ATTENTION_DROPOUT_KEYS)})")
+    return dict.fromkeys(keys, 0.0)
+
+
 def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, dropout: float,
-                  target_modules: list[str] | None = None, device: str = "auto") -> Backbone:
-    """Load the encoder with a ``num_labels``-wide head, freeze it and inject LoRA expert layers."""
+                  target_modules: list[str] | None = None, device: str = "auto",
+                  attention_dropout: bool = True) -> Backbone:
+    """Load the encoder with a ``num_labels``-wide head, freeze it and inject LoRA expert layers.
+    ``attention_dropout=False`` sets the model's attention-probability dropout to 0."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -102,9 +119,10 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     if local_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        overrides = {} if attention_dropout else attention_dropout_off(source, local_only, model_name)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True,
-            local_files_only=local_only)
+            local_files_only=local_only, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

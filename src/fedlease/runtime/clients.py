@@ -30,7 +30,8 @@ def load_shared_backbone(config: RunConfig) -> Backbone:
     """The one frozen backbone of this process, with a head as wide as the largest label set of the run."""
     num_labels = max(get_spec(task).num_labels for task in config.tasks)
     return load_backbone(config.model_name, num_labels, rank=config.rank, alpha=config.lora_alpha,
-                         dropout=config.lora_dropout, target_modules=config.target_modules, device=config.device)
+                         dropout=config.lora_dropout, target_modules=config.target_modules, device=config.device,
+                         attention_dropout=not config.no_attention_dropout)
 
 
 def train_settings(config: RunConfig, backbone: Backbone) -> TrainSettings:
