@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch.profiler import profile
 
+from fedlease.data.tasks import Example
 from fedlease.model.backbone import load_backbone
-from fedlease.train import PAD_MULTIPLE, batch_indices, make_batch
+from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch
 
 
 def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_clients):
@@ -34,6 +35,21 @@ def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(
     client.adapted.model.eval()
     with torch.inference_mode():
         torch.testing.assert_close(client.logits(padded), client.logits(trimmed), rtol=1e-4, atol=1e-5)
+
+
+def test_padding_never_exceeds_max_length(tiny_model):
+    """A --max_length that is not a multiple of 8 (e.g. a model's position limit) is never padded past."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    examples = [Example("word " * n, None, 0) for n in (3, 30, 30, 5)]
+    data = encode(tokenizer, examples, max_length=13)
+    assert data.input_ids.shape[1] == 13 and int(data.lengths.max()) == 13
+    for index in (torch.tensor([0, 3]), torch.tensor([1, 2, 0])):
+        batch = make_batch(data, index, torch.device("cpu"))
+        width = batch["input_ids"].shape[1]
+        assert width == min(-(-int(data.lengths[index].max()) // PAD_MULTIPLE) * PAD_MULTIPLE, 13)
+        assert batch["attention_mask"].shape == batch["input_ids"].shape
 
 
 def attention_kernels(adapted) -> set[str]:

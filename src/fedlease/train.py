@@ -40,7 +40,8 @@ class TrainingDiverged(FedleaseError):
 
 @dataclass
 class Encoded:
-    """One split of one client, tokenised: rows padded to the longest row of the split (rounded up to 8)."""
+    """One split of one client, tokenised: rows padded to the longest row of the split (rounded up to a multiple
+    of 8, at most ``max_length``)."""
 
     input_ids: torch.Tensor  # (N, L)
     token_type_ids: torch.Tensor | None  # (N, L) for models that use segments
@@ -55,12 +56,16 @@ class Encoded:
                        self.lengths[index], self.labels[index])
 
 
+def round_up(length: int) -> int:
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
     text_a = [ex.text_a for ex in examples]
     text_b = [ex.text_b or "" for ex in examples] if examples and examples[0].text_b is not None else None
     enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
     lengths = torch.tensor([len(ids) for ids in enc["input_ids"]], dtype=torch.long)
-    width = -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE if len(lengths) else 0
+    width = min(round_up(int(lengths.max())), max_length) if len(lengths) else 0  # never past the model's limit
 
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:
         out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -92,7 +97,7 @@ def batch_indices(lengths: torch.Tensor, batch_size: int, generator: torch.Gener
 
 
 def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    width = -(-int(data.lengths[index].max()) // PAD_MULTIPLE) * PAD_MULTIPLE  # encode() padded to a multiple
+    width = min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
     ids = data.input_ids[index, :width]
     batch = {
         "input_ids": ids,
