@@ -15,6 +15,7 @@ from fedlease.cli import main
 from fedlease.compare import compare, parse_spec
 from fedlease.config import METHOD_NAMES
 from fedlease.errors import ConfigError
+from fedlease.report.comparison import MethodResult
 
 
 def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
@@ -30,9 +31,12 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
     with (tmp_path / "cmp" / "comparison.csv").open() as handle:
         records = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(records) == set(specs)
-    assert float(records["local"]["upload_per_client_round_mean"]) == 0.0
-    assert float(records["fedit:rank=16"]["upload_per_client_round_mean"]) > \
-        float(records["fedit"]["upload_per_client_round_mean"])
+    upload = "upload_bytes_per_client_round_after_warmup_mean"
+    assert float(records["local"][upload]) == 0.0
+    assert float(records["fedit:rank=16"][upload]) > float(records["fedit"][upload])
+    assert float(records["fedlease"]["download_bytes_per_client_round_after_warmup_mean"]) > 0
+    assert "oracle_best_average_mean" in records["fedlease"] and records["fedlease"]["oracle_best_round"]
+    assert "oracle best-round avg (picked on test)" in table and "download MB / client / round (after warmup)" in table
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
     # every method saw the same partition
     partitions = set()
@@ -40,6 +44,35 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
         history = json.loads((tmp_path / "cmp" / spec / "seed_3" / "training_history.json").read_text())
         partitions.add(json.dumps(history["clients"]))
     assert len(partitions) == 1
+
+
+def history(phases: list[str], downloads: list[list[int]], uploads: list[list[int]], final: dict) -> dict:
+    rounds = [{"phase": phase, "clients": {str(c): {"download_bytes": d, "upload_bytes": u}
+                                           for c, (d, u) in enumerate(zip(down, up, strict=True))}}
+              for phase, down, up in zip(phases, downloads, uploads, strict=True)]
+    return {"rounds": rounds, "final": final}
+
+
+def test_traffic_per_round_counts_the_rounds_after_warmup_and_the_total_the_whole_run():
+    final = {"tasks": {}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.75}, "oracle_best_round": 2}
+    result = MethodResult("fedlease")
+    # two warmup rounds download nothing; in round 4 one of the two clients failed before uploading
+    result.add(1, history(["warmup", "warmup", "adaptive", "adaptive"], [[0, 0], [0, 0], [90, 90], [60, 60]],
+                          [[10, 10], [10, 10], [30, 30], [20, 0]], final), 1.0)
+    assert result.download_bytes_per_client_round_after_warmup == [75.0]  # not (0 + 0 + 90 + 60) / 4
+    assert result.upload_bytes_per_client_round_after_warmup == [(30 + 10) / 2]
+    assert result.total_bytes_whole_run == [4 * 10 + 60 + 180 + 120 + 20]
+    assert result.oracle_best_average == [0.75] and result.oracle_best_round == [2]
+    baseline = MethodResult("fedit")
+    baseline.add(1, history(["federated"] * 2, [[0, 0], [8, 8]], [[4, 4], [4, 4]], final), 1.0)
+    assert baseline.download_bytes_per_client_round_after_warmup == [4.0]  # no warmup: every round
+
+
+def test_histories_written_before_the_oracle_rename_are_read():
+    result = MethodResult("fedit")
+    old = {"tasks": {}, "mean": {"accuracy": 0.5}, "best_mean": {"accuracy": 0.625}, "best_round": 3}
+    result.add(1, history(["federated"], [[0]], [[4]], old), 1.0)
+    assert result.oracle_best_average == [0.625] and result.oracle_best_round == [3]
 
 
 def test_method_specs():

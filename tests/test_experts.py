@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedlease.model.experts import AdaptedModel, ExpertLayout, ExpertLinear, inject_experts, route
+from fedlease.model.experts import (
+    AdaptedModel,
+    ExpertLayout,
+    ExpertLinear,
+    inject_experts,
+    own_expert_from_bank,
+    route,
+)
+from fedlease.seeding import generator
 
 
 def make_layer(d_in=16, d_out=12, rank=4, alpha=16.0, dropout=0.0, seed=0) -> ExpertLinear:
@@ -61,6 +69,19 @@ def test_fixed_topk_routing_keeps_k_experts():
     torch.testing.assert_close(weights.sum(-1), torch.ones(100))
     chosen = logits.topk(2, dim=-1).indices
     assert torch.equal((weights > 0).nonzero()[:, 1].view(100, 2).sort(-1).values, chosen.sort(-1).values)
+
+
+def test_top1_routing_keeps_the_raw_probability_and_trains_the_router():
+    layout = ExpertLayout(num_experts=3, own_expert=1, routing="topk", top_k=1)
+    logits = torch.randn(50, 3)
+    weights = route(logits, layout, layout.slot_to_expert())
+    # Switch Transformers: the chosen expert is scaled by its gate probability, not renormalised to 1
+    torch.testing.assert_close(weights.max(-1).values, logits.softmax(-1).max(-1).values)
+    assert ((weights > 0).sum(-1) == 1).all()
+    layer = make_layer()
+    randomize(layer, layout)
+    layer(torch.randn(4, 5, 16)).pow(2).sum().backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
 
 
 def naive_forward(layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +164,17 @@ def test_only_own_expert_router_and_head_receive_updates():
     torch.testing.assert_close(base_before, sites["query"].base.weight)
 
 
+def test_own_expert_is_taken_from_its_bank_slot_unless_sent():
+    layout = ExpertLayout(num_experts=3, own_expert=2, routing="adaptive")
+    bank_A, bank_B = torch.randn(3, 4, 16), torch.randn(3, 12, 4)
+    own = own_expert_from_bank({"q.experts_A": bank_A, "q.experts_B": bank_B, "q.router": torch.randn(5, 16)},
+                               layout)
+    assert set(own) == {"q.lora_A", "q.lora_B"}
+    assert torch.equal(own["q.lora_A"], bank_A[2]) and torch.equal(own["q.lora_B"], bank_B[2])
+    sent = {"q.experts_A": bank_A, "q.experts_B": bank_B, "q.lora_A": bank_A[0], "q.lora_B": bank_B[0]}
+    assert own_expert_from_bank(sent, layout) == {}  # an own expert given with the bank is kept as given
+
+
 def test_configure_and_load_state_check_shapes():
     layer = make_layer()
     model = nn.Module()
@@ -176,6 +208,22 @@ def test_initial_state_is_seeded_and_shared():
     assert torch.count_nonzero(first["query.lora_B"]) == 0
     bound = 1 / math.sqrt(16)  # kaiming-uniform with a=sqrt(5) on fan_in 16
     assert first["query.lora_A"].abs().max() <= bound
+
+
+def test_a_new_head_starts_as_its_modules_own_initialisation():
+    model = nn.Module()
+    model.query = nn.Linear(16, 16)
+    model.head = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16))
+    model.classifier = nn.Linear(16, 2)
+    sites = inject_experts(model, ["query"], rank=4, alpha=16, dropout=0.0)
+    names = ["head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "classifier.weight", "classifier.bias"]
+    state = AdaptedModel(model, sites, names).initial_state(7)
+    assert torch.equal(state["head.head.1.weight"], torch.ones(16))  # a LayerNorm that outputs something
+    for bias in ("head.0.bias", "head.1.bias", "classifier.bias"):
+        assert torch.count_nonzero(state[f"head.{bias}"]) == 0
+    for matrix in ("head.0.weight", "classifier.weight"):  # the same seeded draw as before
+        expected = torch.zeros(state[f"head.{matrix}"].shape).normal_(0.0, 0.02, generator=generator(7, "head", matrix))
+        assert torch.equal(state[f"head.{matrix}"], expected)
 
 
 @pytest.mark.parametrize("bad", [dict(num_experts=2, routing="none"), dict(num_experts=2, own_expert=2,

@@ -1,8 +1,12 @@
-"""Batching (padding to a multiple of 8) and the attention-dropout switch of the shared backbone."""
+"""Batching (padding to a multiple of 8), the attention-dropout switch and the head of the shared backbone."""
 
 from __future__ import annotations
 
+import logging
+import string
+
 import torch
+from safetensors.torch import load_file
 from torch.profiler import profile
 
 from fedlease.data.tasks import Example
@@ -73,3 +77,50 @@ def test_no_attention_dropout_switches_only_attention_dropout_off(tiny_model):
     # With attention dropout PyTorch falls back to the unfused attention; without it the fused kernel runs.
     assert "aten::_scaled_dot_product_attention_math" in attention_kernels(default)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in attention_kernels(off)
+
+
+def load_logged(caplog, monkeypatch, folder: str, num_labels: int, **kwargs):
+    """The adapted model of ``load_backbone`` and what it logged."""
+    monkeypatch.setattr(logging.getLogger("fedlease"), "propagate", True)  # the CLI turns it off
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedlease"):
+        adapted = load_backbone(folder, num_labels, rank=4, alpha=16, dropout=0.0, device="cpu", **kwargs).adapted
+    return adapted, caplog.text
+
+
+def test_a_checkpoint_head_of_the_right_width_is_every_clients_start(tiny_model, caplog, monkeypatch):
+    saved = load_file(f"{tiny_model}/model.safetensors")  # the tiny model was saved with a 2-wide head
+    adapted, text = load_logged(caplog, monkeypatch, tiny_model, 2)
+    assert "starts from the checkpoint's head" in text
+    state = adapted.initial_state(7)
+    for name in ("classifier.weight", "classifier.bias"):
+        torch.testing.assert_close(state[f"head.{name}"], saved[name])
+    adapted.load_state({key: torch.zeros_like(value) for key, value in state.items() if key.startswith("head.")})
+    torch.testing.assert_close(adapted.initial_state(7)["head.classifier.weight"], saved["classifier.weight"])
+    # a head of another width is new: a seeded draw
+    adapted, text = load_logged(caplog, monkeypatch, tiny_model, 3)
+    assert "starts from a new seeded head" in text
+    weight = adapted.initial_state(7)["head.classifier.weight"]
+    assert weight.shape == (3, 32) and torch.equal(weight, adapted.initial_state(7)["head.classifier.weight"])
+
+
+def test_a_new_layernorm_in_the_head_starts_at_one(tmp_path):
+    """ModernBERT's classification head has a LayerNorm; from a bare encoder checkpoint it is new."""
+    from transformers import BertTokenizerFast, ModernBertConfig, ModernBertModel
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = ModernBertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, local_attention=16, pad_token_id=0,
+                              bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3)
+    torch.manual_seed(0)
+    ModernBertModel(config).save_pretrained(tmp_path)
+    adapted = load_backbone(str(tmp_path), 2, rank=4, alpha=16, dropout=0.0, target_modules=["Wqkv"],
+                            device="cpu").adapted
+    state = adapted.initial_state(7)
+    assert torch.equal(state["head.head.norm.weight"], torch.ones(32))
+    assert state["head.head.dense.weight"].std() > 0 and torch.count_nonzero(state["head.classifier.bias"]) == 0
+    adapted.load_state(state)
+    logits = adapted.model(input_ids=torch.tensor([[2, 8, 9, 3], [2, 20, 21, 3]])).logits
+    assert not torch.allclose(logits[0], logits[1])  # the head passes the input through

@@ -20,7 +20,7 @@ import torch
 
 from fedlease.clustering import ClusteringResult
 from fedlease.config import RunConfig
-from fedlease.model.experts import ExpertLayout
+from fedlease.model.experts import ExpertLayout, own_expert_from_bank
 from fedlease.seeding import derive_seed
 from fedlease.train import LocalClient
 
@@ -46,8 +46,9 @@ class Instruction:
 
     The client arranges the model as ``layout`` and loads, in this order: the seeded initial LoRA and head
     (so nothing of another client's state can survive in the shared model), the ``restore`` parts of its own
-    store (state that never leaves the client), and the downloaded ``state``. It trains ``train``, saves
-    ``keep`` to its store and uploads ``upload``.
+    store (state that never leaves the client), and the downloaded ``state`` (a bank sent without the own
+    expert's ``lora_A``/``lora_B`` supplies them from its own slot). It trains ``train``, saves ``keep`` to its
+    store and uploads ``upload``.
     """
 
     layout: ExpertLayout
@@ -149,6 +150,7 @@ class FederatedMethod(ABC):
         state = client.adapted.initial_state(self.config.seed)
         state.update(select(store, ins.restore))
         state.update(ins.state)
+        state.update(own_expert_from_bank(ins.state, ins.layout))
         client.apply(ins.layout, state)
 
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,

@@ -144,6 +144,9 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     for param in model.parameters():
         param.requires_grad_(False)
     model.to(torch_device)
-    log.info("model %s: %d parameters, %d adapted layers (%s), head %s, on %s", source,
-             sum(p.numel() for p in model.parameters()), len(sites), " ".join(targets), " ".join(head), torch_device)
-    return Backbone(AdaptedModel(model, sites, head), tokenizer, source, torch_device, num_labels)
+    # A head the checkpoint held at this width (not newly initialised) is its own trained head: keep it.
+    pretrained = [name for name in head if name not in new]
+    log.info("model %s: %d parameters, %d adapted layers (%s), head %s, on %s; every client starts from %s",
+             source, sum(p.numel() for p in model.parameters()), len(sites), " ".join(targets), " ".join(head),
+             torch_device, "the checkpoint's head" if pretrained else "a new seeded head")
+    return Backbone(AdaptedModel(model, sites, head, pretrained), tokenizer, source, torch_device, num_labels)

@@ -5,6 +5,7 @@ weight W0, M experts (A_k, B_k) and a router G: d_in -> 2M-1 slots. For a client
 
     w = softmax(G x);  slots 0..M-1 -> experts 0..M-1,  slots M..2M-2 -> expert g
     keep the top-M slots, renormalise them to sum 1, add up the weights of slots that map to one expert
+    (the fixed top-k ablation keeps k slots; with k = 1 the slot keeps its raw probability, see ``route``)
     y = W0 x + (alpha / r) * sum_k w_k B_k A_k dropout(x)
 
 Expert g owns M of the 2M-1 slots and only M-1 slots point elsewhere, so it is always selected, and the
@@ -17,7 +18,9 @@ experts or slots and no host sync. With M = 1 and no router the layer is exactly
 
 State moves as a flat mapping ``name -> tensor``: ``<site>.lora_A`` (r, d_in), ``<site>.lora_B`` (d_out, r),
 ``<site>.router`` (slots, d_in), ``<site>.experts_A`` (M, r, d_in), ``<site>.experts_B`` (M, d_out, r) and
-``head.<param>`` for the classification head, where ``<site>`` is the adapted module's path in the model.
+``head.<param>`` for the classification head, where ``<site>`` is the adapted module's path in the model. A
+download that carries a bank without ``lora_A``/``lora_B`` sends the own expert in its bank slot
+(``own_expert_from_bank``).
 """
 
 from __future__ import annotations
@@ -81,10 +84,14 @@ class ExpertLayout:
 
 
 def route(router_logits: torch.Tensor, layout: ExpertLayout, slot_to_expert: torch.Tensor) -> torch.Tensor:
-    """Per-token expert weights (..., M) from router logits (..., slots): top-k slots, renormalised, merged."""
+    """Per-token expert weights (..., M) from router logits (..., slots): top-k slots, renormalised, merged.
+
+    A single kept slot keeps its raw probability, as in Switch Transformers (Fedus et al., 2022): renormalised
+    it would always weigh 1, and the router would get no gradient."""
     probs = router_logits.float().softmax(dim=-1)
     top_p, top_slot = probs.topk(layout.kept_slots, dim=-1)
-    top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    if layout.kept_slots > 1:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     weights = probs.new_zeros(*probs.shape[:-1], layout.num_experts)
     return weights.scatter_add(-1, slot_to_expert[top_slot], top_p)
 
@@ -181,6 +188,17 @@ def init_lora_state(sites: Mapping[str, ExpertLinear], seed: int) -> dict[str, t
     return state
 
 
+def own_expert_from_bank(state: Mapping[str, torch.Tensor], layout: ExpertLayout) -> dict[str, torch.Tensor]:
+    """``<site>.lora_A``/``.lora_B`` taken from the own slot of each bank in ``state`` that comes without them:
+    a download carries the own expert once, in the bank (whose own slot the forward otherwise ignores)."""
+    own = {}
+    for key, bank in state.items():
+        site, _, part = key.rpartition(".")
+        if part in ("experts_A", "experts_B") and f"{site}.lora_{part[-1]}" not in state:
+            own[f"{site}.lora_{part[-1]}"] = bank[layout.own_expert]
+    return own
+
+
 def init_router(d_in: int, slots: int, seed: int, site: str) -> torch.Tensor:
     """A router's initial weight, as ``nn.Linear`` draws it (what the released code uses), seeded per site."""
     weight = torch.empty(slots, d_in)
@@ -195,11 +213,16 @@ class AdaptedModel:
     the expert layout, and nothing is rebuilt between clients or rounds.
     """
 
-    def __init__(self, model: nn.Module, sites: dict[str, ExpertLinear], head_names: list[str]) -> None:
+    def __init__(self, model: nn.Module, sites: dict[str, ExpertLinear], head_names: list[str],
+                 pretrained_head: Iterable[str] = ()) -> None:
+        """``pretrained_head``: the head parameters the checkpoint already held at the right size; every client
+        starts from their loaded values instead of a fresh draw."""
         self.model = model
         self.sites = sites
         params = dict(model.named_parameters())
         self.head = {name: params[name] for name in head_names}
+        # copied now: clients' states are later loaded into these very tensors
+        self.pretrained_head = {name: params[name].detach().to("cpu", copy=True) for name in pretrained_head}
 
     @property
     def layout(self) -> ExpertLayout:
@@ -255,15 +278,27 @@ class AdaptedModel:
             live[name].copy_(value)
 
     def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
-        """LoRA A/B and head as every client starts: one draw from the seed, the same in every process."""
+        """LoRA A/B and head as every client starts: one draw from the seed, the same in every process; a head
+        parameter the checkpoint held at the right size keeps its loaded value."""
         state = init_lora_state(self.sites, seed)
         for name, param in self.head.items():
-            value = torch.zeros(param.shape)
-            if param.dim() > 1:
-                std = getattr(getattr(self.model, "config", None), "initializer_range", 0.02)
-                value.normal_(0.0, std, generator=generator(seed, "head", name))
-            state[f"head.{name}"] = value
+            if name in self.pretrained_head:
+                state[f"head.{name}"] = self.pretrained_head[name].clone()
+            else:
+                state[f"head.{name}"] = self.fresh_head_value(name, param.shape, seed)
         return state
+
+    def fresh_head_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """A new head parameter as its module's own initialisation (Hugging Face's) makes it: a norm's weight 1,
+        a matrix normal(0, initializer_range), every bias and other vector 0."""
+        owner = self.model.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".weight") and "norm" in type(owner).__name__.lower():  # LayerNorm, RMSNorm, ...
+            return torch.ones(shape)
+        value = torch.zeros(shape)
+        if len(shape) > 1:
+            std = getattr(getattr(self.model, "config", None), "initializer_range", 0.02)
+            value.normal_(0.0, std, generator=generator(seed, "head", name))
+        return value
 
     def set_trainable(self, parts: Iterable[str]) -> list[nn.Parameter]:
         """Make exactly ``parts`` trainable (never the backbone or the frozen bank); return them."""
