@@ -1,4 +1,5 @@
-"""Allocation: B-distance, planted groups recovered with their K, and the edge cases of K."""
+"""Allocation: B-distance, planted groups recovered with their K, the edge cases of K, and the embedding
+allocation's K = 1 when there is no structure."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedlease.clustering import canonical_labels, cluster_clients_by_lora_b, lora_b_distances
+from fedlease.clustering import (
+    canonical_labels,
+    cluster_clients_by_embedding,
+    cluster_clients_by_lora_b,
+    cosine_distances,
+)
 
 SITES = ("layer.0.query", "layer.0.value", "layer.1.query")
 
@@ -21,7 +27,7 @@ def planted(groups: list[int], noise: float, seed: int = 0) -> list[dict[str, to
 def test_distance_is_mean_over_sites_of_one_minus_cosine():
     b = torch.randn(6, 2)
     clients = [{"a": b, "b": b}, {"a": 3 * b, "b": -b}, {"a": torch.zeros(6, 2), "b": b}]
-    d = lora_b_distances(clients)
+    d = cosine_distances(clients)
     # identical direction on site a (0) and opposite on site b (2): mean 1
     assert d[0, 1] == pytest.approx(1.0)
     # a zero B has cosine 0 with anything: site a gives 1, site b gives 0
@@ -73,3 +79,47 @@ def test_fixed_number_of_clusters():
     assert result.num_clusters == 6 and result.labels == list(range(6))
     result = cluster_clients_by_lora_b(planted(groups, 0.3), max_clusters=4, fixed_clusters=3)
     assert result.labels == [0, 0, 1, 1, 2, 2]
+
+
+def planted_embeddings(groups: list[int], noise: float, seed: int = 0) -> list[torch.Tensor]:
+    """Mean embeddings that share a large common component (as real sentence embeddings do), plus a group
+    direction and per-client noise."""
+    g = torch.Generator().manual_seed(seed)
+    common = 5 * torch.randn(64, generator=g)
+    centres = {k: torch.randn(64, generator=g) for k in set(groups)}
+    return [common + centres[k] + noise * torch.randn(64, generator=g) for k in groups]
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 2, 2, 2]])
+def test_embedding_allocation_recovers_planted_groups(groups):
+    result = cluster_clients_by_embedding(planted_embeddings(groups, noise=0.2), max_clusters=4)
+    assert result.num_clusters == len(set(groups))
+    assert result.labels == canonical_labels(groups)
+    assert result.signature == "embedding"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_embedding_allocation_chooses_one_expert_without_structure(seed):
+    # every client draws from the same distribution: the best silhouette is low, so K = 1
+    result = cluster_clients_by_embedding(planted_embeddings([0] * 8, noise=1.0, seed=seed), max_clusters=4)
+    assert result.num_clusters == 1 and result.labels == [0] * 8
+    assert max(result.silhouette.values()) < 0.25 and "below --min_silhouette" in result.reason
+    # the paper's rule on the same distances never chooses K = 1
+    paper = cluster_clients_by_lora_b([{"e": e} for e in planted_embeddings([0] * 8, 1.0, seed)], max_clusters=4)
+    assert paper.num_clusters >= 2
+
+
+def test_min_silhouette_is_the_threshold():
+    embeddings = planted_embeddings([0, 0, 1, 1, 2, 2], noise=0.2)
+    found = cluster_clients_by_embedding(embeddings, max_clusters=4)
+    best = max(found.silhouette.values())
+    assert cluster_clients_by_embedding(embeddings, 4, min_silhouette=best - 1e-6).num_clusters == 3
+    assert cluster_clients_by_embedding(embeddings, 4, min_silhouette=best + 1e-6).num_clusters == 1
+    # --num_experts overrides the choice, K = 1 included
+    assert cluster_clients_by_embedding(embeddings, 4, fixed_clusters=2, min_silhouette=1.0).num_clusters == 2
+
+
+def test_two_identical_clients_among_three_do_not_break_the_2d_embedding():
+    same = torch.ones(8)
+    result = cluster_clients_by_embedding([same, same.clone(), torch.arange(8.0)], max_clusters=4)
+    assert np.isfinite(result.embedding).all() and result.labels == [0, 0, 1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from fedlease.config import RunConfig
 from fedlease.methods.base import ClientInfo, Update
-from fedlease.methods.fedlease import FedLease
+from fedlease.methods.fedlease import PLAIN_LORA, SIGNATURE, FedLease
 
 SITES = ("enc.0.query", "enc.0.value")
 D_IN, D_OUT, R = 8, 6, 2
@@ -31,7 +33,7 @@ def setup():
     tasks = ["t1", "t1", "t2", "t2", "t3"]
     labels = [BIN, BIN, BIN, TRI, TRI]  # clients 2 and 3 share a cluster but not a label set
     clients = [ClientInfo(i, t, lab) for i, (t, lab) in enumerate(zip(tasks, labels, strict=True))]
-    config = RunConfig(tasks=tasks, global_rounds=4, warmup_rounds=2, max_clusters=4, seed=3)
+    config = RunConfig(tasks=tasks, global_rounds=4, warmup_rounds=2, max_clusters=4, seed=3, allocation="paper")
     g = torch.Generator().manual_seed(0)
     directions = {t: torch.randn(D_OUT, R, generator=g) for t in ("t1", "t2", "t3")}
     return FedLease(config, clients), clients, directions
@@ -82,7 +84,7 @@ def test_allocation_clusters_by_b_and_starts_experts_from_member_averages(setup)
     torch.testing.assert_close(method.heads[3][head], updates[3].state[head])
 
 
-def test_adaptive_download_holds_all_experts_own_router_and_head(setup):
+def test_adaptive_download_sends_every_expert_once_with_own_router_and_head(setup):
     method, clients, directions = setup
     run_warmup(method, clients, directions)
     ins = method.configure_train(2)
@@ -94,7 +96,29 @@ def test_adaptive_download_holds_all_experts_own_router_and_head(setup):
         assert i.state[key].shape == (3, D_OUT, R)
         for k in range(3):
             torch.testing.assert_close(i.state[key][k], method.experts[k][f"{SITES[1]}.lora_B"])
-        torch.testing.assert_close(i.state[f"{SITES[1]}.lora_B"], method.experts[own][f"{SITES[1]}.lora_B"])
+        # the own expert travels only in its bank slot, not a second time as lora_A / lora_B
+        assert not any(k.endswith((".lora_A", ".lora_B")) for k in i.state)
+        assert set(i.state) == {f"{site}.{part}" for site in SITES for part in ("experts_A", "experts_B", "router")} \
+            | {"head.classifier.weight"}
+
+
+def test_client_trains_its_own_expert_taken_from_the_bank(tiny_clients):
+    config, clients, infos = tiny_clients
+    method = FedLease(dataclasses.replace(config, num_experts=2), infos)
+    stores = {c.client_id: {} for c in clients}
+    warmup = method.configure_train(0)
+    method.aggregate_train(0, {c.client_id: method.client_train(c, warmup[c.client_id], 0, stores[c.client_id])
+                               for c in clients})
+    assert method.clustering.num_clusters == 2
+    client = clients[2]
+    ins = method.configure_train(1)[2]
+    own = method.experts[ins.layout.own_expert]
+    method.load(client, ins, stores[2])
+    for key, value in client.adapted.state(["lora_A", "lora_B"]).items():
+        torch.testing.assert_close(value, own[key])
+    update = method.client_train(client, ins, 1, stores[2])
+    assert set(update.state) >= set(own)
+    assert any(not torch.equal(update.state[key], own[key]) for key in own)  # it trained the own expert
 
 
 def test_adaptive_aggregation_is_cluster_wise(setup):
@@ -122,8 +146,50 @@ def test_adaptive_aggregation_is_cluster_wise(setup):
 def test_one_expert_when_max_clusters_is_one(setup):
     _, clients, directions = setup
     method = FedLease(RunConfig(tasks=[c.task for c in clients], global_rounds=3, warmup_rounds=2,
-                                max_clusters=1), clients)
+                                max_clusters=1, allocation="paper"), clients)
     run_warmup(method, clients, directions)
     ins = method.configure_train(2)
     assert all(i.layout.routing == "none" and i.layout.num_experts == 1 for i in ins.values())
     assert all(not any(k.endswith(".router") for k in i.state) for i in ins.values())
+
+
+def test_embedding_allocation_groups_clients_by_their_data_signatures(setup):
+    _, clients, directions = setup
+    config = RunConfig(tasks=[c.task for c in clients], global_rounds=4, warmup_rounds=2, max_clusters=4, seed=3)
+    method = FedLease(config, clients)
+    # B directions say {0,1} {2,3} {4}; the signatures say {0,2,4} {1,3}: the embedding allocation follows them
+    g = torch.Generator().manual_seed(1)
+    signatures = {cid: torch.full((16,), 4.0) + torch.randn(16, generator=g) * 0.1 + (3.0 if cid % 2 else -3.0)
+                  * torch.arange(16.0).sin() for cid in range(5)}
+    for rnd in range(2):
+        updates = {}
+        for c in clients:
+            state = client_state(directions[c.task], 10 * rnd + c.client_id)
+            updates[c.client_id] = Update({**state, SIGNATURE: signatures[c.client_id]}, 100)
+        report = method.aggregate_train(rnd, updates)
+    assert report.clustering.signature == "embedding"
+    assert method.client_map() == {0: [0, 2, 4], 1: [1, 3]}
+    assert any(line.startswith("clustering: K=2") and "embedding allocation" in line for line in report.log)
+    # the signature is not part of any expert
+    assert all(SIGNATURE not in expert for expert in method.experts)
+    assert set(method.server_state()["signatures"]) == set(range(5))
+
+
+def test_client_sends_the_frozen_encoders_data_signature_with_every_warmup_upload(tiny_clients):
+    config, clients, infos = tiny_clients
+    config = dataclasses.replace(config, warmup_rounds=2, global_rounds=3)
+    method = FedLease(config, infos)
+    client, store = clients[0], {}
+    client.apply(PLAIN_LORA, client.adapted.initial_state(config.seed))
+    expected = client.embed(client.train_data).mean(0)
+    first = method.client_train(client, method.configure_train(0)[0], 0, store)
+    torch.testing.assert_close(first.state[SIGNATURE], expected)
+    assert torch.equal(store[SIGNATURE], expected)
+    # round 2 starts from the client's trained LoRA, but the signature stays the frozen encoder's (kept in the store)
+    second = method.client_train(client, method.configure_train(1)[0], 1, store)
+    torch.testing.assert_close(second.state[SIGNATURE], expected)
+    assert not torch.equal(second.state[f"{next(iter(client.adapted.sites))}.lora_B"],
+                           first.state[f"{next(iter(client.adapted.sites))}.lora_B"])
+    # the adaptive phase and the paper's allocation send none
+    paper = FedLease(dataclasses.replace(config, allocation="paper"), infos)
+    assert SIGNATURE not in paper.client_train(client, paper.configure_train(0)[0], 0, {}).state

@@ -58,6 +58,29 @@ def test_final_weights_are_complete_client_models(finished_run, tiny_model):
             assert bank.shape[0] == k and torch.count_nonzero(bank) > 0
 
 
+def test_a_download_carries_each_expert_once(tiny_model, tmp_path):
+    out = run(tiny_config(tiny_model, tmp_path / "o", num_experts=2, global_rounds=2), progress=False).output_dir
+    history = json.loads((out / "training_history.json").read_text())
+    k = history["optimal_n_clusters"]
+    assert k == 2
+    with safe_open(str(out / "final" / "client_0.safetensors"), "pt") as f:
+        lora = sum(f.get_tensor(key).nbytes for key in f.keys() if key.endswith((".lora_A", ".lora_B")))
+    for summary in history["rounds"][1:]:
+        for client in summary["clients"].values():
+            # down: K experts, router, head; up: the own expert, router, head
+            assert client["download_bytes"] - client["upload_bytes"] == (k - 1) * lora
+
+
+def test_the_best_round_is_labelled_an_oracle(finished_run):
+    out = finished_run.output_dir
+    final = json.loads((out / "training_history.json").read_text())["final"]
+    assert final["round"] == 3 and not any(key.startswith("best") for key in final)
+    assert 1 <= final["oracle_best_round"] <= 3
+    assert final["oracle_best_mean"]["accuracy"] >= final["mean"]["accuracy"]
+    results = (out / "results.md").read_text()
+    assert "Round 3 (final)" in results and "Oracle best round (picked on test" in results
+
+
 def test_same_seed_same_results(finished_run, tiny_model, tmp_path):
     again = run(tiny_config(tiny_model, tmp_path / "again"), progress=False)
     first = json.loads((finished_run.output_dir / "training_history.json").read_text())

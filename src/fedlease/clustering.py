@@ -1,10 +1,20 @@
 """How many experts, and which clients share one: FedLEASE's allocation step (Sec. 3.2 of the paper).
 
-Clients are compared by their warmup LoRA B matrices only (B carries the task; A stays near its shared random
-init): for every adapted site l, d_l(i, j) = 1 - cos(vec B_i^l, vec B_j^l), and d(i, j) is the mean over sites.
-Average-linkage agglomerative clustering on d is run for every K in 2..min(max_clusters, N-1), and K is the
-one with the best silhouette score (ties go to the smaller K). Davies-Bouldin on a 2-D classical-MDS embedding
-is computed and reported, as the released code does, but does not decide.
+Two allocations, chosen with ``--allocation``:
+
+- ``paper``: clients are compared by their warmup LoRA B matrices only (B carries the task; A stays near its
+  shared random init): for every adapted site l, d_l(i, j) = 1 - cos(vec B_i^l, vec B_j^l), and d(i, j) is the
+  mean over sites. Average-linkage agglomerative clustering on d is run for every K in 2..min(max_clusters,
+  N-1), and K is the one with the best silhouette score (ties go to the smaller K). K = 1 is never chosen.
+  This is the paper and its released code, exactly.
+- ``embedding``: clients are compared by a data signature, the mean of the frozen encoder's mean-pooled
+  embeddings of their training examples, with the same cosine distance, linkage and silhouette search; and
+  K = 1 when even the best silhouette is below ``--min_silhouette`` (no cluster structure worth an expert).
+  At small data sizes the warmup B matrices are dominated by sampling and training noise and find no tasks
+  (benchmarks/results/README.md, "Allocation"); the data signature finds them at every size measured.
+
+Davies-Bouldin on a 2-D classical-MDS embedding is computed and reported, as the released code does, but does
+not decide.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ class ClusteringResult:
     silhouette: dict[int, float] = field(default_factory=dict)
     davies_bouldin: dict[int, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None  # (N, 2) classical MDS of the distances
+    signature: str = "lora_b"  # what the distances compare: "lora_b" or "embedding"
 
     def members(self) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {k: [] for k in range(self.num_clusters)}
@@ -44,6 +55,7 @@ class ClusteringResult:
             "davies_bouldin": {str(k): v for k, v in self.davies_bouldin.items()},
             "distances": self.distances.round(6).tolist(),
             "embedding": None if self.embedding is None else self.embedding.round(6).tolist(),
+            "signature": self.signature,
         }
 
     @classmethod
@@ -51,16 +63,18 @@ class ClusteringResult:
         return cls(int(values["num_clusters"]), [int(x) for x in values["labels"]], np.array(values["distances"]),
                    values["reason"], {int(k): v for k, v in values["silhouette"].items()},
                    {int(k): v for k, v in values["davies_bouldin"].items()},
-                   None if values["embedding"] is None else np.array(values["embedding"]))
+                   None if values["embedding"] is None else np.array(values["embedding"]),
+                   values.get("signature", "lora_b"))
 
 
-def lora_b_distances(b_matrices: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
-    """Mean over sites of 1 - cosine similarity of the flattened B matrices, for every pair of clients."""
-    sites = sorted(b_matrices[0])
-    n = len(b_matrices)
+def cosine_distances(signatures: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """Mean over the named tensors (e.g. the B matrix of every site) of 1 - cosine similarity of the flattened
+    tensors, for every pair of clients."""
+    sites = sorted(signatures[0])
+    n = len(signatures)
     total = torch.zeros(n, n, dtype=torch.float64)
     for site in sites:
-        flat = torch.stack([b[site].reshape(-1).double() for b in b_matrices])  # (N, d_out * r)
+        flat = torch.stack([b[site].reshape(-1).double() for b in signatures])  # (N, d)
         unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
         total += 1.0 - unit @ unit.t()
     distances = (total / len(sites)).clamp_min(0.0).numpy()
@@ -79,12 +93,33 @@ def agglomerative(distances: np.ndarray, k: int) -> list[int]:
     return canonical_labels(model.fit_predict(distances))
 
 
+def classical_mds(distances: np.ndarray) -> np.ndarray:
+    """A 2-D classical MDS of ``distances``. A dimension whose eigenvalue is not positive (e.g. two identical
+    clients among three) has no real coordinate: scikit-learn returns NaN there, and the standard is 0."""
+    embedding = ClassicalMDS(n_components=2, metric="precomputed").fit_transform(distances)
+    return np.nan_to_num(embedding, nan=0.0)
+
+
 def cluster_clients_by_lora_b(b_matrices: Sequence[Mapping[str, torch.Tensor]], max_clusters: int,
                               fixed_clusters: int | None = None) -> ClusteringResult:
-    """Choose the number of experts and assign clients to them (``fixed_clusters`` skips the choice)."""
-    n = len(b_matrices)
-    distances = lora_b_distances(b_matrices)
-    embedding = ClassicalMDS(n_components=2, metric="precomputed").fit_transform(distances) if n >= 3 else None
+    """The paper's allocation: B-cosine distances, K by silhouette over 2..max_clusters (never 1)."""
+    return cluster_clients(cosine_distances(b_matrices), max_clusters, fixed_clusters, signature="lora_b")
+
+
+def cluster_clients_by_embedding(embeddings: Sequence[torch.Tensor], max_clusters: int,
+                                 fixed_clusters: int | None = None, min_silhouette: float = 0.25
+                                 ) -> ClusteringResult:
+    """Clients compared by their mean data embedding; K = 1 when the best silhouette is below ``min_silhouette``."""
+    distances = cosine_distances([{"embedding": e} for e in embeddings])
+    return cluster_clients(distances, max_clusters, fixed_clusters, min_silhouette, signature="embedding")
+
+
+def cluster_clients(distances: np.ndarray, max_clusters: int, fixed_clusters: int | None = None,
+                    min_silhouette: float | None = None, signature: str = "lora_b") -> ClusteringResult:
+    """Choose the number of experts and assign clients to them from pairwise ``distances``
+    (``fixed_clusters`` skips the choice; ``min_silhouette`` None never chooses K = 1, as the paper)."""
+    n = len(distances)
+    embedding = classical_mds(distances) if n >= 3 else None
     candidates = range(2, min(max_clusters, n - 1) + 1)
     silhouette: dict[int, float] = {}
     davies_bouldin: dict[int, float] = {}
@@ -95,7 +130,7 @@ def cluster_clients_by_lora_b(b_matrices: Sequence[Mapping[str, torch.Tensor]], 
         davies_bouldin[k] = float(davies_bouldin_score(embedding, labelings[k]))
 
     def result(k: int, labels: list[int], reason: str) -> ClusteringResult:
-        return ClusteringResult(k, labels, distances, reason, silhouette, davies_bouldin, embedding)
+        return ClusteringResult(k, labels, distances, reason, silhouette, davies_bouldin, embedding, signature)
 
     if fixed_clusters is not None:
         k = min(fixed_clusters, n)
@@ -107,5 +142,7 @@ def cluster_clients_by_lora_b(b_matrices: Sequence[Mapping[str, torch.Tensor]], 
         return result(2, [0, 1], "two clients: the silhouette is undefined, so each client gets its own expert")
     best = max(candidates, key=lambda k: (silhouette[k], -k))  # ties go to the smaller K
     capped = " (K capped at clients-1)" if max_clusters > n - 1 else ""
-    return result(best, labelings[best], f"best silhouette {silhouette[best]:.4f} over K={candidates.start}.."
-                                         f"{candidates.stop - 1}{capped}")
+    searched = f"best silhouette {silhouette[best]:.4f} over K={candidates.start}..{candidates.stop - 1}{capped}"
+    if min_silhouette is not None and silhouette[best] < min_silhouette:
+        return result(1, [0] * n, f"one expert: {searched} is below --min_silhouette {min_silhouette:g}")
+    return result(best, labelings[best], searched)

@@ -19,6 +19,7 @@ from fedlease.errors import ConfigError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
+ALLOCATIONS = ("embedding", "paper")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 
@@ -62,6 +63,15 @@ class RunConfig:
         "(K = number of clients gives one expert per client)."))
     top_k: int | None = field(default=None, metadata=_opt(
         "fedlease ablation: fixed top-k routing over K slots instead of the adaptive top-K over 2K-1 slots."))
+    allocation: str = field(default="embedding", metadata=_opt(
+        "fedlease: how clients are grouped into experts. paper: by the cosine distance of their warmup LoRA B "
+        "matrices, K by silhouette over 2..--max_clusters (the paper and its released code). embedding: by the "
+        "cosine distance of their data signatures (the mean of the frozen encoder's mean-pooled embeddings of "
+        "the client's training examples, sent once), K by silhouette, and K = 1 when the best silhouette is "
+        "below --min_silhouette. embedding finds the tasks where B does not (see README).",
+        choices=ALLOCATIONS))
+    min_silhouette: float = field(default=0.25, metadata=_opt(
+        "fedlease --allocation embedding: one expert for all (K = 1) when the best silhouette is below this."))
     num_clusters: int = field(default=4, metadata=_opt("ifca: number of cluster LoRAs."))
     data_dir: str | None = field(default=None, metadata=_opt(
         "Local GLUE directory in the official layout (SST-2/, QNLI/, MRPC/, QQP/, RTE/, MNLI/ with "
@@ -126,6 +136,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
+        if not (math.isfinite(self.min_silhouette) and -1 <= self.min_silhouette <= 1):
+            raise ConfigError(f"--min_silhouette must be in [-1, 1], got {self.min_silhouette}")
         if self.partition == "dirichlet" and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"--alpha must be a positive number, got {self.alpha}")
         if not self.tasks:

@@ -5,8 +5,11 @@ NeurIPS 2025 (arXiv 2509.15087).
 
 Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation and keeps it;
 nothing is averaged, and each client uploads its LoRA so the server can cluster (as the released code does;
-the server clusters on the latest LoRA it received from each client). End of round W-1 (allocation): clients
-are clustered by their LoRA B matrices and K is chosen by silhouette (``fedlease.clustering``); expert k starts
+the server clusters on the latest LoRA it received from each client). With ``--allocation embedding`` a client
+also sends with every warmup upload its data signature (computed once): the mean of the frozen encoder's
+mean-pooled embeddings of its training examples. End of round W-1 (allocation): clients are clustered
+by their LoRA B matrices (``paper``) or their data signatures (``embedding``) and K is chosen by silhouette
+(``fedlease.clustering``); expert k starts
 as the average of its members' warmup LoRAs (the paper; the released code starts from each client's own LoRA
 instead). Rounds W..R-1 (adaptive): each client holds
 all K experts, trains its own expert, its cluster's router and its head; the server averages expert k over
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedlease.clustering import ClusteringResult, cluster_clients_by_lora_b
+from fedlease.clustering import ClusteringResult, cluster_clients_by_embedding, cluster_clients_by_lora_b
 from fedlease.config import RunConfig
 from fedlease.methods.base import (
     LORA_PARTS,
@@ -35,10 +38,12 @@ from fedlease.methods.base import (
     select,
 )
 from fedlease.model.experts import ExpertLayout, init_router
+from fedlease.train import LocalClient
 
 PLAIN_LORA = ExpertLayout()
 WARMUP_PARTS = ("lora_A", "lora_B", "head")
 ADAPTIVE_PARTS = ("lora_A", "lora_B", "router", "head")
+SIGNATURE = "signature.embedding"  # the data signature's name in a warmup upload
 
 
 class FedLease(FederatedMethod):
@@ -47,6 +52,7 @@ class FedLease(FederatedMethod):
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         super().__init__(config, clients)
         self.warmup_loras: dict[int, dict[str, torch.Tensor]] = {}  # latest warmup upload of each client
+        self.signatures: dict[int, torch.Tensor] = {}  # --allocation embedding: each client's data signature
         self.clustering: ClusteringResult | None = None
         self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
         self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
@@ -80,22 +86,25 @@ class FedLease(FederatedMethod):
         return self.clustering.members()
 
     def server_state(self) -> dict[str, Any]:
-        return {"warmup_loras": self.warmup_loras, "experts": self.experts, "routers": self.routers,
-                "heads": self.heads, "clustering": None if self.clustering is None else self.clustering.to_dict()}
+        return {"warmup_loras": self.warmup_loras, "signatures": self.signatures, "experts": self.experts,
+                "routers": self.routers, "heads": self.heads,
+                "clustering": None if self.clustering is None else self.clustering.to_dict()}
 
     def load_server_state(self, state: Mapping[str, Any]) -> None:
         self.warmup_loras = dict(state["warmup_loras"])
+        self.signatures = {int(cid): value for cid, value in state.get("signatures", {}).items()}
         self.experts, self.routers, self.heads = list(state["experts"]), list(state["routers"]), dict(state["heads"])
         self.clustering = None if state["clustering"] is None else ClusteringResult.from_dict(state["clustering"])
 
     # -- server half --------------------------------------------------------------------------------------
     def download(self, cid: int) -> Instruction:
-        layout = self.layout(cid)
-        own = self.experts[self.cluster_of(cid)]
-        state = {**own, **self.heads[cid]}
-        if layout.routing != "none":
-            state.update(self.routers[self.cluster_of(cid)])
-            for site in (key.removesuffix(".lora_A") for key in own if key.endswith(".lora_A")):
+        layout, own = self.layout(cid), self.cluster_of(cid)
+        state = dict(self.heads[cid])
+        if layout.routing == "none":
+            state.update(self.experts[own])
+        else:  # all K experts as one bank: the own expert travels once, in its slot (own_expert_from_bank)
+            state.update(self.routers[own])
+            for site in (key.removesuffix(".lora_A") for key in self.experts[own] if key.endswith(".lora_A")):
                 state[f"{site}.experts_A"] = torch.stack([e[f"{site}.lora_A"] for e in self.experts])
                 state[f"{site}.experts_B"] = torch.stack([e[f"{site}.lora_B"] for e in self.experts])
         return Instruction(layout, state, train=ADAPTIVE_PARTS, upload=ADAPTIVE_PARTS)
@@ -115,7 +124,10 @@ class FedLease(FederatedMethod):
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         if self.in_warmup(rnd):
-            self.warmup_loras.update({cid: update.state for cid, update in updates.items()})
+            for cid, update in updates.items():
+                if SIGNATURE in update.state:
+                    self.signatures[cid] = update.state[SIGNATURE]
+                self.warmup_loras[cid] = {k: v for k, v in update.state.items() if k != SIGNATURE}
             report = RoundReport("warmup", [f"warmup: {len(updates)} clients trained their own LoRA"])
             if rnd == self.config.warmup_rounds - 1:
                 self.allocate(report)
@@ -141,11 +153,20 @@ class FedLease(FederatedMethod):
         missing = [cid for cid in clients if cid not in self.warmup_loras]
         if missing:
             raise RuntimeError(f"cannot cluster: clients {missing} never delivered a warmup LoRA")
-        b_matrices = [select(self.warmup_loras[cid], ("lora_B",)) for cid in clients]
-        self.clustering = result = cluster_clients_by_lora_b(b_matrices, self.config.max_clusters,
-                                                             fixed_clusters=self.config.num_experts)
+        config = self.config
+        if config.allocation == "paper":
+            b_matrices = [select(self.warmup_loras[cid], ("lora_B",)) for cid in clients]
+            result = cluster_clients_by_lora_b(b_matrices, config.max_clusters, fixed_clusters=config.num_experts)
+        else:
+            missing = [cid for cid in clients if cid not in self.signatures]
+            if missing:
+                raise RuntimeError(f"cannot cluster: clients {missing} never delivered a data signature")
+            result = cluster_clients_by_embedding([self.signatures[cid] for cid in clients], config.max_clusters,
+                                                  config.num_experts, config.min_silhouette)
+        self.clustering = result
         report.clustering = result
-        report.log.append(f"clustering: K={result.num_clusters} ({result.reason})")
+        report.log.append(f"clustering: K={result.num_clusters} ({result.reason}; {config.allocation} allocation, "
+                          f"{result.signature} cosine distance)")
         for k, score in result.silhouette.items():
             report.log.append(f"  K={k}: silhouette {score:.4f}, Davies-Bouldin (2-D MDS) "
                               f"{result.davies_bouldin[k]:.4f}")
@@ -168,5 +189,25 @@ class FedLease(FederatedMethod):
             self.routers = [dict(router) for _ in range(result.num_clusters)]
         self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
 
+    # -- client half --------------------------------------------------------------------------------------
+    def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
+                     store: dict[str, torch.Tensor]) -> Update:
+        """With the embedding allocation, every warmup upload carries the client's data signature, computed once
+        and kept in the client's store (a client that missed rounds still delivers it)."""
+        wanted = self.config.allocation == "embedding" and self.in_warmup(rnd)
+        if wanted and SIGNATURE not in store:
+            store[SIGNATURE] = data_signature(client, self.config.seed)
+        update = super().client_train(client, ins, rnd, store)
+        if wanted:
+            update.state[SIGNATURE] = store[SIGNATURE]
+        return update
+
     def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
         self.heads.update(average_groups(states, weights, self.head_group, ("head",)))
+
+
+def data_signature(client: LocalClient, seed: int) -> torch.Tensor:
+    """The mean of the frozen encoder's mean-pooled embeddings of the client's training examples (hidden,).
+    The shared initial LoRA has B = 0, so with it loaded the model is the frozen encoder."""
+    client.apply(PLAIN_LORA, client.adapted.initial_state(seed))
+    return client.embed(client.train_data).mean(0)

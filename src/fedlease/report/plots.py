@@ -21,27 +21,27 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_dendrogram(distances: np.ndarray, names: Sequence[str], path: Path) -> None:
+def plot_dendrogram(distances: np.ndarray, names: Sequence[str], path: Path, what: str) -> None:
     fig = Figure(figsize=(max(6, 0.5 * len(names)), 5))
     ax = fig.add_subplot()
     dendrogram(linkage(squareform(distances, checks=False), method="average"), labels=list(names),
                leaf_rotation=90, ax=ax)
-    ax.set_title("Clients by LoRA B similarity (average linkage)")
-    ax.set_ylabel("mean 1 - cosine(B)")
+    ax.set_title(f"Clients by {what} similarity (average linkage)")
+    ax.set_ylabel(f"1 - cosine ({what})")
     _save(fig, path)
 
 
-def plot_distance_heatmap(distances: np.ndarray, names: Sequence[str], path: Path) -> None:
+def plot_distance_heatmap(distances: np.ndarray, names: Sequence[str], path: Path, what: str) -> None:
     size = max(5, 0.45 * len(names))
     fig = Figure(figsize=(size + 1, size))
     ax = fig.add_subplot()
     # Scale colours to the off-diagonal range: the zero diagonal would otherwise flatten the block structure.
     off = distances[~np.eye(len(distances), dtype=bool)]
     image = ax.imshow(distances, cmap="viridis", vmin=off.min() if off.size else 0, vmax=off.max() if off.size else 1)
-    fig.colorbar(image, ax=ax, label="mean 1 - cosine(B)")
+    fig.colorbar(image, ax=ax, label=f"1 - cosine ({what})")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_title("LoRA B distance between clients")
+    ax.set_title(f"{what} distance between clients")
     _save(fig, path)
 
 
@@ -63,7 +63,8 @@ def plot_cluster_scores(silhouette: Mapping[int, float], davies_bouldin: Mapping
     _save(fig, path)
 
 
-def plot_embedding(embedding: np.ndarray, clusters: Sequence[int], tasks: Sequence[str], path: Path) -> None:
+def plot_embedding(embedding: np.ndarray, clusters: Sequence[int], tasks: Sequence[str], path: Path,
+                   what: str) -> None:
     fig = Figure(figsize=(7, 6))
     ax = fig.add_subplot()
     markers = "osD^v<>ph*"
@@ -76,7 +77,7 @@ def plot_embedding(embedding: np.ndarray, clusters: Sequence[int], tasks: Sequen
     for i, task in enumerate(task_names):
         ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=task)
     ax.legend(fontsize=8)
-    ax.set(title="Clients in 2-D (classical MDS of B distances)", xlabel="dimension 1", ylabel="dimension 2")
+    ax.set(title=f"Clients in 2-D (classical MDS of {what} distances)", xlabel="dimension 1", ylabel="dimension 2")
     _save(fig, path)
 
 
