@@ -14,8 +14,9 @@ and, once, before any training (round 0):
 - ``grad0``: the full-batch gradient of every B at the shared initialisation (B = 0, shared A and head), one
   pass over the client's training split with no optimiser and no dropout: what one full-batch SGD step would
   upload; ``grad0_centered`` the same centred over clients;
-- ``embed``: the mean of the frozen encoder's mean-pooled embeddings of the client's training examples (a data
-  signature, as FedRouter-style methods use; it reveals the data's mean representation).
+- ``embed``: the data signature of ``--allocation embedding`` (``fedlease.methods.fedlease.data_signature``): the
+  mean of the frozen encoder's embeddings of the client's training examples (as FedRouter-style methods use; it
+  reveals the data's mean representation); ``embed_centered`` the same centred over clients.
 
 For each signature and round it reports the mean distance within / between tasks, the chosen K, its silhouette,
 the adjusted Rand index (ARI) of the chosen clustering and of the clustering at the true number of tasks against
@@ -44,7 +45,7 @@ from fedlease.clustering import agglomerative, canonical_labels
 from fedlease.config import RunConfig
 from fedlease.methods import create_method
 from fedlease.methods.base import select
-from fedlease.methods.fedlease import PLAIN_LORA
+from fedlease.methods.fedlease import PLAIN_LORA, data_signature
 from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
 from fedlease.train import LocalClient, batch_indices, make_batch
 
@@ -134,6 +135,7 @@ def main() -> None:
                         help="uniformly random batches instead of length-grouped ones")
     parser.add_argument("--identical_data", action="store_true",
                         help="every client of a task gets the first one's slice: what remains is training noise")
+    parser.add_argument("--no_gradient", action="store_true", help="skip the round-0 gradient signature (slow)")
     parser.add_argument("--label", default="", help="a name for this setting in the output")
     parser.add_argument("--out", help="also write the JSON here after every round")
     args = parser.parse_args()
@@ -167,13 +169,15 @@ def main() -> None:
 
     start = time.perf_counter()
     initial = clients[0].adapted.initial_state(config.seed)
-    grads = [lora_b_gradient(client, initial) for client in clients]
-    embeds = {"mean": torch.stack([client.embed(client.train_data).mean(0) for client in clients])}
-    grad_sites = stack_sites(grads, ".lora_B")
+    signatures = {"embed": ({"mean": torch.stack([data_signature(client, config.seed) for client in clients])},
+                            False)}
+    signatures["embed_centered"] = (signatures["embed"][0], True)
+    if not args.no_gradient:
+        grad_sites = stack_sites([lora_b_gradient(client, initial) for client in clients], ".lora_B")
+        signatures.update(grad0=(grad_sites, False), grad0_centered=(grad_sites, True))
     emit({"round": 0, "seconds": round(time.perf_counter() - start, 1), "signatures": {
         name: evaluate_signature(cosine_distances(vectors, centered), tasks, config.max_clusters)
-        for name, vectors, centered in (("grad0", grad_sites, False), ("grad0_centered", grad_sites, True),
-                                         ("embed", embeds, False), ("embed_centered", embeds, True))}})
+        for name, (vectors, centered) in signatures.items()}})
 
     head_init = select(initial, ("head",))
     stores: dict[int, dict[str, torch.Tensor]] = {c.client_id: {} for c in clients}

@@ -19,6 +19,7 @@ not decide.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -96,7 +97,9 @@ def agglomerative(distances: np.ndarray, k: int) -> list[int]:
 def classical_mds(distances: np.ndarray) -> np.ndarray:
     """A 2-D classical MDS of ``distances``. A dimension whose eigenvalue is not positive (e.g. two identical
     clients among three) has no real coordinate: scikit-learn returns NaN there, and the standard is 0."""
-    embedding = ClassicalMDS(n_components=2, metric="precomputed").fit_transform(distances)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "invalid value encountered in sqrt", RuntimeWarning)
+        embedding = ClassicalMDS(n_components=2, metric="precomputed").fit_transform(distances)
     return np.nan_to_num(embedding, nan=0.0)
 
 

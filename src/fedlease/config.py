@@ -92,6 +92,11 @@ class RunConfig:
     target_modules: list[str] | None = field(default=None, metadata=_opt(
         "Names of the linear layers to adapt (default: found from the model family, e.g. query value).",
         nargs="+"))
+    pair_encoding: str = field(default="auto", metadata=_opt(
+        "How a sentence pair reaches the model. joint: one sequence, classified by the model's own head (a "
+        "cross-encoder, e.g. RoBERTa). separate: each text embedded on its own, the head reads [u, v, |u-v|, u*v] "
+        "(Sentence-BERT; a single text is the pair (u, u)). auto: separate for a sentence-transformers model "
+        "folder (a bi-encoder, like the default MiniLM), joint otherwise.", choices=("auto", "joint", "separate")))
     lora_alpha: float = field(default=16.0, metadata=_opt("LoRA scaling numerator: updates are scaled by alpha/r."))
     lora_dropout: float = field(default=0.05, metadata=_opt("Dropout on the LoRA input."))
     no_attention_dropout: bool = field(default=False, metadata=_opt(

@@ -28,6 +28,7 @@ from sklearn.metrics import f1_score
 
 from fedlease.data.tasks import Example, TaskSpec
 from fedlease.errors import ConfigError, FedleaseError
+from fedlease.model.bi_encoder import BiEncoderClassifier
 from fedlease.model.experts import AdaptedModel, ExpertLayout
 
 LENGTH_GROUP_BATCHES = 50
@@ -41,28 +42,48 @@ class TrainingDiverged(FedleaseError):
 @dataclass
 class Encoded:
     """One split of one client, tokenised: rows padded to the longest row of the split (rounded up to a multiple
-    of 8, at most ``max_length``)."""
+    of 8, at most ``max_length``). With ``second``, each example is a pair whose texts are encoded separately
+    (a bi-encoder backbone): this holds the first texts and ``second`` the second ones."""
 
     input_ids: torch.Tensor  # (N, L)
     token_type_ids: torch.Tensor | None  # (N, L) for models that use segments
     lengths: torch.Tensor  # (N,)
     labels: torch.Tensor  # (N,)
+    second: Encoded | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def example_lengths(self) -> torch.Tensor:
+        """Tokens per example (the longer text of a separately encoded pair): what batches are grouped by."""
+        return self.lengths if self.second is None else torch.maximum(self.lengths, self.second.lengths)
+
     def subset(self, index: torch.Tensor) -> Encoded:
         return Encoded(self.input_ids[index], None if self.token_type_ids is None else self.token_type_ids[index],
-                       self.lengths[index], self.labels[index])
+                       self.lengths[index], self.labels[index],
+                       None if self.second is None else self.second.subset(index))
 
 
 def round_up(length: int) -> int:
     return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
+def encode(tokenizer, examples: list[Example], max_length: int, separate_pairs: bool = False) -> Encoded:
+    """Tokenise ``examples``; a pair is one joint sequence, or with ``separate_pairs`` two sequences."""
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
     text_a = [ex.text_a for ex in examples]
     text_b = [ex.text_b or "" for ex in examples] if examples and examples[0].text_b is not None else None
+    if separate_pairs and text_b is not None:
+        (ids_a, _, lengths_a), (ids_b, _, lengths_b) = (tokenize(tokenizer, texts, None, max_length)
+                                                        for texts in (text_a, text_b))
+        return Encoded(ids_a, None, lengths_a, labels, Encoded(ids_b, None, lengths_b, labels))
+    return Encoded(*tokenize(tokenizer, text_a, text_b, max_length), labels)
+
+
+def tokenize(tokenizer, text_a: list[str], text_b: list[str] | None, max_length: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Token ids and token types, padded to the split's (rounded) longest row, and each row's length."""
     enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
     lengths = torch.tensor([len(ids) for ids in enc["input_ids"]], dtype=torch.long)
     width = min(round_up(int(lengths.max())), max_length) if len(lengths) else 0  # never past the model's limit
@@ -74,12 +95,7 @@ def encode(tokenizer, examples: list[Example], max_length: int) -> Encoded:
         return out
 
     token_types = enc.get("token_type_ids")
-    return Encoded(
-        input_ids=pad(enc["input_ids"], tokenizer.pad_token_id),
-        token_type_ids=pad(token_types, 0) if token_types is not None else None,
-        lengths=lengths,
-        labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
-    )
+    return pad(enc["input_ids"], tokenizer.pad_token_id), None if token_types is None else pad(token_types, 0), lengths
 
 
 def batch_indices(lengths: torch.Tensor, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -96,16 +112,23 @@ def batch_indices(lengths: torch.Tensor, batch_size: int, generator: torch.Gener
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    width = min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
-    ids = data.input_ids[index, :width]
-    batch = {
+def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The batch of rows ``index``, trimmed to its longest row rounded up to a multiple of 8. A separately
+    encoded pair gives the first texts' rows, then the second texts' rows, at one width."""
+    texts = [data] if data.second is None else [data, data.second]
+    width = max(min(round_up(int(t.lengths[index].max())), t.input_ids.shape[1]) for t in texts)
+    ids = torch.cat([F.pad(t.input_ids[index, :width], (0, max(0, width - t.input_ids.shape[1]))) for t in texts])
+    lengths = torch.cat([t.lengths[index] for t in texts])
+    batch: dict[str, torch.Tensor | int] = {
         "input_ids": ids,
-        "attention_mask": (torch.arange(width) < data.lengths[index, None]).long(),
+        "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
     }
     if data.token_type_ids is not None:
         batch["token_type_ids"] = data.token_type_ids[index, :width]
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if data.second is not None:
+        batch["texts_per_example"] = 2
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 def native_cpu_bf16() -> bool:
@@ -200,7 +223,7 @@ class LocalClient:
         loss_sum = torch.zeros((), device=settings.device)
         start = time.perf_counter()
         for _ in range(epochs):
-            for index in batch_indices(data.lengths, settings.batch_size, order):
+            for index in batch_indices(data.example_lengths, settings.batch_size, order):
                 batch = make_batch(data, index, settings.device)
                 labels = data.labels[index].to(settings.device, non_blocking=True)
                 with settings.autocast():
@@ -232,7 +255,7 @@ class LocalClient:
         self.adapted.model.eval()
         preds = torch.empty(len(data), dtype=torch.long)
         loss_sum = torch.zeros((), device=settings.device)
-        for index in batch_indices(data.lengths, settings.eval_batch_size, None):
+        for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
             if mixture is not None:
                 self.adapted.set_mixture(mixture[index])
@@ -248,16 +271,15 @@ class LocalClient:
 
     @torch.inference_mode()
     def embed(self, data: Encoded) -> torch.Tensor:
-        """Mean-pooled last hidden state of every example, in data order: (N, hidden)."""
+        """Every example's embedding, in data order (N, hidden): the mean-pooled last hidden state, or with a
+        bi-encoder backbone the mean of its texts' sentence embeddings."""
         settings = self.settings
         self.adapted.model.eval()
         out: torch.Tensor | None = None
-        for index in batch_indices(data.lengths, settings.eval_batch_size, None):
+        for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
             with settings.autocast():
-                hidden = self.adapted.model(**batch, output_hidden_states=True).hidden_states[-1].float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = ((hidden * mask).sum(1) / mask.sum(1)).cpu()
+                pooled = example_embedding(self.adapted.model, batch).float().cpu()
             if out is None:
                 out = torch.empty(len(data), pooled.shape[-1])
             out[index] = pooled
@@ -270,3 +292,14 @@ class LocalClient:
         _, loss = self.predict(self.train_data)
         return loss
 
+
+
+def example_embedding(model: torch.nn.Module, batch: Mapping[str, torch.Tensor | int]) -> torch.Tensor:
+    """One embedding per example of ``batch``: a bi-encoder's sentence embeddings (the mean of a pair's two),
+    else the mean of the last hidden state over the joint sequence's tokens."""
+    if isinstance(model, BiEncoderClassifier):
+        u, v = model.example_embeddings(batch["input_ids"], batch["attention_mask"], batch.get("texts_per_example", 1))
+        return (u + v) / 2
+    hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedlease.errors import ConfigError, ModelError
+from fedlease.model.bi_encoder import BiEncoderClassifier, sentence_transformers_pooling
 from fedlease.model.experts import AdaptedModel, inject_experts
 
 log = logging.getLogger("fedlease")
@@ -41,6 +42,7 @@ class Backbone:
     source: str  # the folder or model id the weights came from
     device: torch.device
     num_labels: int  # width of the head: the largest label set among the clients
+    pair_encoding: str = "joint"  # "joint": a pair is one sequence; "separate": each text on its own (bi-encoder)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,13 +106,24 @@ def attention_dropout_off(source: str, local_only: bool, model_name: str) -> dic
     return dict.fromkeys(keys, 0.0)
 
 
+def resolve_pair_encoding(pair_encoding: str, source: str) -> tuple[str, str | None]:
+    """("joint" or "separate", the sentence-transformers pooling of ``source`` if it is such a folder)."""
+    pooling = sentence_transformers_pooling(source) if Path(source).is_dir() else None
+    if pair_encoding == "auto":
+        return ("separate" if pooling else "joint"), pooling
+    return pair_encoding, pooling
+
+
 def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, dropout: float,
                   target_modules: list[str] | None = None, device: str = "auto",
-                  attention_dropout: bool = True) -> Backbone:
+                  attention_dropout: bool = True, pair_encoding: str = "auto") -> Backbone:
     """Load the encoder with a ``num_labels``-wide head, freeze it and inject LoRA expert layers.
-    ``attention_dropout=False`` sets the model's attention-probability dropout to 0."""
+    ``attention_dropout=False`` sets the model's attention-probability dropout to 0. ``pair_encoding``:
+    "joint" reads a text pair as one sequence through the model's own classification head; "separate" embeds
+    each text on its own and classifies the pair of embeddings (``BiEncoderClassifier``); "auto" is "separate"
+    for a sentence-transformers model folder (a bi-encoder, like the default MiniLM) and "joint" otherwise."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -118,11 +131,17 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     source, local_only = resolve_model_source(model_name)
     if local_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    encoding, pooling = resolve_pair_encoding(pair_encoding, source)
     try:
         overrides = {} if attention_dropout else attention_dropout_off(source, local_only, model_name)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True,
-            local_files_only=local_only, **overrides)
+        if encoding == "separate":
+            encoder = AutoModel.from_pretrained(source, local_files_only=local_only, **overrides)
+            model = BiEncoderClassifier(encoder, num_labels, pooling or "mean")
+            info = {"missing_keys": ["classifier.weight", "classifier.bias"], "mismatched_keys": []}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True,
+                local_files_only=local_only, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -146,7 +165,10 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     model.to(torch_device)
     # A head the checkpoint held at this width (not newly initialised) is its own trained head: keep it.
     pretrained = [name for name in head if name not in new]
-    log.info("model %s: %d parameters, %d adapted layers (%s), head %s, on %s; every client starts from %s",
-             source, sum(p.numel() for p in model.parameters()), len(sites), " ".join(targets), " ".join(head),
-             torch_device, "the checkpoint's head" if pretrained else "a new seeded head")
-    return Backbone(AdaptedModel(model, sites, head, pretrained), tokenizer, source, torch_device, num_labels)
+    log.info("model %s: %d parameters, %d adapted layers (%s), head %s, on %s; every client starts from %s; "
+             "text pairs encoded %s", source, sum(p.numel() for p in model.parameters()), len(sites),
+             " ".join(targets), " ".join(head), torch_device,
+             "the checkpoint's head" if pretrained else "a new seeded head",
+             "separately (bi-encoder)" if encoding == "separate" else "jointly")
+    return Backbone(AdaptedModel(model, sites, head, pretrained), tokenizer, source, torch_device, num_labels,
+                    encoding)

@@ -31,7 +31,7 @@ def load_shared_backbone(config: RunConfig) -> Backbone:
     num_labels = max(get_spec(task).num_labels for task in config.tasks)
     return load_backbone(config.model_name, num_labels, rank=config.rank, alpha=config.lora_alpha,
                          dropout=config.lora_dropout, target_modules=config.target_modules, device=config.device,
-                         attention_dropout=not config.no_attention_dropout)
+                         attention_dropout=not config.no_attention_dropout, pair_encoding=config.pair_encoding)
 
 
 def train_settings(config: RunConfig, backbone: Backbone) -> TrainSettings:
@@ -42,6 +42,7 @@ def train_settings(config: RunConfig, backbone: Backbone) -> TrainSettings:
 
 def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings, split: ClientSplit) -> LocalClient:
     """One client's slice, tokenised once, bound to the shared backbone."""
+    separate = backbone.pair_encoding == "separate"
     return LocalClient(split.client_id, get_spec(split.task), backbone.adapted,
-                       encode(backbone.tokenizer, split.train, config.max_length),
-                       encode(backbone.tokenizer, split.test, config.max_length), settings)
+                       encode(backbone.tokenizer, split.train, config.max_length, separate),
+                       encode(backbone.tokenizer, split.test, config.max_length, separate), settings)
