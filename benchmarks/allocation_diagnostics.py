@@ -135,6 +135,8 @@ def main() -> None:
                         help="uniformly random batches instead of length-grouped ones")
     parser.add_argument("--identical_data", action="store_true",
                         help="every client of a task gets the first one's slice: what remains is training noise")
+    parser.add_argument("--partition", default="balanced", choices=("balanced", "dirichlet"))
+    parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--no_gradient", action="store_true", help="skip the round-0 gradient signature (slow)")
     parser.add_argument("--label", default="", help="a name for this setting in the output")
     parser.add_argument("--out", help="also write the JSON here after every round")
@@ -144,7 +146,8 @@ def main() -> None:
     config = prepare_config(RunConfig(
         tasks=args.tasks, data_dir=args.data_dir, global_rounds=args.rounds + 2, warmup_rounds=max(args.rounds, 1),
         train_samples=args.train_samples, test_samples=8, batch_size=args.batch_size, lr=args.lr,
-        local_epochs=args.local_epochs, max_clusters=args.max_clusters, seed=args.seed))
+        local_epochs=args.local_epochs, max_clusters=args.max_clusters, seed=args.seed, partition=args.partition,
+        alpha=args.alpha))
     _, splits = load_partition(config)
     if args.identical_data:
         first = {}
@@ -155,7 +158,7 @@ def main() -> None:
     result = {"benchmark": "allocation_diagnostics", "label": args.label, "tasks": tasks,
               "train_samples": args.train_samples, "batch_size": args.batch_size, "lr": args.lr,
               "local_epochs": args.local_epochs, "seed": args.seed, "random_batches": args.random_batches,
-              "identical_data": args.identical_data,
+              "identical_data": args.identical_data, "partition": args.partition, "alpha": args.alpha,
               "rounds": [], "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                         "threads": torch.get_num_threads()}}
 

@@ -43,6 +43,11 @@ def test_auto_finds_a_sentence_transformers_folder(tiny_sentence_model, tiny_mod
     assert st.pair_encoding == "separate" and isinstance(st.adapted.model, BiEncoderClassifier)
     assert set(st.adapted.head) == {"classifier.weight", "classifier.bias"}
     assert st.adapted.head["classifier.weight"].shape == (3, 4 * 32)  # [u, v, |u-v|, u*v]
+    # what is trained: the LoRA and the new head; never the encoder (its untrained pooler included)
+    trained = {id(p) for p in st.adapted.set_trainable(("lora_A", "lora_B", "head"))}
+    named = {name for name, p in st.adapted.model.named_parameters() if id(p) in trained}
+    assert {"classifier.weight", "classifier.bias"} <= named
+    assert all(n.startswith("classifier.") or n.endswith((".lora_A", ".lora_B")) for n in named)
     assert backbone(tiny_model).pair_encoding == "joint"
     assert backbone(tiny_sentence_model, pair_encoding="joint").pair_encoding == "joint"
     assert backbone(tiny_model, pair_encoding="separate").pair_encoding == "separate"
