@@ -47,6 +47,9 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs CUDA"),
     (["--partition", "dirichlet", "--alpha", "-1"], "--alpha must be a positive number"),
+    (["--allocation", "b_cosine"], "invalid choice: 'b_cosine'"),
+    (["--min_silhouette", "1.5"], "--min_silhouette must be in [-1, 1]"),
+    (["--pair_encoding", "cross"], "invalid choice: 'cross'"),
     (["--unknown_flag"], "unrecognized arguments: --unknown_flag"),
 ])
 def test_bad_flags(capsys, tmp_path, args, fragment):

@@ -207,7 +207,8 @@ class FedLease(FederatedMethod):
 
 
 def data_signature(client: LocalClient, seed: int) -> torch.Tensor:
-    """The mean of the frozen encoder's mean-pooled embeddings of the client's training examples (hidden,).
-    The shared initial LoRA has B = 0, so with it loaded the model is the frozen encoder."""
+    """The mean over the client's training examples of the frozen encoder's embedding of each (``LocalClient.embed``;
+    a sentence embedding with a bi-encoder): one vector (hidden,). The shared initial LoRA has B = 0, so with it
+    loaded the model is the frozen encoder."""
     client.apply(PLAIN_LORA, client.adapted.initial_state(seed))
     return client.embed(client.train_data).mean(0)
