@@ -6,7 +6,9 @@
    bare loop of upstream PEFT LoRA (rank 4 on query/value, dropout 0.05, AdamW) on a fresh copy of the same
    model, the same tokenised data and batch size, in the same process, interleaved, at the same precision.
    The bare loop runs both on our length-grouped batches (``same batches``: isolates our layer and runner)
-   and on plain random batches padded to their longest row (what a bare loop usually does).
+   and on plain random batches padded to their longest row (what a bare loop usually does). Both read text pairs
+   jointly (``--pair_encoding joint``, what the PEFT sequence-classification model does), so the comparison
+   measures the expert layer and the runner, not the reading of pairs.
 2. The time split of whole rounds of a short FedLEASE run (8 clients): train, evaluate, cluster, aggregate,
    artifacts + checkpoint.
 3. Achieved training FLOP/s (counted with torch.utils.flop_counter on the real batches) and its fraction of
@@ -135,7 +137,8 @@ def training_flops(client, layout_ins: Instruction, method, dtype) -> float:
 def throughput(args) -> dict:
     config = prepare_config(RunConfig(tasks=["rotten_tomatoes:2", "snli:2", "newsgroups:2", "election_tweets:2"],
                                       train_samples=args.samples, test_samples=32, batch_size=32,
-                                      local_epochs=1, global_rounds=2, warmup_rounds=1, output_dir="unused"))
+                                      local_epochs=1, global_rounds=2, warmup_rounds=1, output_dir="unused",
+                                      pair_encoding="joint"))
     _, splits = load_partition(config)
     backbone, clients, infos = build_clients(config, splits)
     method = FedLease(config, infos)
