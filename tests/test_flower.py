@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from conftest import REPO, tiny_run_config
 from fedlease.config import RunConfig
 from fedlease.methods.base import Instruction, Update
 from fedlease.model.experts import ExpertLayout
+from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
 from fedlease.runtime.flower import client_app, server_app
 from fedlease.runtime.flower.messages import (
     decode_evaluation,
@@ -30,7 +32,7 @@ from fedlease.runtime.flower.messages import (
     encode_update,
 )
 from fedlease.runtime.flower.run_config import from_run_config, to_run_config
-from fedlease.runtime.loop import Evaluation
+from fedlease.runtime.loop import Evaluation, Federation
 from fedlease.runtime.simulation import run
 
 pytestmark = pytest.mark.flower
@@ -69,7 +71,8 @@ def test_run_config_round_trip():
     assert values["tasks"] == "snli:2 sst2" and values["top-k"] == 0 and values["allow-overlap"] is True
     back, runtime = from_run_config(values)
     assert dataclasses.replace(back, tasks=["snli", "snli", "sst2"]) == config
-    assert runtime == {"round-timeout": 3600.0, "wait-nodes-timeout": 120.0, "resume": False}
+    assert runtime == {"round-timeout": 3600.0, "wait-nodes-timeout": 120.0, "resume": False,
+                       "allow-mixed-precision": False, "rejoin-timeout": 60.0}
     assert from_run_config({"resume": "true", "top-k": 0})[1]["resume"] is True
 
 
@@ -103,11 +106,18 @@ def test_messages_round_trip():
     assert decode_update(encode_update(Update({}, 5), 0))[1].state == {}
 
 
-def flower_run(config: RunConfig, fail: dict[int, set[int]] | None = None) -> Path:
+def flower_run(config: RunConfig, fail: dict[int, set[int]] | None = None, resume: bool = False,
+               **grid_options) -> Path:
     client_app.session_for.cache_clear()
-    grid = InProcessGrid(client_app.app, config.num_clients, to_run_config(config), fail)
+    run_config = {**to_run_config(config), "round-timeout": 15.0, "rejoin-timeout": 1.5,  # replies are synchronous
+                  "resume": resume}
+    grid = InProcessGrid(client_app.app, config.num_clients, run_config, fail, **grid_options)
     run_server(server_app.app, grid)
     return Path(config.output_dir)
+
+
+def state_dirs(root: Path, num_clients: int) -> dict[int, dict]:
+    return {pid: {"state-dir": str(root / f"client-{pid}")} for pid in range(num_clients)}
 
 
 @pytest.mark.parametrize("method", ["fedlease", "feddpa", "ifca"])
@@ -135,6 +145,141 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     assert history(out)["final"] is not None
 
 
+def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back(tiny_model, tmp_path):
+    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli", "snli"],
+                             global_rounds=4, warmup_rounds=1)
+    out = flower_run(config, fail={3: {0}})  # client 3 is down for the only warmup round
+    h = history(out)
+    assert h["clustering"]["clients"] == [0, 1, 2]
+    log = (out / "training_log.txt").read_text()
+    assert "allocation without clients [3]" in log and "client 3 joined late: expert" in log
+    rounds = h["rounds"]
+    assert "3" not in rounds[0]["clients"]
+    # its joining round trains its own LoRA from nothing downloaded; afterwards it downloads its expert(s)
+    assert rounds[1]["clients"]["3"]["download_params"] == 0 < rounds[1]["clients"]["3"]["upload_params"]
+    assert rounds[2]["clients"]["3"]["download_params"] == rounds[2]["clients"]["2"]["download_params"] > 0
+    joined = next(int(k) for k, members in h["lora_client_map"].items() if 3 in members)
+    layout = json.loads(safe_open_metadata(out / "final" / "client_3.safetensors")["layout"])
+    assert layout["own_expert"] == (joined if layout["num_experts"] > 1 else 0)
+    assert h["final"] is not None
+
+
+def safe_open_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
+
+
+@pytest.mark.parametrize(("method", "rounds"), [("fedsa_lora", {1, 2}), ("fedlease", {1})])
+def test_a_node_restarted_with_a_state_dir_continues_as_if_it_never_stopped(tiny_model, tmp_path, method, rounds):
+    """FedSA-LoRA keeps its B on the client; FedLEASE restarted in its second warmup round keeps its own LoRA."""
+    config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
+                             global_rounds=4, warmup_rounds=2)
+    run(config, progress=False)
+    flower = dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"])
+    kept = flower_run(dataclasses.replace(flower, output_dir=str(tmp_path / "kept")), restart={1: rounds},
+                      node_config=state_dirs(tmp_path / "state", 3))
+    assert_same_results(tmp_path / "in-process", kept)
+    # without a state-dir the restarted node has lost its state: logged on both sides, and the results differ
+    lost = flower_run(dataclasses.replace(flower, output_dir=str(tmp_path / "lost")), restart={1: rounds})
+    assert "client 1: its node no longer held its own state of round 1" in (lost / "training_log.txt").read_text()
+    with pytest.raises(AssertionError):
+        assert_same_results(tmp_path / "in-process", lost)
+
+
+@pytest.mark.parametrize(("method", "rnd"), [("fedlease", 1), ("fedsa_lora", 2)])
+def test_a_node_that_crashes_mid_round_and_restarts_gets_the_message_again(tiny_model, tmp_path, method, rnd):
+    """Killed while training (FedLEASE: in its second warmup round) and restarted at once: the server sends the
+    round's message to the new node, which continues from its state-dir; the run equals an uninterrupted one."""
+    config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
+                             global_rounds=4, warmup_rounds=2)
+    run(config, progress=False)
+    flower = dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
+                                 output_dir=str(tmp_path / "flower"))
+    out = flower_run(flower, crash={1: {rnd}}, node_config=state_dirs(tmp_path / "state", 3))
+    assert "client 1 is back on node" in (out / "training_log.txt").read_text()
+    assert_same_results(tmp_path / "in-process", out)
+
+
+@pytest.mark.parametrize("method", ["local", "fedsa_lora"])
+def test_a_server_stopped_before_its_checkpoint_resumes_to_the_uninterrupted_results(tiny_model, tmp_path,
+                                                                                     monkeypatch, method):
+    """The server stops after round 2's evaluation (the nodes have committed round 2) but before its checkpoint; the
+    resumed run starts again from round 1's checkpoint, and the nodes go back to their round-1 state."""
+    config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
+                             global_rounds=4, warmup_rounds=1)
+    run(config, progress=False)
+    flower = dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
+                                 output_dir=str(tmp_path / "flower"))
+    nodes = state_dirs(tmp_path / "state", 3)
+    checkpoint = Federation.checkpoint
+
+    def stop_at_round_2(self, rnd):
+        if rnd == 1:
+            raise KeyboardInterrupt("the server stops")
+        checkpoint(self, rnd)
+
+    monkeypatch.setattr(Federation, "checkpoint", stop_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        flower_run(flower, node_config=nodes)
+    monkeypatch.setattr(Federation, "checkpoint", checkpoint)
+    out = flower_run(flower, node_config=nodes, resume=True)  # new node processes: only the state-dirs remain
+    assert_same_results(tmp_path / "in-process", out)
+
+
+def test_a_reply_that_misses_the_round_does_not_advance_the_clients_state(tiny_model, tmp_path):
+    config = tiny_run_config(tiny_model, tmp_path / "o", method="local", tasks=["rotten_tomatoes", "rotten_tomatoes"],
+                             global_rounds=3, warmup_rounds=1)
+    # client 0 trains in round 2 but its reply arrives too late, or it does not train at all: the same to the server,
+    # and now the same to the client, whose round-2 training is dropped instead of kept
+    late = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "late")), late={0: {1}},
+                      node_config=state_dirs(tmp_path / "state-late", 2))
+    absent = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "absent")), fail={0: {1}},
+                        node_config=state_dirs(tmp_path / "state-absent", 2))
+    h_late, h_absent = history(late), history(absent)
+    assert "0" not in h_late["rounds"][1]["clients"] or h_late["rounds"][1]["clients"]["0"]["upload_bytes"] == 0
+    assert h_late["client_scores"]["0"][-1] == h_absent["client_scores"]["0"][-1]
+
+
+def test_nodes_with_bad_input_are_refused_with_one_line_and_the_rest_goes_on(tiny_model, glue_dir, tmp_path, caplog):
+    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "sst2", "snli"],
+                             data_dir=str(glue_dir), global_rounds=2, warmup_rounds=1)
+    (tmp_path / "a-file").write_text("not a folder")
+    other = tmp_path / "other-run"
+    ClientState(FolderBackend(other), Owner("another-run", 3)).stage(0, {"x": torch.zeros(1)})
+    node_config = {1: {"state-dir": str(tmp_path / "a-file")}, 2: {"data-dir": str(tmp_path)},
+                   3: {"state-dir": str(other)}}
+    with caplog.at_level("ERROR", logger="fedlease"):
+        out = flower_run(config, node_config=node_config, extra_nodes=[7])
+    log = (out / "training_log.txt").read_text()
+    assert "partition-id 7 is outside the run's 4 clients" in log
+    assert "state folder " + str(tmp_path / "a-file") + " is not writable" in log
+    assert "SST-2" in log and "answered with error" in log
+    assert "holds the state of client 3 of run another-run" in log
+    node_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fedlease: error:")]
+    assert any("outside the run" in line for line in node_lines) and len(node_lines) >= 4
+    h = history(out)
+    assert h["final"] is not None and set(h["rounds"][-1]["clients"]) == {"0"}  # the others went on without them
+    assert set(h["nodes"]) == {"0", "1", "2", "3"} and h["nodes"]["0"]["device"] == "cpu"
+    assert {"precision", "torch", "transformers", "flwr", "fedlease"} <= set(h["nodes"]["0"])
+
+
+def test_each_nodes_device_precision_and_versions_are_recorded_and_a_mix_of_precisions_refused(caplog):
+    from importlib.metadata import version
+
+    transport = server_app.FlowerTransport(None, RunConfig(tasks=["snli"] * 3), 10.0)
+    bf16 = {"device": "cpu", "precision": "autocast torch.bfloat16", "torch": version("torch")}
+    with caplog.at_level("INFO", logger="fedlease"):
+        assert transport.accept_node(0, 100, bf16)
+        assert not transport.accept_node(1, 101, {**bf16, "precision": "fp32"})
+        assert transport.accept_node(2, 102, bf16)
+    assert set(transport.nodes) == {0, 2}
+    assert "node 101 of client 1 trains in fp32, but this run trains in autocast torch.bfloat16; ignored" in caplog.text
+    mixed = server_app.FlowerTransport(None, RunConfig(tasks=["snli"] * 2), 10.0, allow_mixed_precision=True)
+    assert mixed.accept_node(0, 100, bf16) and mixed.accept_node(1, 101, {**bf16, "precision": "fp32"})
+
+
 # -- real deployments on loopback (SuperLink + SuperNodes as processes) ----------------------------------------
 
 def deployment_config(model: str, out: Path, **overrides) -> RunConfig:
@@ -159,32 +304,33 @@ def test_tls_deployment_matches_the_in_process_runner(tiny_model, tmp_path):
     assert (tmp_path / "work" / "certs" / "ca.crt").exists()
 
 
-def test_a_killed_supernode_is_left_out_and_rejoins(tiny_model, tmp_path):
+@pytest.mark.parametrize("method", ["fedlease", "fedsa_lora"])
+def test_a_killed_supernode_restarted_mid_run_ends_as_an_uninterrupted_run(tiny_model, tmp_path, method):
+    """SIGKILL a SuperNode (and its executor) in round 2 (FedLEASE: the second warmup round) and start it again: the
+    server sends the round's messages to the new node, which continues from its state-dir."""
     from fedlease.runtime.flower.deploy import LoopbackDeployment
 
     out = tmp_path / "flower"
-    config = deployment_config(tiny_model, out, global_rounds=4, method="fedit")
+    config = deployment_config(tiny_model, out, global_rounds=4, warmup_rounds=2, method=method)
+    run(dataclasses.replace(config, output_dir=str(tmp_path / "in-process")), progress=False)
     with LoopbackDeployment(tmp_path / "work", config.num_clients, log=lambda _: None) as deployment:
         result: dict = {}
         runner = threading.Thread(target=lambda: result.update(
-            proc=deployment.submit(config, round_timeout=40, stream_to=subprocess.PIPE)))
+            proc=deployment.submit(config, round_timeout=240, stream_to=subprocess.PIPE)))
         runner.start()
 
         def wait_for(path: Path, seconds: float) -> None:
             deadline = time.monotonic() + seconds
             while not path.exists() and time.monotonic() < deadline and runner.is_alive():
-                time.sleep(0.2)
+                time.sleep(0.1)
             assert path.exists(), f"{path.name} did not appear"
 
         wait_for(out / "round_summary_1.json", 240)
-        deployment.kill_node(2, signal.SIGKILL)  # during round 2
-        wait_for(out / "round_summary_2.json", 300)
-        deployment.start_node(2)  # a restarted node: new node id, empty state, same client
-        runner.join(timeout=400)
+        deployment.kill_node(2, signal.SIGKILL)  # round 2 has started: its messages are out
+        deployment.start_node(2)  # a new node id and a new process, the same state-dir
+        runner.join(timeout=600)
         assert not runner.is_alive(), "the run did not finish"
-    rounds = history(out)["rounds"]
     streamed = result["proc"].stdout.decode(errors="replace")
-    assert len(rounds) == 4 and history(out)["final"] is not None, streamed[-4000:]
-    assert "2" not in rounds[1]["clients"] or rounds[1]["clients"]["2"]["upload_bytes"] == 0
-    assert rounds[-1]["clients"]["2"]["upload_bytes"] > 0  # rejoined
-    assert "round 2: client 2 did not reply" in (out / "training_log.txt").read_text()
+    assert history(out)["final"] is not None, streamed[-4000:]
+    assert re.search(r"client 2 (is now on|rejoined on) node", (out / "training_log.txt").read_text())
+    assert_same_results(tmp_path / "in-process", out)

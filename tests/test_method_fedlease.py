@@ -193,3 +193,45 @@ def test_client_sends_the_frozen_encoders_data_signature_with_every_warmup_uploa
     # the adaptive phase and the paper's allocation send none
     paper = FedLease(dataclasses.replace(config, allocation="paper"), infos)
     assert SIGNATURE not in paper.client_train(client, paper.configure_train(0)[0], 0, {}).state
+
+
+def test_a_client_that_missed_the_warmup_is_left_out_of_the_allocation_and_joins_the_nearest_expert(setup):
+    method, clients, directions = setup
+    for rnd in range(2):  # client 3 (task t2) never answers during the warmup
+        updates = {c.client_id: Update(client_state(directions[c.task], 10 * rnd + c.client_id), 100)
+                   for c in clients if c.client_id != 3}
+        report = method.aggregate_train(rnd, updates)
+    assert report.clustering.client_ids() == [0, 1, 2, 4]
+    assert method.client_map() == {0: [0, 1], 1: [2], 2: [4]}
+    assert any("allocation without clients [3]" in line for line in report.log)
+    # adaptive phase: client 3 is asked for a warmup round, the others train their experts
+    train = method.configure_train(2)
+    assert train[3].layout == PLAIN_LORA and train[3].keep == ("lora_A", "lora_B", "head") and not train[3].state
+    assert train[0].layout.num_experts == 3 and method.configure_evaluate(2)[3].layout == PLAIN_LORA
+    expert_1 = dict(method.experts[1])
+    updates = {3: Update(client_state(directions["t2"], 99), 100)}
+    report = method.aggregate_train(2, updates)
+    assert method.cluster_of(3) == 1 and method.client_map() == {0: [0, 1], 1: [2, 3], 2: [4]}
+    assert any(line.startswith("client 3 joined late: expert 1") for line in report.log)
+    for key, value in expert_1.items():  # a joining round trains a plain LoRA: no expert changes
+        assert torch.equal(method.experts[1][key], value)
+    # from the next round on it holds the bank with its new expert as its own, and its own head
+    ins = method.configure_train(3)[3]
+    assert ins.layout.own_expert == 1 and ins.layout.num_experts == 3
+    torch.testing.assert_close(ins.state["head.classifier.weight"], updates[3].state["head.classifier.weight"])
+    # and the assignment survives a checkpoint
+    restored = FedLease(method.config, clients)
+    restored.load_server_state(method.server_state())
+    assert restored.client_map() == method.client_map()
+
+
+def test_allocation_waits_while_no_warmup_upload_has_arrived(setup):
+    method, clients, directions = setup
+    for rnd in range(2):
+        report = method.aggregate_train(rnd, {})
+    assert method.clustering is None and any("allocation postponed" in line for line in report.log)
+    assert all(i.layout == PLAIN_LORA and i.keep for i in method.configure_train(2).values())  # still warmup
+    updates = {c.client_id: Update(client_state(directions[c.task], c.client_id), 100) for c in clients}
+    report = method.aggregate_train(2, updates)
+    assert report.phase == "warmup" and method.clustering.num_clusters == 3
+    assert method.configure_train(3)[0].layout.num_experts == 3

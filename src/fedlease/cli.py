@@ -88,8 +88,23 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add_config_arguments(deploy)
     deploy.add_argument("--tls", action="store_true", help="TLS between SuperNodes and SuperLink, with a "
                                                            "throw-away CA generated in the work directory")
-    deploy.add_argument("--workdir", default=None, help="where logs, certificates and Flower homes go "
-                                                        "(default: <output_dir>/flower)")
+    deploy.add_argument("--workdir", default=None, help="where logs, certificates, Flower homes and the "
+                                                        "clients' own state go (default: <output_dir>/flower)")
+    deploy.add_argument("--executor", choices=("fedlease", "flower"), default="fedlease",
+                        help="fedlease (default): one long-lived process per SuperNode runs its ClientApp, so "
+                             "the model is loaded once per node; flower: Flower's own executor, a new process "
+                             "(and model load) per message")
+    executor = sub.add_parser(
+        "executor", help="run a SuperNode's ClientApp tasks in one long-lived process (model loaded once)",
+        description="Serve the ClientApp tasks of one SuperNode started with --isolation process, in this "
+                    "process, so the model is loaded once per node and run. Start it next to the SuperNode, "
+                    "in place of flower-superexec.")
+    executor.add_argument("--runtime-api-address", default="127.0.0.1:9094",
+                          help="the SuperNode's Runtime API (its --host:--port; default 127.0.0.1:9094)")
+    executor.add_argument("--root-certificates", default=None,
+                          help="CA certificate of the SuperNode's Runtime API when it uses TLS (--ssl-*); "
+                               "plain HTTP on the node's own loopback otherwise")
+    executor.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) ends")
     sub.add_parser("tasks", help="list the tasks this installation knows")
     return parser
 
@@ -127,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(list_tasks())
             return 0
         log_to_console()
+        if args.command == "executor":
+            from fedlease.runtime.flower.executor import serve
+
+            serve(args.runtime_api_address, insecure=args.root_certificates is None,
+                  root_certificates=args.root_certificates, parent_pid=args.parent_pid)
+            return 0
         if args.command == "deploy":
             from pathlib import Path
 
@@ -134,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             base = config_from_args(args)
             workdir = Path(args.workdir) if args.workdir else Path(base.output_dir).expanduser() / "flower"
-            out = deploy(base, workdir, tls=args.tls)
+            out = deploy(base, workdir, tls=args.tls, executor=args.executor)
             print((out / "results.md").read_text(encoding="utf-8"))
             print(f"artifacts: {out}")
             return 0

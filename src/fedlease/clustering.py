@@ -40,10 +40,14 @@ class ClusteringResult:
     davies_bouldin: dict[int, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None  # (N, 2) classical MDS of the distances
     signature: str = "lora_b"  # what the distances compare: "lora_b" or "embedding"
+    clients: list[int] | None = None  # the client id of each row, where not every client was clustered
+
+    def client_ids(self) -> list[int]:
+        return list(range(len(self.labels))) if self.clients is None else list(self.clients)
 
     def members(self) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {k: [] for k in range(self.num_clusters)}
-        for client, k in enumerate(self.labels):
+        for client, k in zip(self.client_ids(), self.labels, strict=True):
             groups[k].append(client)
         return groups
 
@@ -57,6 +61,7 @@ class ClusteringResult:
             "distances": self.distances.round(6).tolist(),
             "embedding": None if self.embedding is None else self.embedding.round(6).tolist(),
             "signature": self.signature,
+            "clients": self.client_ids(),
         }
 
     @classmethod
@@ -65,7 +70,7 @@ class ClusteringResult:
                    values["reason"], {int(k): v for k, v in values["silhouette"].items()},
                    {int(k): v for k, v in values["davies_bouldin"].items()},
                    None if values["embedding"] is None else np.array(values["embedding"]),
-                   values.get("signature", "lora_b"))
+                   values.get("signature", "lora_b"), values.get("clients"))
 
 
 def cosine_distances(signatures: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:

@@ -15,6 +15,12 @@ instead). Rounds W..R-1 (adaptive): each client holds
 all K experts, trains its own expert, its cluster's router and its head; the server averages expert k over
 cluster k, routers within a cluster, and heads among clients of one cluster that share a label set (the
 released code never trains the head; a head with no such peer stays the client's own).
+
+A client that misses rounds never stops the run. Allocation clusters the clients whose warmup upload arrived
+(it waits a round if none did). A client without an expert is asked, whenever it next answers, for one warmup
+round (its own LoRA, and its data signature); the server then gives it the expert of the nearest cluster, by
+the mean allocation distance (B cosine or signature cosine) to the cluster's members, the criterion average
+linkage used to form the clusters, and it trains that expert from the next round on.
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ from typing import Any
 
 import torch
 
-from fedlease.clustering import ClusteringResult, cluster_clients_by_embedding, cluster_clients_by_lora_b
+from fedlease.clustering import (
+    ClusteringResult,
+    cluster_clients_by_embedding,
+    cluster_clients_by_lora_b,
+    cosine_distances,
+)
 from fedlease.config import RunConfig
 from fedlease.methods.base import (
     LORA_PARTS,
@@ -44,6 +55,7 @@ PLAIN_LORA = ExpertLayout()
 WARMUP_PARTS = ("lora_A", "lora_B", "head")
 ADAPTIVE_PARTS = ("lora_A", "lora_B", "router", "head")
 SIGNATURE = "signature.embedding"  # the data signature's name in a warmup upload
+SEND_SIGNATURE = "signature"  # Instruction.extra flag: upload the data signature with this update
 
 
 class FedLease(FederatedMethod):
@@ -54,17 +66,21 @@ class FedLease(FederatedMethod):
         self.warmup_loras: dict[int, dict[str, torch.Tensor]] = {}  # latest warmup upload of each client
         self.signatures: dict[int, torch.Tensor] = {}  # --allocation embedding: each client's data signature
         self.clustering: ClusteringResult | None = None
+        self.assignment: dict[int, int] = {}  # client -> expert, for clustered clients and late joiners
         self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
         self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
         self.heads: dict[int, dict[str, torch.Tensor]] = {}  # adaptive phase: each client's head
 
     # -- who shares what ----------------------------------------------------------------------------------
     def in_warmup(self, rnd: int) -> bool:
-        return rnd < self.config.warmup_rounds
+        """Warmup lasts ``--warmup_rounds`` rounds, and longer only if no client's warmup upload arrived."""
+        return rnd < self.config.warmup_rounds or self.clustering is None
 
     def cluster_of(self, cid: int) -> int:
-        assert self.clustering is not None
-        return self.clustering.labels[cid]
+        return self.assignment[cid]
+
+    def has_expert(self, cid: int) -> bool:
+        return cid in self.assignment
 
     def head_group(self, cid: int) -> tuple[int, tuple[str, ...]]:
         """Heads are averaged among clients of one cluster that share a label set."""
@@ -83,18 +99,30 @@ class FedLease(FederatedMethod):
     def client_map(self) -> dict[int, list[int]]:
         if self.clustering is None:
             return {c.client_id: [c.client_id] for c in self.clients}
-        return self.clustering.members()
+        return self.members()
+
+    def members(self) -> dict[int, list[int]]:
+        """Expert k -> the clients that hold it as their own."""
+        groups: dict[int, list[int]] = {k: [] for k in range(self.clustering.num_clusters)}
+        for cid in sorted(self.assignment):
+            groups[self.assignment[cid]].append(cid)
+        return groups
 
     def server_state(self) -> dict[str, Any]:
         return {"warmup_loras": self.warmup_loras, "signatures": self.signatures, "experts": self.experts,
                 "routers": self.routers, "heads": self.heads,
-                "clustering": None if self.clustering is None else self.clustering.to_dict()}
+                "clustering": None if self.clustering is None else self.clustering.to_dict(),
+                "assignment": {str(cid): k for cid, k in self.assignment.items()}}
 
     def load_server_state(self, state: Mapping[str, Any]) -> None:
         self.warmup_loras = dict(state["warmup_loras"])
         self.signatures = {int(cid): value for cid, value in state.get("signatures", {}).items()}
         self.experts, self.routers, self.heads = list(state["experts"]), list(state["routers"]), dict(state["heads"])
         self.clustering = None if state["clustering"] is None else ClusteringResult.from_dict(state["clustering"])
+        if "assignment" in state:
+            self.assignment = {int(cid): int(k) for cid, k in state["assignment"].items()}
+        elif self.clustering is not None:  # a checkpoint from before late joiners: every client was clustered
+            self.assignment = dict(zip(self.clustering.client_ids(), self.clustering.labels, strict=True))
 
     # -- server half --------------------------------------------------------------------------------------
     def download(self, cid: int) -> Instruction:
@@ -109,31 +137,44 @@ class FedLease(FederatedMethod):
                 state[f"{site}.experts_B"] = torch.stack([e[f"{site}.lora_B"] for e in self.experts])
         return Instruction(layout, state, train=ADAPTIVE_PARTS, upload=ADAPTIVE_PARTS)
 
+    def warmup_instruction(self) -> Instruction:
+        """Train and keep the client's own LoRA and head; round 0 starts from the shared seeded init, later
+        warmup rounds continue what the client keeps. With ``--allocation embedding`` the update carries the
+        client's data signature."""
+        extra = {SEND_SIGNATURE: True} if self.config.allocation == "embedding" else {}
+        return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
+                           restore=WARMUP_PARTS, extra=extra)
+
     def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        if self.in_warmup(rnd):
-            # Round 0 starts from the shared seeded init; later warmup rounds continue the client's own LoRA.
-            return {c.client_id: Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
-                                             restore=WARMUP_PARTS)
-                    for c in self.clients}
-        return {c.client_id: self.download(c.client_id) for c in self.clients}
+        warmup = self.in_warmup(rnd)
+        return {c.client_id: self.warmup_instruction() if warmup or not self.has_expert(c.client_id)
+                else self.download(c.client_id) for c in self.clients}
 
     def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
-        if self.in_warmup(rnd):
-            return {c.client_id: Instruction(PLAIN_LORA, restore=WARMUP_PARTS) for c in self.clients}
-        return {c.client_id: self.download(c.client_id) for c in self.clients}
+        warmup = self.in_warmup(rnd)
+        return {c.client_id: Instruction(PLAIN_LORA, restore=WARMUP_PARTS)
+                if warmup or not self.has_expert(c.client_id) else self.download(c.client_id) for c in self.clients}
+
+    def keep_warmup_upload(self, cid: int, update: Update) -> None:
+        if SIGNATURE in update.state:
+            self.signatures[cid] = update.state[SIGNATURE]
+        self.warmup_loras[cid] = {k: v for k, v in update.state.items() if k != SIGNATURE}
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         if self.in_warmup(rnd):
             for cid, update in updates.items():
-                if SIGNATURE in update.state:
-                    self.signatures[cid] = update.state[SIGNATURE]
-                self.warmup_loras[cid] = {k: v for k, v in update.state.items() if k != SIGNATURE}
+                self.keep_warmup_upload(cid, update)
             report = RoundReport("warmup", [f"warmup: {len(updates)} clients trained their own LoRA"])
-            if rnd == self.config.warmup_rounds - 1:
+            if rnd >= self.config.warmup_rounds - 1:
                 self.allocate(report)
             return report
         report = RoundReport("adaptive")
-        for k, members in self.clustering.members().items():
+        joiners = {cid: u for cid, u in updates.items() if not self.has_expert(cid)}
+        updates = {cid: u for cid, u in updates.items() if cid not in joiners}
+        for cid, update in sorted(joiners.items()):
+            self.keep_warmup_upload(cid, update)
+            self.join(cid, report)
+        for k, members in self.members().items():
             replied = [cid for cid in members if cid in updates]
             if not replied:
                 report.log.append(f"expert {k}: no member replied, kept as it was")
@@ -147,23 +188,37 @@ class FedLease(FederatedMethod):
                            {cid: u.num_examples for cid, u in updates.items()})
         return report
 
+    def allocation_signature(self, cid: int) -> dict[str, torch.Tensor]:
+        """What the allocation compares of a client: its warmup B matrices, or its data signature."""
+        if self.config.allocation == "paper":
+            return select(self.warmup_loras[cid], ("lora_B",))
+        return {"embedding": self.signatures[cid]}
+
+    def delivered(self, cid: int) -> bool:
+        return cid in self.warmup_loras and (self.config.allocation == "paper" or cid in self.signatures)
+
     def allocate(self, report: RoundReport) -> None:
-        """Cluster the warmup LoRAs, pick K, and build experts, routers and heads from the members."""
-        clients = [c.client_id for c in self.clients]
-        missing = [cid for cid in clients if cid not in self.warmup_loras]
+        """Cluster the clients whose warmup upload arrived, pick K, and build experts, routers and heads from
+        the members. Clients that never delivered one get an expert when they next answer (``join``)."""
+        clients = [c.client_id for c in self.clients if self.delivered(c.client_id)]
+        missing = [c.client_id for c in self.clients if not self.delivered(c.client_id)]
+        if not clients:
+            report.log.append("allocation postponed: no client has delivered a warmup upload yet; warmup goes on")
+            return
         if missing:
-            raise RuntimeError(f"cannot cluster: clients {missing} never delivered a warmup LoRA")
+            report.log.append(f"allocation without clients {missing}: they never delivered a warmup upload; each "
+                              f"gets the nearest expert when it next answers")
         config = self.config
         if config.allocation == "paper":
-            b_matrices = [select(self.warmup_loras[cid], ("lora_B",)) for cid in clients]
-            result = cluster_clients_by_lora_b(b_matrices, config.max_clusters, fixed_clusters=config.num_experts)
+            result = cluster_clients_by_lora_b([self.allocation_signature(cid) for cid in clients],
+                                               config.max_clusters, fixed_clusters=config.num_experts)
         else:
-            missing = [cid for cid in clients if cid not in self.signatures]
-            if missing:
-                raise RuntimeError(f"cannot cluster: clients {missing} never delivered a data signature")
             result = cluster_clients_by_embedding([self.signatures[cid] for cid in clients], config.max_clusters,
                                                   config.num_experts, config.min_silhouette)
+        if missing:
+            result.clients = clients
         self.clustering = result
+        self.assignment = dict(zip(clients, result.labels, strict=True))
         report.clustering = result
         report.log.append(f"clustering: K={result.num_clusters} ({result.reason}; {config.allocation} allocation, "
                           f"{result.signature} cosine distance)")
@@ -180,7 +235,7 @@ class FedLease(FederatedMethod):
                                        [1.0] * len(members)) for members in result.members().values()]
         self.routers = []
         if result.num_clusters > 1:
-            slots = self.layout(0).num_slots
+            slots = self.layout(clients[0]).num_slots
             router = {}
             for key, value in self.experts[0].items():
                 if key.endswith(".lora_A"):
@@ -189,12 +244,25 @@ class FedLease(FederatedMethod):
             self.routers = [dict(router) for _ in range(result.num_clusters)]
         self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
 
+    def join(self, cid: int, report: RoundReport) -> None:
+        """Give a client that missed the allocation the expert of the nearest cluster (mean allocation distance to
+        the cluster's members); its head is its own until it is averaged with its peers'."""
+        members = {k: group for k, group in self.members().items() if group}
+        mine = self.allocation_signature(cid)
+        distance = {k: float(cosine_distances([mine, *(self.allocation_signature(m) for m in group)])[0, 1:].mean())
+                    for k, group in members.items()}
+        k = min(distance, key=lambda j: (distance[j], j))
+        self.assignment[cid] = k
+        self.average_heads({cid: self.warmup_loras[cid]}, {cid: 1.0})
+        report.log.append(f"client {cid} joined late: expert {k} (mean {self.config.allocation} allocation distance "
+                          f"{distance[k]:.4f} to its members {members[k]})")
+
     # -- client half --------------------------------------------------------------------------------------
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
                      store: dict[str, torch.Tensor]) -> Update:
         """With the embedding allocation, every warmup upload carries the client's data signature, computed once
         and kept in the client's store (a client that missed rounds still delivers it)."""
-        wanted = self.config.allocation == "embedding" and self.in_warmup(rnd)
+        wanted = bool(ins.extra.get(SEND_SIGNATURE))
         if wanted and SIGNATURE not in store:
             store[SIGNATURE] = data_signature(client, self.config.seed)
         update = super().client_train(client, ins, rnd, store)

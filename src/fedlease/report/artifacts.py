@@ -77,6 +77,10 @@ class RunRecorder:
     def describe_clients(self, rows: Sequence[Mapping]) -> None:
         self.history["clients"] = list(rows)
 
+    def describe_node(self, cid: int, described: Mapping[str, str]) -> None:
+        """Where a client trains (a Flower node's device, precision and library versions), as last reported."""
+        self.history.setdefault("nodes", {})[str(cid)] = dict(described)
+
     def record_round(self, rnd: int, report: RoundReport, instructions: Mapping[int, Instruction],
                      updates: Mapping[int, Update], metrics: Mapping[int, Mapping[str, float]],
                      client_map: Mapping[int, list[int]], seconds: float,
@@ -121,16 +125,17 @@ class RunRecorder:
     def record_clustering(self, result: ClusteringResult) -> None:
         self.history["optimal_n_clusters"] = result.num_clusters
         self.history["clustering"] = result.to_dict()
-        names = [f"{c.client_id}:{c.task}" for c in self.clients]
+        clustered = [self.clients[cid] for cid in result.client_ids()]  # clients that missed it are not plotted
+        names = [f"{c.client_id}:{c.task}" for c in clustered]
         what = SIGNATURE_NAMES.get(result.signature, result.signature)
-        if len(self.clients) >= 2:
+        if len(clustered) >= 2:
             plots.plot_dendrogram(result.distances, names, self.out_dir / "dendrogram.png", what)
             plots.plot_distance_heatmap(result.distances, names, self.out_dir / "distance_heatmap.png", what)
         if result.silhouette:
             plots.plot_cluster_scores(result.silhouette, result.davies_bouldin, result.num_clusters,
                                       self.out_dir / "cluster_scores.png")
         if result.embedding is not None:
-            plots.plot_embedding(result.embedding, result.labels, [c.task for c in self.clients],
+            plots.plot_embedding(result.embedding, result.labels, [c.task for c in clustered],
                                  self.out_dir / "embedding_2d.png", what)
 
     def plot_metrics(self) -> None:

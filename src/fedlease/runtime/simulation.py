@@ -29,8 +29,9 @@ from fedlease.model.experts import PARTS
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
+from fedlease.runtime.client_state import ClientState, MemoryBackend, Owner
 from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
-from fedlease.runtime.loop import Evaluation, Federation
+from fedlease.runtime.loop import Evaluation, Federation, Sync
 from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
 
 log = logging.getLogger("fedlease")
@@ -132,39 +133,57 @@ def build_clients(config: RunConfig, splits: list[ClientSplit]) -> tuple[Backbon
 
 
 class InProcessTransport:
-    """Every client in this process: the method's client half runs directly on the shared model."""
+    """Every client in this process: the method's client half runs directly on the shared model. Each client's own
+    store is a :class:`ClientState` in memory, committed by the same rule as on a Flower node."""
 
-    def __init__(self, method: FederatedMethod, clients: list[LocalClient],
-                 stores: dict[int, dict[str, torch.Tensor]], progress: bool, total_rounds: int) -> None:
+    def __init__(self, method: FederatedMethod, clients: list[LocalClient], progress: bool, total_rounds: int) -> None:
         self.method = method
         self.clients = clients
-        self.stores = stores  # what each client keeps between rounds
+        self.states: dict[int, ClientState] = {}
         self.progress = progress
         self.total_rounds = total_rounds
+
+    def state(self, cid: int, sync: Sync) -> ClientState:
+        if cid not in self.states:
+            self.states[cid] = ClientState(MemoryBackend(), Owner(sync.federation, cid))
+        return self.states[cid]
+
+    def store(self, cid: int, sync: Sync) -> dict[str, torch.Tensor]:
+        store = self.state(cid, sync).current(sync.of(cid))
+        assert store is not None, "an in-process client keeps every accepted version"
+        return store
+
+    def restore(self, stores: Mapping[int, Mapping[str, torch.Tensor]], sync: Sync) -> None:
+        """Put back the committed stores a checkpoint holds."""
+        for cid, store in stores.items():
+            self.state(cid, sync).restore(sync.of(cid), store)
 
     def bar(self, items, rnd: int, what: str):
         return tqdm(items, desc=f"round {rnd + 1}/{self.total_rounds} {what}", unit="client",
                     disable=not self.progress, leave=False, file=sys.stderr)
 
-    def train(self, rnd: int, instructions: Mapping[int, Instruction]) -> dict[int, Update]:
+    def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
         updates = {}
         for cid, ins in self.bar(instructions.items(), rnd, "train"):
+            store = self.store(cid, sync)
             try:
-                updates[cid] = self.method.client_train(self.clients[cid], ins, rnd, self.stores[cid])
+                updates[cid] = self.method.client_train(self.clients[cid], ins, rnd, store)
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"round {rnd + 1}, {exc}") from None
+            self.states[cid].stage(rnd, store)
         return updates
 
-    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool) -> dict[int, Evaluation]:
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
+                 ) -> dict[int, Evaluation]:
         evaluations = {}
         for cid, ins in self.bar(instructions.items(), rnd, "evaluate"):
-            metrics = self.method.client_evaluate(self.clients[cid], ins, rnd, self.stores[cid])
+            metrics = self.method.client_evaluate(self.clients[cid], ins, rnd, self.store(cid, sync))
             adapted = self.clients[cid].adapted
             evaluations[cid] = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
         return evaluations
 
-    def client_stores(self) -> dict[int, dict[str, torch.Tensor]]:
-        return self.stores
+    def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]]:
+        return {cid: self.store(cid, sync) for cid in self.states}
 
 
 def config_changes(recorded: RunConfig, wanted: Mapping[str, object]) -> list[str]:
@@ -226,8 +245,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                 {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),
                  "train_examples": len(s.train), "test_examples": len(s.test), "reused_examples": s.reused}
                 for s in splits])
-            stores: dict[int, dict[str, torch.Tensor]] = {c.client_id: {} for c in clients}
-            transport = InProcessTransport(method, clients, stores, progress, config.global_rounds)
+            transport = InProcessTransport(method, clients, progress, config.global_rounds)
             federation = Federation(config, method, transport, recorder, out, info)
             start = 0
             if ckpt is not None:
@@ -235,7 +253,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                     log.info("note: the run used precision %s, this machine resolves %s; results may differ "
                              "slightly from an uninterrupted run", ckpt.info.get("precision"), info["precision"])
                 start = federation.restore(ckpt)
-                stores.update(ckpt.stores)
+                transport.restore(ckpt.stores, federation.sync())
             final = federation.run(start)
             table = format_table(final, infos)
             # the command line prints the table on stdout; the console log need not repeat it

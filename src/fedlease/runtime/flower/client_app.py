@@ -2,12 +2,21 @@
 
 A SuperNode is told which client it is by its node config: ``partition-id`` (set by Flower in simulation;
 ``flower-supernode --node-config "partition-id=3"`` in deployment) and, optionally, ``data-dir``, a local GLUE
-folder that replaces the run's ``data-dir`` on that node. The node loads only its own task's data and draws
-its own slice, exactly the slice the in-process runner gives that client. The client's own store (state that
-never leaves it, such as FedSA's B) lives in the node's ``context.state``.
+folder that replaces the run's ``data-dir`` on that node, and ``state-dir``, a node-local folder for the
+client's own state. The node loads only its own task's data and draws its own slice, exactly the slice the
+in-process runner gives that client.
 
-Flower (1.42) starts a fresh ClientApp process for every message in deployment, so the backbone is loaded for
-every message there; in simulation the process, and the cached session below, live for the whole run.
+The client's own store (state that never leaves it, such as FedSA's B) is versioned by the rule of
+``fedlease.runtime.client_state``: what a training round produces only becomes current once the server has
+accepted that round's update. It lives in ``state-dir`` when the node config names one (it then survives a
+restart of the node), else in the SuperNode's memory (Flower's node state: lost when the node restarts, and
+logged as such).
+
+The model and the client's data are loaded once per process and run (``session_for``). Flower's own executors
+start a fresh process for every message; ``fedlease.runtime.flower.executor`` keeps one process per node.
+A problem a user can fix (a partition id outside the run, a data folder without the node's task, a state folder
+that cannot be used) is logged on the node as one line and answered as an error, which the server logs; the
+rest of the federation goes on.
 """
 
 from __future__ import annotations
@@ -15,24 +24,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlease.errors import ConfigError
+from fedlease.errors import ConfigError, FedleaseError
 from fedlease.methods import create_method
 from fedlease.methods.base import FederatedMethod
+from fedlease.model.backbone import resolve_device
 from fedlease.model.experts import PARTS
+from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
 from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
-from fedlease.runtime.flower.messages import decode_instruction, encode_evaluation, encode_update, tensors
+from fedlease.runtime.flower.messages import (
+    STATE_LOST,
+    decode_instruction,
+    decode_sync,
+    encode_evaluation,
+    encode_update,
+)
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Evaluation
 from fedlease.runtime.simulation import prepare_config
-from fedlease.train import LocalClient
+from fedlease.train import LocalClient, resolve_precision
 
 app = ClientApp()
+log = logging.getLogger("fedlease")
 
-STORE = "fedlease-store"
+STATE = "fedlease-client-state"  # the record holding the client's state in Flower's node state
+ERROR_CODE = 0x7E1E  # a user-fixable problem on the node (Flower's own error codes are small integers)
 
 
 @dataclasses.dataclass
@@ -71,35 +94,127 @@ def session(context: Context) -> Session:
                        str(data_dir) if data_dir else None)
 
 
-def read_store(context: Context) -> dict:
-    return tensors(context.state[STORE]) if STORE in context.state else {}
+class RecordBackend:
+    """The client's state as byte strings in Flower's node state (``context.state``)."""
+
+    where = "SuperNode's memory (no state-dir in its node config)"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def record(self) -> ConfigRecord:
+        if STATE not in self.context.state:
+            self.context.state[STATE] = ConfigRecord()
+        return self.context.state[STATE]
+
+    def get(self, name: str) -> bytes | None:
+        return self.record().get(name)
+
+    def put(self, name: str, payload: bytes) -> None:
+        self.record()[name] = payload
+
+    def delete(self, name: str) -> None:
+        self.record().pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self.record())
 
 
-def write_store(context: Context, store: dict) -> None:
-    context.state[STORE] = ArrayRecord({k: v.contiguous() for k, v in store.items()})
+@functools.cache
+def warn_memory_state(partition_id: int) -> None:
+    log.warning("client %d: no state-dir in this node's config; its own state lives in the SuperNode's memory and "
+                "is lost if the node restarts (flower-supernode --node-config \"... state-dir=FOLDER\")", partition_id)
+
+
+def client_state(context: Context, federation: str, partition_id: int) -> ClientState:
+    folder = context.node_config.get("state-dir")
+    if folder:
+        backend = FolderBackend(Path(str(folder)))
+    else:
+        warn_memory_state(partition_id)
+        backend = RecordBackend(context)
+    return ClientState(backend, Owner(federation, partition_id))
+
+
+def working_store(msg: Message, context: Context, current: Session) -> tuple[ClientState, dict[str, torch.Tensor],
+                                                                             bool]:
+    """The client's state, reconciled with the server's last accepted round, and the store to work from; a node
+    that no longer holds the version the server expects continues from the empty store (logged, and reported)."""
+    federation, accepted = decode_sync(msg.content)
+    state = client_state(context, federation, current.partition_id)
+    store = state.current(accepted)
+    if store is None:
+        log.warning("client %d: its own state of round %d is not in the %s (the node lost it); it continues from "
+                    "the initial state", current.partition_id, accepted + 1, state.backend.where)
+        return state, {}, True
+    return state, store, False
+
+
+def answer(msg: Message, context: Context, handle: Callable[[Message, Context], Message]) -> Message:
+    """Run a handler; a problem the user can fix is one line in the node's log and an error reply."""
+    try:
+        return handle(msg, context)
+    except FedleaseError as exc:
+        log.error("fedlease: error: %s", exc)
+        return Message(Error(code=ERROR_CODE, reason=f"fedlease: {exc}"), reply_to=msg)
+
+
+def node_description(config) -> dict[str, str]:
+    """Where and how this node trains: its device, precision and library versions (recorded by the server)."""
+    import platform
+    from importlib.metadata import version
+
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    described = {"device": str(device), "precision": "fp32" if dtype is None else f"autocast {dtype}",
+                 "python": platform.python_version()}
+    if device.type == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(device)
+    for package in ("fedlease", "torch", "transformers", "flwr"):
+        described[package] = version(package)
+    return described
 
 
 @app.query("partition")
 def partition(msg: Message, context: Context) -> Message:
     """Which client this node is: the server maps node ids (new at every node start) to clients with it."""
-    return Message(RecordDict({"info": MetricRecord({"partition-id": partition_id_of(context)})}), reply_to=msg)
+    def handle(msg: Message, context: Context) -> Message:
+        partition_id = partition_id_of(context)
+        config, _ = from_run_config(dict(context.run_config))
+        config = prepare_config(config)
+        if not 0 <= partition_id < config.num_clients:
+            raise ConfigError(f"partition-id {partition_id} is outside the run's {config.num_clients} clients "
+                              f"(0..{config.num_clients - 1})")
+        return Message(RecordDict({"info": MetricRecord({"partition-id": partition_id}),
+                                   "node": ConfigRecord(node_description(config))}), reply_to=msg)
+
+    return answer(msg, context, handle)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    current = session(context)
-    ins, rnd, _ = decode_instruction(msg.content)
-    store = read_store(context)
-    update = current.method.client_train(current.client, ins, rnd, store)
-    write_store(context, store)
-    return Message(encode_update(update, current.partition_id), reply_to=msg)
+    def handle(msg: Message, context: Context) -> Message:
+        current = session(context)
+        ins, rnd, _ = decode_instruction(msg.content)
+        state, store, lost = working_store(msg, context, current)
+        update = current.method.client_train(current.client, ins, rnd, store)
+        state.stage(rnd, store)  # current only once the server has accepted this update
+        if lost:
+            update.metrics[STATE_LOST] = 1.0
+        return Message(encode_update(update, current.partition_id), reply_to=msg)
+
+    return answer(msg, context, handle)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    current = session(context)
-    ins, rnd, final = decode_instruction(msg.content)
-    metrics = current.method.client_evaluate(current.client, ins, rnd, read_store(context))
-    adapted = current.client.adapted
-    evaluation = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
-    return Message(encode_evaluation(evaluation, current.partition_id), reply_to=msg)
+    def handle(msg: Message, context: Context) -> Message:
+        current = session(context)
+        ins, rnd, final = decode_instruction(msg.content)
+        _, store, _ = working_store(msg, context, current)
+        metrics = current.method.client_evaluate(current.client, ins, rnd, store)
+        adapted = current.client.adapted
+        evaluation = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
+        return Message(encode_evaluation(evaluation, current.partition_id), reply_to=msg)
+
+    return answer(msg, context, handle)

@@ -5,6 +5,11 @@ to 127.0.0.1, optionally with TLS (a throw-away CA and server certificate are ge
 with ``flwr run --stream``, streams its log, and stops everything it started, whatever happens. The same
 ServerApp and ClientApp run on real machines: see the README for the commands to run there.
 
+Each SuperNode runs with ``--isolation process`` next to a ``fedlease executor`` (one long-lived process that
+runs the node's ClientApp tasks, so the model is loaded once per node; ``executor="flower"`` keeps Flower's
+per-message processes), and keeps its client's own state in ``<workdir>/state/client-<i>`` (node config
+``state-dir``), so a restarted node continues where it was.
+
 Telemetry and update checks are off, and the SuperLink never installs dependencies at run time.
 """
 
@@ -31,6 +36,7 @@ from fedlease.runtime.flower.run_config import to_run_config
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 CONNECTION = "fedlease-loopback"
+EXECUTORS = ("fedlease", "flower")
 HEALTH_TIMEOUT = 60.0
 
 
@@ -46,6 +52,11 @@ def free_port() -> int:
 
 def toml_value(value) -> str:
     return json.dumps(value)  # JSON strings, numbers and booleans are valid TOML
+
+
+def node_config_arg(values: dict[str, object]) -> str:
+    """``--node-config`` text: space-separated key=value, strings quoted (paths may hold spaces)."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 def write_app(folder: Path) -> Path:
@@ -112,10 +123,15 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
 class LoopbackDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1, each in its own process group, stopped on exit."""
 
-    def __init__(self, workdir: Path, num_nodes: int, tls: bool = False, log=print) -> None:
+    def __init__(self, workdir: Path, num_nodes: int, tls: bool = False, log=print, executor: str = "fedlease",
+                 node_config: dict[int, dict[str, object]] | None = None) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
         self.workdir = workdir.resolve()
         self.num_nodes = num_nodes
         self.tls = tls
+        self.executor = executor
+        self.node_config = node_config or {}  # extra node config per partition id (tests: a bad state-dir, ...)
         self.log = log
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, **ENV, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -168,21 +184,33 @@ class LoopbackDeployment:
             self.start_node(pid)
         self.write_connection()
 
+    def state_dir(self, partition_id: int) -> Path:
+        return self.workdir / "state" / f"client-{partition_id}"
+
     def start_node(self, partition_id: int) -> None:
         port = self.node_ports.setdefault(partition_id, free_port())
         security = ["--root-certificates", str(self.certs[0])] if self.tls else ["--insecure"]
         name = f"supernode-{partition_id}"
-        self.spawn(name, [str(self.bin / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port",
-                          str(port), "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}",
-                          *security])
+        config = {"partition-id": partition_id, "num-partitions": self.num_nodes,
+                  "state-dir": str(self.state_dir(partition_id)), **self.node_config.get(partition_id, {})}
+        isolation = ["--isolation", "process"] if self.executor == "fedlease" else []
+        node = self.spawn(name, [str(self.bin / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                                 "--port", str(port), "--node-config", node_config_arg(config), *isolation,
+                                 *security])
         self.wait_healthy(name, port)
-        self.log(f"SuperNode for client {partition_id} on 127.0.0.1:{port}")
+        if self.executor == "fedlease":  # the node's Runtime API is plain HTTP on loopback, as Flower's default
+            self.spawn(f"executor-{partition_id}", [str(self.bin / "fedlease"), "executor", "--runtime-api-address",
+                                                    f"127.0.0.1:{port}", "--parent-pid", str(node.pid)])
+        self.log(f"SuperNode for client {partition_id} on 127.0.0.1:{port} ({self.executor} executor)")
 
     def kill_node(self, partition_id: int, sig: int = signal.SIGKILL) -> None:
-        proc = self.processes.pop(f"supernode-{partition_id}")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
+        for name in (f"supernode-{partition_id}", f"executor-{partition_id}"):
+            proc = self.processes.pop(name, None)
+            if proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
 
     def stop(self) -> None:
         for proc in self.processes.values():
@@ -232,7 +260,7 @@ class LoopbackDeployment:
                               check=False)
 
 
-def deploy(config: RunConfig, workdir: Path, tls: bool = False) -> Path:
+def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = "fedlease") -> Path:
     """Start, run ``config`` on one SuperNode per client, stream the log, stop. Returns the output directory.
 
     Everything that can be checked here (flags, tasks, data, model location, output directory) is checked
@@ -244,7 +272,8 @@ def deploy(config: RunConfig, workdir: Path, tls: bool = False) -> Path:
     load_partition(config)
     resolve_model_source(config.model_name)
     out = Path(config.output_dir)
-    with LoopbackDeployment(workdir, config.num_clients, tls=tls, log=lambda line: print(line, flush=True)) as dep:
+    with LoopbackDeployment(workdir, config.num_clients, tls=tls, log=lambda line: print(line, flush=True),
+                            executor=executor) as dep:
         dep.submit(config, stream_to=None)
     history = out / "training_history.json"
     if not history.exists() or json.loads(history.read_text()).get("final") is None:

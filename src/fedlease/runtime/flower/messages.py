@@ -1,10 +1,11 @@
 """The method's messages as Flower records.
 
 An Instruction travels as an ArrayRecord (``state``) and a ConfigRecord (the layout, the part lists as
-comma-separated strings, ``extra.*`` values and the round). An Update comes back as an ArrayRecord, a
-MetricRecord (``num-examples`` and the training metrics) and the sender's partition id; an evaluation as a
-MetricRecord, plus, in the last round, the model the client was evaluated with. Tensors travel as float32
-or int64 arrays (Flower serialises them with numpy, without pickle).
+comma-separated strings, ``extra.*`` values, the round, and ``sync.*``: the run's id and the last round whose
+update of this client the server accepted, see ``fedlease.runtime.client_state``). An Update comes back as an
+ArrayRecord, a MetricRecord (``num-examples`` and the training metrics) and the sender's partition id; an
+evaluation as a MetricRecord, plus, in the last round, the model the client was evaluated with. Tensors travel
+as float32 or int64 arrays (Flower serialises them with numpy, without pickle).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fedlease.model.experts import ExpertLayout
 from fedlease.runtime.loop import Evaluation
 
 LAYOUT_KEYS = ("num_experts", "own_expert", "routing", "top_k")
+STATE_LOST = "state_lost"  # an update's metric: the node no longer held the client state the server expected
 PART_LISTS = ("train", "upload", "restore", "keep")
 
 
@@ -30,8 +32,9 @@ def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if len(record) else {}
 
 
-def encode_instruction(ins: Instruction, rnd: int, final: bool = False) -> RecordDict:
-    config: dict = {"round": rnd, "final": final}
+def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federation: str = "", accepted: int = -1
+                       ) -> RecordDict:
+    config: dict = {"round": rnd, "final": final, "sync.federation": federation, "sync.accepted": accepted}
     config.update({f"layout.{k}": v for k, v in ins.layout.to_config().items()})
     config.update({part: ",".join(getattr(ins, part)) for part in PART_LISTS})
     config.update({f"extra.{k}": v for k, v in ins.extra.items()})
@@ -45,6 +48,12 @@ def decode_instruction(content: RecordDict) -> tuple[Instruction, int, bool]:
     extra = {k.removeprefix("extra."): v for k, v in config.items() if k.startswith("extra.")}
     ins = Instruction(layout, tensors(content["state"]), extra=extra, **parts)
     return ins, int(config["round"]), bool(config["final"])
+
+
+def decode_sync(content: RecordDict) -> tuple[str, int]:
+    """The run's id and the last round whose update of the receiving client the server accepted."""
+    config = content["config"]
+    return str(config["sync.federation"]), int(config["sync.accepted"])
 
 
 def encode_update(update: Update, partition_id: int) -> RecordDict:

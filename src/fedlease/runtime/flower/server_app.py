@@ -23,40 +23,103 @@ from fedlease.methods.base import Instruction, Update
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
-from fedlease.runtime.flower.messages import decode_evaluation, decode_update, encode_instruction
+from fedlease.runtime.flower.messages import STATE_LOST, decode_evaluation, decode_update, encode_instruction
 from fedlease.runtime.flower.run_config import from_run_config
-from fedlease.runtime.loop import Evaluation, Federation
+from fedlease.runtime.loop import Evaluation, Federation, Sync
 from fedlease.runtime.simulation import check_output_dir, create_output_dir, logging_to, prepare_config
 
 app = ServerApp()
 log = logging.getLogger("fedlease")
 
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.1  # replies
+DISCOVERY_SECONDS = 1.0  # new nodes, while waiting for the run's clients or for a client's restarted node
+NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: the SuperLink lost the destination node
 
 
 class FlowerTransport:
     """Sends the method's instructions to the SuperNodes and collects their replies."""
 
-    def __init__(self, grid: Grid, config: RunConfig, round_timeout: float) -> None:
+    def __init__(self, grid: Grid, config: RunConfig, round_timeout: float, allow_mixed_precision: bool = False,
+                 on_node=None, rejoin_timeout: float = 60.0) -> None:
         self.grid = grid
         self.config = config
         self.round_timeout = round_timeout
+        self.rejoin_timeout = rejoin_timeout
+        self.allow_mixed_precision = allow_mixed_precision
+        self.nodes: dict[int, dict[str, str]] = {}  # client -> its node's device, precision and versions
+        self.precision: str | None = None  # the run's precision: the first node's
+        self.on_node = on_node or (lambda cid, described: None)
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
+        self.round_trip: dict[int, float] = {}  # the last exchange: seconds from sending to each reply
 
-    def exchange(self, messages: Mapping[int, Message], timeout: float) -> dict[int, Message]:
-        """Send one message per key; return the successful replies by key (errors are logged, not returned)."""
-        sent = list(messages.items())
-        replies = self.grid.send_and_receive([m for _, m in sent], timeout=timeout)
-        key_of = {m.metadata.message_id: key for key, m in sent}
+    def exchange(self, messages: Mapping[int, Message], timeout: float, follow: bool = False
+                 ) -> dict[int, Message]:
+        """Send one message per key; return the successful replies by key (errors are logged, not returned).
+
+        Replies are polled every ``POLL_SECONDS`` (``Grid.send_and_receive`` polls every 3 s); the time each took
+        is kept in ``self.round_trip``. With ``follow`` (keys are clients), a client whose node went away (no
+        reply yet, or Flower's "node unavailable") and came back as a new node within the timeout, or within
+        ``rejoin_timeout`` of the node-unavailable reply, gets the same message again on its new node: its own
+        state is where the server last accepted it, so the round goes on as if the node had never stopped."""
+        start = time.monotonic()
+        key_of: dict[str, int] = {}
+        sent_to: dict[int, int] = {}  # key -> node the pending message went to
+        lost_at: dict[int, float] = {}  # key -> when Flower reported its node unavailable
         answered: dict[int, Message] = {}
-        for reply in replies:
-            key = key_of.get(reply.metadata.reply_to_message_id)
-            if key is None:
-                continue
-            if reply.has_error():
-                log.info("node of client %s answered with error %s: %s", key, reply.error.code, reply.error.reason)
-            else:
-                answered[key] = reply
+        trips: dict[int, float] = {}
+
+        def push(batch: Mapping[int, Message]) -> None:
+            items = list(batch.items())
+            ids = list(self.grid.push_messages([m for _, m in items]))
+            for mid, (key, message) in zip(ids, items, strict=False):
+                if mid is not None:
+                    key_of[mid] = key
+                    sent_to[key] = message.metadata.dst_node_id
+            for key in sorted(set(batch) - set(key_of.values())):
+                log.info("the message to client %s could not be pushed to the SuperLink", key)
+
+        push(messages)
+        waiting = set(key_of)
+        checked = start
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                message_id = reply.metadata.reply_to_message_id
+                key = key_of.get(message_id)
+                waiting.discard(message_id)
+                if key is None:
+                    continue
+                if follow and reply.has_error() and reply.error.code == NODE_UNAVAILABLE:
+                    lost_at.setdefault(key, time.monotonic())
+                    continue
+                trips[key] = time.monotonic() - start
+                if reply.has_error():
+                    log.info("%s answered with error %s: %s", f"node of client {key}" if follow else f"node {key}",
+                             reply.error.code, reply.error.reason)
+                else:
+                    answered[key] = reply
+            now = time.monotonic()
+            pending = {key for key in sent_to if key not in trips}
+            if follow and pending and now - checked >= DISCOVERY_SECONDS:
+                checked = now
+                self.discover(self.grid.get_node_ids())
+                moved = {key: messages[key] for key in pending if self.node_of.get(key, sent_to[key]) != sent_to[key]}
+                for key in sorted(moved):
+                    log.info("client %d is back on node %d: its message is sent again", key, self.node_of[key])
+                    lost_at.pop(key, None)
+                    for mid in [mid for mid, k in key_of.items() if k == key]:
+                        del key_of[mid]
+                        waiting.discard(mid)
+                before = set(key_of)
+                push({key: resend(m, self.node_of[key]) for key, m in moved.items()})
+                waiting |= set(key_of) - before
+            given_up = {key for key, when in lost_at.items() if now - when > self.rejoin_timeout}
+            if not waiting and not (set(lost_at) - given_up) or now - start > timeout:
+                break
+            time.sleep(POLL_SECONDS)
+        for key in sorted(set(lost_at) - set(trips)):
+            log.info("the node of client %d became unavailable and did not come back in time", key)
+        if follow:
+            self.round_trip = trips
         return answered
 
     def discover(self, node_ids: Iterable[int]) -> None:
@@ -69,13 +132,35 @@ class FlowerTransport:
         queries = {nid: Message(RecordDict(), dst_node_id=nid, message_type="query.partition") for nid in new}
         for nid, reply in self.exchange(queries, timeout=self.round_timeout).items():
             cid = int(reply.content["info"]["partition-id"])
-            if 0 <= cid < self.config.num_clients:
-                if cid in self.node_of:  # a restarted node: the old one may not be marked offline yet
-                    log.info("client %d is now on node %d (was node %d)", cid, nid, self.node_of[cid])
-                self.node_of[cid] = nid
-            else:
+            if not 0 <= cid < self.config.num_clients:
                 log.info("node %d reports partition-id %d, outside this run's %d clients; ignored",
                          nid, cid, self.config.num_clients)
+                continue
+            described = dict(reply.content["node"]) if "node" in reply.content else {}
+            known = cid in self.nodes
+            if not self.accept_node(cid, nid, described):
+                continue
+            if cid in self.node_of:  # a restarted node: the old one may not be marked offline yet
+                log.info("client %d is now on node %d (was node %d)", cid, nid, self.node_of[cid])
+            elif known:
+                log.info("client %d rejoined on node %d", cid, nid)
+            self.node_of[cid] = nid
+
+    def accept_node(self, cid: int, nid: int, described: dict[str, str]) -> bool:
+        """Record the node's device, precision and versions; refuse a precision other than the run's (the first
+        node's) unless allow-mixed-precision is set."""
+        precision = described.get("precision")
+        if self.precision is None:
+            self.precision = precision
+        elif precision != self.precision and not self.allow_mixed_precision:
+            log.info("node %d of client %d trains in %s, but this run trains in %s; ignored (run-config "
+                     "allow-mixed-precision=true accepts it)", nid, cid, precision, self.precision)
+            return False
+        if described != self.nodes.get(cid):
+            log.info("client %d on node %d: %s", cid, nid, ", ".join(f"{k} {v}" for k, v in described.items()))
+            self.nodes[cid] = described
+            self.on_node(cid, described)
+        return True
 
     def wait_for_clients(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -83,37 +168,52 @@ class FlowerTransport:
             self.discover(self.grid.get_node_ids())
             if len(self.node_of) == self.config.num_clients or time.monotonic() > deadline:
                 break
-            time.sleep(POLL_SECONDS)
+            time.sleep(DISCOVERY_SECONDS)
         missing = sorted(set(range(self.config.num_clients)) - set(self.node_of))
         if missing:
             log.info("starting without clients %s: no SuperNode reported them within %.0fs", missing, timeout)
 
-    def send(self, rnd: int, message_type: str, instructions: Mapping[int, Instruction], final: bool = False
-             ) -> dict[int, Message]:
+    def send(self, rnd: int, message_type: str, instructions: Mapping[int, Instruction], sync: Sync,
+             final: bool = False) -> dict[int, Message]:
         self.discover(self.grid.get_node_ids())  # nodes that left or (re)joined since the last round
-        messages = {cid: Message(encode_instruction(ins, rnd, final), dst_node_id=self.node_of[cid],
-                                 message_type=message_type, group_id=str(rnd))
+        messages = {cid: Message(encode_instruction(ins, rnd, final, sync.federation, sync.of(cid)),
+                                 dst_node_id=self.node_of[cid], message_type=message_type, group_id=str(rnd))
                     for cid, ins in instructions.items() if cid in self.node_of}
-        return self.exchange(messages, timeout=self.round_timeout)
+        return self.exchange(messages, timeout=self.round_timeout, follow=True)
 
-    def train(self, rnd: int, instructions: Mapping[int, Instruction]) -> dict[int, Update]:
+    @staticmethod
+    def note_lost_state(cid: int, metrics: dict, sync: Sync) -> None:
+        if metrics.pop(STATE_LOST, 0):
+            log.info("client %d: its node no longer held its own state of round %d; it continued from the initial "
+                     "state (give each SuperNode a state-dir to keep it across restarts)", cid, sync.of(cid) + 1)
+
+    def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
         updates = {}
-        for cid, reply in self.send(rnd, "train", instructions).items():
+        for cid, reply in self.send(rnd, "train", instructions, sync).items():
             sender, update = decode_update(reply.content)
             if sender == cid:
+                self.note_lost_state(cid, update.metrics, sync)
+                update.metrics["round_trip_seconds"] = round(self.round_trip[cid], 3)  # send to reply, server clock
                 updates[cid] = update
         return updates
 
-    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool) -> dict[int, Evaluation]:
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
+                 ) -> dict[int, Evaluation]:
         evaluations = {}
-        for cid, reply in self.send(rnd, "evaluate", instructions, final).items():
+        for cid, reply in self.send(rnd, "evaluate", instructions, sync, final).items():
             sender, evaluation = decode_evaluation(reply.content)
             if sender == cid:
                 evaluations[cid] = evaluation
         return evaluations
 
-    def client_stores(self) -> None:
+    def client_stores(self, sync: Sync) -> None:
         return None  # each client's store lives on its own node
+
+
+def resend(message: Message, node_id: int) -> Message:
+    """The same instruction for the client's new node."""
+    return Message(message.content, dst_node_id=node_id, message_type=message.metadata.message_type,
+                   group_id=message.metadata.group_id)
 
 
 def log_to_flower() -> None:
@@ -145,11 +245,14 @@ def main(grid: Grid, context: Context) -> None:
         recorder = RunRecorder(out, config, infos, info)
         recorder.describe_clients([{"client_id": c.client_id, "task": c.task, "labels": list(c.labels)}
                                    for c in infos])
-        transport = FlowerTransport(grid, config, float(runtime["round-timeout"]))
+        transport = FlowerTransport(grid, config, float(runtime["round-timeout"]),
+                                    bool(runtime["allow-mixed-precision"]), recorder.describe_node,
+                                    float(runtime["rejoin-timeout"]))
         transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
         federation = Federation(config, method, transport, recorder, out, info)
         start = federation.restore(ckpt) if ckpt is not None else 0
         if ckpt is not None:
-            log.info("resuming after round %d (each client's own store restarts on its node)", ckpt.round + 1)
+            log.info("resuming after round %d; each client's own state is taken back, on its node, to the last "
+                     "update of it this checkpoint accepted", ckpt.round + 1)
         federation.run(start)
         log.info("finished: %s", out / "results.md")
