@@ -11,9 +11,12 @@ Per deployment it reports, from the run's history:
 
 - round wall time (the server's clock, train + evaluate + aggregate + artifacts), each round and its ratio to
   the in-process round;
-- the overhead of a training message: the server's send-to-reply time (``round_trip_seconds``) minus the time
-  the client spent training (``seconds``, the client's own clock), for each node's first message (it loads the
-  model and tokenises the data) and for its later ones.
+- the overhead of a training message, for each node's first message (it loads the model and tokenises the
+  data) and for its later ones: ``total`` = the server's send-to-reply time (``round_trip_seconds``) minus the
+  time the client spent training (``seconds``); split into ``flower`` = send-to-reply minus the time the message
+  spent in the ClientApp (``node_seconds``: SuperLink, SuperNode, its idle poll, the executor) and
+  ``fedlease`` = ``node_seconds`` minus training (loading the state into the model, the client's state files,
+  extracting the upload).
 
 All SuperNodes share this machine's cores: with N nodes each runs its torch with cores / N threads, the
 in-process runner with all of them. Prints one JSON object as the last line of stdout and writes it to --out.
@@ -26,7 +29,9 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,17 +47,20 @@ def summary(values: list[float]) -> dict:
 
 
 def message_overheads(history: dict) -> dict:
-    first, later = [], []
+    parts = {"first_message": {"total": [], "flower": [], "fedlease": []},
+             "later_messages": {"total": [], "flower": [], "fedlease": []}}
     seen: set[str] = set()
     for rnd in history["rounds"]:
         for cid, client in sorted(rnd["clients"].items()):
             train = client.get("train") or {}
             if "round_trip_seconds" not in train:
                 continue
-            overhead = train["round_trip_seconds"] - train["seconds"]
-            (later if cid in seen else first).append(overhead)
+            which = parts["later_messages" if cid in seen else "first_message"]
+            which["total"].append(train["round_trip_seconds"] - train["seconds"])
+            which["flower"].append(train["round_trip_seconds"] - train["node_seconds"])
+            which["fedlease"].append(train["node_seconds"] - train["seconds"])
             seen.add(cid)
-    return {"first_message": summary(first), "later_messages": summary(later)}
+    return {when: {part: summary(values) for part, values in split.items()} for when, split in parts.items()}
 
 
 def deployment(config: RunConfig, workdir: Path, executor: str, threads: int) -> tuple[dict, float]:
@@ -68,6 +76,7 @@ def deployment(config: RunConfig, workdir: Path, executor: str, threads: int) ->
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the deployment's processes on the way out
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["rotten_tomatoes:2", "snli:2", "newsgroups:2",
                                                        "election_tweets:2"])

@@ -75,6 +75,23 @@ def test_histories_written_before_the_oracle_rename_are_read():
     assert result.oracle_best_average == [0.625] and result.oracle_best_round == [3]
 
 
+def test_rows_name_their_seeds_when_methods_ran_with_different_seeds(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.report.comparison import write_comparison
+
+    final = {"tasks": {"snli": {"accuracy": 0.5}}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.5},
+             "oracle_best_round": 1}
+    results = [MethodResult("fedlease"), MethodResult("ifca")]
+    for seed in (1, 2, 3):
+        results[0].add(seed, history(["federated"], [[0]], [[4]], final), 1.0)
+    results[1].add(1, history(["federated"], [[0]], [[4]], final), 1.0)
+    table = write_comparison(tmp_path, results, RunConfig(tasks=["snli"]))
+    assert "| fedlease (seeds 1 2 3) |" in table and "| ifca (seed 1) |" in table
+    assert "the seeds each row names" in table
+    same = write_comparison(tmp_path, results[:1], RunConfig(tasks=["snli"]))
+    assert "3 seed(s): 1 2 3" in same and "| fedlease |" in same
+
+
 def test_method_specs():
     spec = parse_spec("fedlease:num_experts=4,top_k=2")
     assert (spec.method, spec.overrides) == ("fedlease", {"num_experts": 4, "top_k": 2})

@@ -77,12 +77,18 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
     extra = [(task, metric) for task in tasks for metric in ("f1", "macro_f1")
              if any(metric in r.tasks.get(task, {}) for r in results)]
     seeds = results[0].seeds if results else []
+    same_seeds = all(sorted(r.seeds) == sorted(seeds) for r in results)
 
-    lines = [f"Final-round accuracy (%), mean over each task's clients; {len(seeds)} seed(s): "
-             f"{' '.join(map(str, seeds))}.", "",
+    def label(r: MethodResult) -> str:  # where methods ran with different seeds, each row names its own
+        return r.label if same_seeds else f"{r.label} (seed{'s' if len(r.seeds) > 1 else ''} " \
+                                          f"{' '.join(map(str, sorted(r.seeds)))})"
+
+    what = (f"{len(seeds)} seed(s): {' '.join(map(str, seeds))}" if same_seeds
+            else "the seeds each row names (mean ± std over them)")
+    lines = [f"Final-round accuracy (%), mean over each task's clients; {what}.", "",
              "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for r in results:
-        lines.append(f"| {r.label} | " + " | ".join(cell(r.tasks.get(t, {}).get("accuracy", [])) for t in tasks)
+        lines.append(f"| {label(r)} | " + " | ".join(cell(r.tasks.get(t, {}).get("accuracy", [])) for t in tasks)
                      + f" | {cell(r.average)} |")
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "oracle best-round avg (picked on test) | "
@@ -94,7 +100,7 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
         cells += [cell(r.oracle_best_average), cell(r.upload_bytes_per_client_round_after_warmup, 1 / MB, 3),
                   cell(r.download_bytes_per_client_round_after_warmup, 1 / MB, 3),
                   cell(r.total_bytes_whole_run, 1 / MB, 1), cell(r.seconds, 1 / 60, 1)]
-        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
     lines += ["", "Oracle best-round avg: the best round's average, the round picked on the test split (optimistic; "
                   "the headline is the final round). Upload / download per client per round: the mean over the "
                   "rounds after FedLEASE's warmup (every round for the other methods) of the mean over the round's "

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,6 +195,7 @@ def partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     def handle(msg: Message, context: Context) -> Message:
+        start = time.perf_counter()
         current = session(context)
         ins, rnd, _ = decode_instruction(msg.content)
         state, store, lost = working_store(msg, context, current)
@@ -201,6 +203,7 @@ def train(msg: Message, context: Context) -> Message:
         state.stage(rnd, store)  # current only once the server has accepted this update
         if lost:
             update.metrics[STATE_LOST] = 1.0
+        update.metrics["node_seconds"] = time.perf_counter() - start  # the whole message on the node
         return Message(encode_update(update, current.partition_id), reply_to=msg)
 
     return answer(msg, context, handle)

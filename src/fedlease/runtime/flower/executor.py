@@ -29,6 +29,7 @@ from types import FrameType
 log = logging.getLogger("fedlease")
 
 POLL_SECONDS = 0.05
+RUNNING = threading.Event()  # a task is running (SIGINT then aborts the task, not the executor)
 
 
 def run_task(address: str, token: str, insecure: bool, certificates: bytes | None, load_app) -> None:
@@ -48,9 +49,12 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
         retry_invoker=make_simple_http_retry_invoker())
+    # The heartbeat raises SIGINT in this process when the node no longer holds the task: that aborts the task
+    # (see ``serve``), not the executor.
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
     status, details = SubStatus.FAILED, "the ClientApp task failed"
+    RUNNING.set()
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
@@ -58,6 +62,9 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
         app = load_app(run.fab_id, run.fab_version, fab.hash_str)  # the module stays imported across tasks
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+    except KeyboardInterrupt:
+        log.warning("the SuperNode ended the task before it finished (its heartbeat was refused)")
+        details, reply = "aborted: the SuperNode no longer held the task", None
     except Exception as exc:  # noqa: BLE001 -- as flwr-clientapp: the server gets an error reply
         log.exception("ClientApp task raised an exception")
         details = f"{type(exc).__name__}: {exc}"
@@ -67,12 +74,18 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
+            # stop the heartbeat before the task ends: a heartbeat for an ended task is refused (SIGINT)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            RUNNING.clear()
             push_task_output(client, context, status, details)
         except Exception:  # noqa: BLE001 -- the node expires the task; the executor serves the next one
             log.exception("could not hand the task's reply back to the SuperNode")
-        if heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
+        finally:
+            RUNNING.clear()
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
 
 
 def parent_alive(pid: int | None) -> bool:
@@ -89,7 +102,9 @@ def parent_alive(pid: int | None) -> bool:
 
 def serve(address: str, insecure: bool = True, root_certificates: str | None = None,
           parent_pid: int | None = None, poll: float = POLL_SECONDS, stop: threading.Event | None = None) -> None:
-    """Serve the node's ClientApp tasks until ``stop`` is set, SIGTERM/SIGINT, or the parent process is gone."""
+    """Serve the node's ClientApp tasks until ``stop`` is set, SIGTERM, SIGINT between tasks, or the parent
+    process is gone. SIGINT during a task (which Flower's heartbeat raises when the node ended the task) aborts
+    that task only."""
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.constant import TaskType
@@ -99,11 +114,16 @@ def serve(address: str, insecure: bool = True, root_certificates: str | None = N
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        def on_signal(signum: int, frame: FrameType | None) -> None:
+        def on_term(signum: int, frame: FrameType | None) -> None:
             stop.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        def on_interrupt(signum: int, frame: FrameType | None) -> None:
+            if RUNNING.is_set():  # Flower's task heartbeat was refused, or Ctrl-C during a task: abort the task
+                raise KeyboardInterrupt
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_interrupt)
     certificates = None if root_certificates is None else open(root_certificates, "rb").read()  # noqa: SIM115
     load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     tasks = RuntimeHttpClient.from_server_address(
