@@ -248,9 +248,10 @@ class FedLease(FederatedMethod):
         """Give a client that missed the allocation the expert of the nearest cluster (mean allocation distance to
         the cluster's members); its head is its own until it is averaged with its peers'."""
         members = {k: group for k, group in self.members().items() if group}
-        mine = self.allocation_signature(cid)
-        distance = {k: float(cosine_distances([mine, *(self.allocation_signature(m) for m in group)])[0, 1:].mean())
-                    for k, group in members.items()}
+        others = [m for group in members.values() for m in group]
+        row = cosine_distances([self.allocation_signature(c) for c in (cid, *others)])[0, 1:]
+        to = dict(zip(others, row, strict=True))
+        distance = {k: float(sum(to[m] for m in group) / len(group)) for k, group in members.items()}
         k = min(distance, key=lambda j: (distance[j], j))
         self.assignment[cid] = k
         self.average_heads({cid: self.warmup_loras[cid]}, {cid: 1.0})

@@ -26,7 +26,6 @@ version that fails its checksum, or an index of another run or client, is refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from fedlease.errors import FedleaseError
+from fedlease.runtime.checkpoint import sha256
 from fedlease.storage import atomic_write_bytes
 
 log = logging.getLogger("fedlease")
@@ -123,8 +123,8 @@ def blob_name(rnd: int) -> str:
     return f"round-{rnd}.safetensors"
 
 
-def sha256(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
+def encode(store: Mapping[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().to("cpu").contiguous().clone() for k, v in store.items()})
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ class ClientState:
 
     def stage(self, rnd: int, store: Mapping[str, torch.Tensor]) -> None:
         """Keep the store that training round ``rnd`` produced until the server's verdict on its update."""
-        payload = save({k: v.detach().to("cpu").contiguous().clone() for k, v in store.items()})
+        payload = encode(store)
         self.backend.put(blob_name(rnd), payload)
         self.staged = (rnd, sha256(payload))
         self.write_index()
@@ -231,7 +231,7 @@ class ClientState:
         """Make ``store`` the committed version of round ``rnd`` (a resumed in-process run's checkpoint)."""
         if rnd == NO_ROUND:
             return
-        payload = save({k: v.detach().to("cpu").contiguous().clone() for k, v in store.items()})
+        payload = encode(store)
         self.backend.put(blob_name(rnd), payload)
         self.committed[rnd] = sha256(payload)
         self.write_index()

@@ -28,6 +28,7 @@ from fedlease.methods.base import FederatedMethod, Instruction, Update
 from fedlease.model.experts import ExpertLayout
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
+from fedlease.runtime.client_state import NO_ROUND
 from fedlease.runtime.validation import UpdateValidator
 
 log = logging.getLogger("fedlease")
@@ -48,7 +49,7 @@ class Sync:
     accepted: Mapping[int, int]  # client -> the last round whose update the server accepted
 
     def of(self, cid: int) -> int:
-        return self.accepted.get(cid, -1)
+        return self.accepted.get(cid, NO_ROUND)
 
 
 class Transport(Protocol):

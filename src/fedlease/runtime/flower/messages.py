@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlease.methods.base import Instruction, Update
 from fedlease.model.experts import ExpertLayout
+from fedlease.runtime.client_state import NO_ROUND
 from fedlease.runtime.loop import Evaluation
 
 LAYOUT_KEYS = ("num_experts", "own_expert", "routing", "top_k")
@@ -32,8 +33,8 @@ def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if len(record) else {}
 
 
-def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federation: str = "", accepted: int = -1
-                       ) -> RecordDict:
+def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federation: str = "",
+                       accepted: int = NO_ROUND) -> RecordDict:
     config: dict = {"round": rnd, "final": final, "sync.federation": federation, "sync.accepted": accepted}
     config.update({f"layout.{k}": v for k, v in ins.layout.to_config().items()})
     config.update({part: ",".join(getattr(ins, part)) for part in PART_LISTS})

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedlease.config import RunConfig
@@ -33,7 +34,6 @@ log = logging.getLogger("fedlease")
 
 POLL_SECONDS = 0.1  # replies
 DISCOVERY_SECONDS = 1.0  # new nodes, while waiting for the run's clients or for a client's restarted node
-NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE: the SuperLink lost the destination node
 
 
 class FlowerTransport:
@@ -88,7 +88,7 @@ class FlowerTransport:
                 waiting.discard(message_id)
                 if key is None:
                     continue
-                if follow and reply.has_error() and reply.error.code == NODE_UNAVAILABLE:
+                if follow and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # node lost
                     lost_at.setdefault(key, time.monotonic())
                     continue
                 trips[key] = time.monotonic() - start
@@ -109,9 +109,10 @@ class FlowerTransport:
                     for mid in [mid for mid, k in key_of.items() if k == key]:
                         del key_of[mid]
                         waiting.discard(mid)
-                before = set(key_of)
-                push({key: resend(m, self.node_of[key]) for key, m in moved.items()})
-                waiting |= set(key_of) - before
+                if moved:
+                    before = set(key_of)
+                    push({key: resend(m, self.node_of[key]) for key, m in moved.items()})
+                    waiting |= set(key_of) - before
             given_up = {key for key, when in lost_at.items() if now - when > self.rejoin_timeout}
             if not waiting and not (set(lost_at) - given_up) or now - start > timeout:
                 break
