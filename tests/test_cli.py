@@ -112,7 +112,8 @@ def test_entry_point_prints_one_line(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("fedlease: error: unknown task 'nope'; known tasks: rotten_tomatoes snli "
-                                   "newsgroups election_tweets sst2 qnli mrpc qqp rte mnli")
+                                   "newsgroups election_tweets sst2 qnli mrpc qqp rte mnli instruct_sentiment "
+                                   "instruct_nli instruct_edit instruct_struct2text instruct_commonsense")
 
 
 def test_tasks_listing(capsys):

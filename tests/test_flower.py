@@ -17,7 +17,7 @@ import torch
 from flower_grid import InProcessGrid, run_server
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_run_config
+from conftest import REPO, tiny_instruction_config, tiny_run_config
 from fedlease.config import RunConfig
 from fedlease.methods.base import Instruction, Update
 from fedlease.model.experts import ExpertLayout
@@ -129,6 +129,17 @@ def test_flower_gives_the_in_process_runners_results(tiny_model, tmp_path, metho
                                             output_dir=str(tmp_path / "flower")))
     assert_same_results(tmp_path / "in-process", flower)
     assert history(flower)["rounds"][-1]["clients"]["2"]["upload_bytes"] > 0
+
+
+@pytest.mark.parametrize("method", ["fedlease", "fedsa_lora"])
+def test_flower_trains_instruction_tasks_as_the_in_process_runner(tiny_causal_lm, tmp_path, method):
+    config = tiny_instruction_config(tiny_causal_lm, tmp_path / "in-process", method=method, train_samples=8,
+                                     test_samples=4, tasks=["instruct_sentiment:2", "instruct_struct2text"])
+    run(config, progress=False)
+    flower = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "flower"),
+                                            tasks=["instruct_sentiment", "instruct_sentiment", "instruct_struct2text"]))
+    assert_same_results(tmp_path / "in-process", flower)
+    assert "rouge1" in history(flower)["final"]["mean"]
 
 
 def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):

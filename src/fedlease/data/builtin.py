@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import lzma
+from collections.abc import Iterator
 from importlib import resources
 
 from fedlease.data.tasks import Example, TaskSpec
 from fedlease.errors import DataError
 
 
-def read_jsonl_examples(text: str, spec: TaskSpec, source: str) -> list[Example]:
-    """Parse JSON lines of ``{"text_a", "text_b"?, "label"}``; a bad line is a DataError naming it."""
-    label_ids = {name: i for i, name in enumerate(spec.labels)}
-    examples = []
+def json_records(text: str, source: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-empty JSON line; a line that is not a JSON object is a DataError
+    naming ``source`` and the line."""
     # split on "\n" only: str.splitlines() would also split at U+2028 inside a JSON string
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -28,6 +28,14 @@ def read_jsonl_examples(text: str, spec: TaskSpec, source: str) -> list[Example]
             raise DataError(f"{source}:{line_no}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{source}:{line_no}: expected a JSON object")
+        yield line_no, record
+
+
+def read_jsonl_examples(text: str, spec: TaskSpec, source: str) -> list[Example]:
+    """Parse JSON lines of ``{"text_a", "text_b"?, "label"}``; a bad line is a DataError naming it."""
+    label_ids = {name: i for i, name in enumerate(spec.labels)}
+    examples = []
+    for line_no, record in json_records(text, source):
         text_a, text_b, label = record.get("text_a"), record.get("text_b"), record.get("label")
         if not isinstance(text_a, str) or (text_b is not None and not isinstance(text_b, str)):
             raise DataError(f"{source}:{line_no}: text_a must be a string and text_b a string or absent")
@@ -41,14 +49,15 @@ def read_jsonl_examples(text: str, spec: TaskSpec, source: str) -> list[Example]
     return examples
 
 
+def read_corpus(name: str) -> str:
+    """The text of a shipped ``corpora/<name>`` file (xz-compressed JSON lines)."""
+    try:
+        return lzma.decompress((resources.files("fedlease.data") / "corpora" / name).read_bytes()).decode("utf-8")
+    except (FileNotFoundError, lzma.LZMAError) as exc:
+        raise DataError(f"built-in data file {name} is missing or damaged ({exc}); reinstall fedlease") from None
+
+
 def load_builtin(spec: TaskSpec) -> tuple[list[Example], list[Example]]:
-    folder = resources.files("fedlease.data") / "corpora"
-    splits = []
-    for split in ("train", "validation"):
-        name = f"{spec.name}.{split}.jsonl.xz"
-        try:
-            text = lzma.decompress((folder / name).read_bytes()).decode("utf-8")
-        except (FileNotFoundError, lzma.LZMAError) as exc:
-            raise DataError(f"built-in data file {name} is missing or damaged ({exc}); reinstall fedlease") from None
-        splits.append(read_jsonl_examples(text, spec, name))
-    return splits[0], splits[1]
+    train, validation = (f"{spec.name}.{split}.jsonl.xz" for split in ("train", "validation"))
+    return read_jsonl_examples(read_corpus(train), spec, train), read_jsonl_examples(read_corpus(validation), spec,
+                                                                                     validation)

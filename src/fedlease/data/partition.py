@@ -92,30 +92,30 @@ def partition_clients(
         for rank, cid in enumerate(cids):
             if scheme == "dirichlet":
                 rng = np.random.default_rng(derive_seed(seed, "dirichlet", task, rank))
-                proportions = rng.dirichlet(np.full(spec.num_labels, alpha))
+                proportions = rng.dirichlet(np.full(spec.num_classes, alpha))
                 counts[cid] = (dirichlet_counts(train_samples, proportions),
                                dirichlet_counts(test_samples, proportions))
             else:
-                counts[cid] = (balanced_counts(train_samples, spec.num_labels, rank),
-                               balanced_counts(test_samples, spec.num_labels, rank))
+                counts[cid] = (balanced_counts(train_samples, spec.num_classes, rank),
+                               balanced_counts(test_samples, spec.num_classes, rank))
         chosen: dict[int, dict[str, list[Example]]] = {cid: {} for cid in cids}
         reused = dict.fromkeys(cids, 0)
         for split_index, (split, examples) in enumerate((("train", data[task].train),
                                                          ("validation", data[task].validation))):
             need = np.sum([counts[cid][split_index] for cid in cids], axis=0)
-            available = np.bincount([ex.label for ex in examples], minlength=spec.num_labels)
-            empty = [c for c in range(spec.num_labels) if need[c] and not available[c]]
+            available = np.bincount([ex.label for ex in examples], minlength=spec.num_classes)
+            empty = [c for c in range(spec.num_classes) if need[c] and not available[c]]
             if empty:
-                raise DataError(f"task {task}: the {split} split has no example of class '{spec.labels[empty[0]]}'")
-            short = [c for c in range(spec.num_labels) if need[c] > available[c]]
+                raise DataError(f"task {task}: the {split} split has no example of class '{spec.class_name(empty[0])}'")
+            short = [c for c in range(spec.num_classes) if need[c] > available[c]]
             if short and not allow_overlap:
                 c = short[0]
                 raise DataError(
                     f"task {task}: {len(cids)} client(s) need {need[c]} {split} examples of class "
-                    f"'{spec.labels[c]}' in all, but the {split} split has {available[c]}; lower "
+                    f"'{spec.class_name(c)}' in all, but the {split} split has {available[c]}; lower "
                     f"--{'train' if split == 'train' else 'test'}_samples, use fewer clients of this task, "
                     f"or pass --allow_overlap to reuse examples")
-            pools = _ClassPools(examples, spec.num_labels, derive_seed(seed, "partition", task, split))
+            pools = _ClassPools(examples, spec.num_classes, derive_seed(seed, "partition", task, split))
             for cid in cids:
                 indices, n_reused = pools.take(counts[cid][split_index])
                 chosen[cid][split] = [examples[i] for i in indices]

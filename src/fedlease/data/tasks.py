@@ -1,9 +1,12 @@
 """The task registry: what a task is, and how to get its examples.
 
-A task is a text classification problem with a fixed label set. Each registered task names its labels (the
-order fixes the label ids, and matches the Hugging Face GLUE ids), whether it is a sentence pair, the metrics
-reported for it, and where its examples come from: the built-in offline corpora shipped with the package, or
-GLUE (a local directory in the official layout, or the Hugging Face hub).
+A task is of one of two kinds. A *classification* task has a fixed label set: each registered one names its
+labels (the order fixes the label ids, and matches the Hugging Face GLUE ids), whether it is a sentence pair,
+the metrics reported for it, and where its examples come from: the built-in offline corpora shipped with the
+package, or GLUE (a local directory in the official layout, or the Hugging Face hub). A *generation* task maps
+an instruction (and an optional input) to a response and is scored by ROUGE (``fedlease.data.instructions``);
+where its responses are label words, ``labels`` names them, partitions are balanced over them and exact match
+is reported too. Loaders of other sources add tasks with :func:`register` (a user's JSON-lines folder).
 """
 
 from __future__ import annotations
@@ -27,25 +30,37 @@ class TaskSpec:
     name: str
     labels: tuple[str, ...]
     pair: bool
-    source: str  # "builtin" or "glue"
+    source: str  # "builtin", "glue", "instructions" (built in) or "jsonl" (a user's folder)
     description: str
     # Besides accuracy: "f1" (binary, positive = label 1) or "macro_f1" (multi-class).
     extra_metric: str | None = None
+    kind: str = "classification"  # or "generation"
+    location: str | None = None  # a "jsonl" task's folder
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
     @property
+    def num_classes(self) -> int:
+        """Classes a partition balances over: a free-text generation task is one class."""
+        return max(self.num_labels, 1)
+
+    def class_name(self, index: int) -> str:
+        return self.labels[index] if self.labels else "(any)"
+
+    @property
     def metrics(self) -> tuple[str, ...]:
+        if self.kind == "generation":
+            return ("rouge1", "rougeL", "exact_match") if self.labels else ("rouge1", "rougeL")
         return ("accuracy",) if self.extra_metric is None else ("accuracy", self.extra_metric)
 
 
 @dataclass(frozen=True)
 class TaskData:
     spec: TaskSpec
-    train: list[Example]
-    validation: list[Example]
+    train: list  # Example, or InstructionExample for a generation task
+    validation: list
 
 
 NEWSGROUPS = (
@@ -73,10 +88,40 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("qqp", ("not_duplicate", "duplicate"), True, "glue", "GLUE QQP duplicate questions", "f1"),
         TaskSpec("rte", ("entailment", "not_entailment"), True, "glue", "GLUE RTE entailment"),
         TaskSpec("mnli", NLI3, True, "glue", "GLUE MNLI (validation = matched)", "macro_f1"),
+        TaskSpec("instruct_sentiment", ("negative", "positive"), False, "instructions",
+                 "movie-review sentiment as instructions (rotten_tomatoes, FLAN templates)", kind="generation"),
+        TaskSpec("instruct_nli", ("yes", "it is not possible to tell", "no"), True, "instructions",
+                 "natural language inference as instructions (snli, FLAN templates)", kind="generation"),
+        TaskSpec("instruct_edit", (), False, "instructions",
+                 "text editing: restore punctuation, spaces or case of a sentence (snli captions, FLAN templates)",
+                 kind="generation"),
+        TaskSpec("instruct_struct2text", (), False, "instructions",
+                 "structure to text: E2E NLG restaurant attributes -> a description (GEM via BIG-bench)",
+                 kind="generation"),
+        TaskSpec("instruct_commonsense", (), False, "instructions",
+                 "commonsense reasoning: Social IQa, answer among three options (via BIG-bench)", kind="generation"),
     )
 }
 
 BUILTIN = tuple(name for name, spec in TASKS.items() if spec.source == "builtin")
+
+
+def register(spec: TaskSpec) -> None:
+    """Add a task from another source (a user's instruction folder); a name may not change its meaning."""
+    known = TASKS.get(spec.name)
+    if known is not None and known != spec:
+        raise DataError(f"task {spec.name!r} is already defined ({known.description}); rename the category")
+    TASKS[spec.name] = spec
+
+
+def task_kind(names: list[str]) -> str:
+    """The one kind of all ``names``: a run trains classification or generation tasks, not both."""
+    kinds = {get_spec(name).kind for name in names}
+    if len(kinds) > 1:
+        by_kind = {k: next(n for n in names if get_spec(n).kind == k) for k in sorted(kinds)}
+        raise DataError("--tasks mixes kinds: " + " and ".join(f"{n} is a {k} task" for k, n in by_kind.items())
+                        + "; one run trains tasks of one kind")
+    return kinds.pop()
 
 
 def get_spec(name: str) -> TaskSpec:
@@ -96,7 +141,11 @@ def check_tasks(names: list[str]) -> None:
 def load_task(name: str, data_dir: str | None = None) -> TaskData:
     """All examples of a task: from the package (built-in), from ``data_dir`` or from the hub (GLUE)."""
     spec = get_spec(name)
-    if spec.source == "builtin":
+    if spec.source in ("instructions", "jsonl"):
+        from fedlease.data.instructions import load_instruction_task
+
+        train, validation = load_instruction_task(spec)
+    elif spec.source == "builtin":
         from fedlease.data.builtin import load_builtin
 
         train, validation = load_builtin(spec)

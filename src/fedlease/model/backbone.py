@@ -43,6 +43,7 @@ class Backbone:
     device: torch.device
     num_labels: int  # width of the head: the largest label set among the clients
     pair_encoding: str = "joint"  # "joint": a pair is one sequence; "separate": each text on its own (bi-encoder)
+    kind: str = "encoder"  # or "causal_lm" (fedlease.model.causal_lm)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,6 +81,33 @@ def resolve_model_source(name: str) -> tuple[str, bool]:
             f"reached; use the built-in offline encoder (the default, {next(iter(OFFLINE_MODELS))}) or pass a "
             f"local folder that holds the model (config.json, weights, tokenizer)")
     return name, False
+
+
+def is_causal_lm(config) -> bool:
+    """A decoder-only language model: its architecture is a causal LM and it is not an encoder-decoder."""
+    names = getattr(config, "architectures", None) or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) and not config.is_encoder_decoder
+
+
+def quiet_transformers() -> None:
+    """No progress bars and no warnings from transformers: the run's own log says what was loaded."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def adapt(model: nn.Module, target_modules: list[str] | None, rank: int, alpha: float, dropout: float
+          ) -> tuple[list[str], dict]:
+    """Put expert layers on the target modules (found from the model family unless given) and freeze the
+    model; return the targets and the new layers."""
+    targets = target_modules or find_target_modules(model)
+    sites = inject_experts(model, targets, rank, alpha, dropout)
+    if not sites:
+        raise ModelError(f"--target_modules {' '.join(targets)}: no linear layer of this model has that name")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return targets, sites
 
 
 def find_target_modules(model: nn.Module) -> list[str]:
@@ -122,17 +150,21 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     "joint" reads a text pair as one sequence through the model's own classification head; "separate" embeds
     each text on its own and classifies the pair of embeddings (``BiEncoderClassifier``); "auto" is "separate"
     for a sentence-transformers model folder (a bi-encoder, like the default MiniLM) and "joint" otherwise."""
-    import transformers
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     torch_device = resolve_device(device)
     source, local_only = resolve_model_source(model_name)
     if local_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encoding, pooling = resolve_pair_encoding(pair_encoding, source)
     try:
+        from transformers import AutoConfig
+
+        if is_causal_lm(AutoConfig.from_pretrained(source, local_files_only=local_only)):
+            raise ModelError(f"--model_name {model_name} is a causal language model; classification tasks need an "
+                             f"encoder (the default {next(iter(OFFLINE_MODELS))}, or e.g. roberta-large), and a "
+                             f"causal LM trains the instruction tasks (fedlease tasks lists both kinds)")
         overrides = {} if attention_dropout else attention_dropout_off(source, local_only, model_name)
         if encoding == "separate":
             encoder = AutoModel.from_pretrained(source, local_files_only=local_only, **overrides)
@@ -156,12 +188,7 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     head = [name for name in params if name in new] or [name for name in params if name.startswith(HEAD_PREFIXES)]
     if not head:
         raise ModelError(f"--model_name {model_name}: cannot find the classification head's parameters")
-    targets = target_modules or find_target_modules(model)
-    sites = inject_experts(model, targets, rank, alpha, dropout)
-    if not sites:
-        raise ModelError(f"--target_modules {' '.join(targets)}: no linear layer of this model has that name")
-    for param in model.parameters():
-        param.requires_grad_(False)
+    targets, sites = adapt(model, target_modules, rank, alpha, dropout)
     model.to(torch_device)
     # A head the checkpoint held at this width (not newly initialised) is its own trained head: keep it.
     pretrained = [name for name in head if name not in new]

@@ -106,7 +106,9 @@ class ExpertLinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         d_in, d_out = base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # LoRA weights stay fp32 whatever the frozen base is stored in (bf16, or 8/4-bit integers): autocast
+        # chooses the dtype of the products, and the optimiser updates full-precision weights.
+        factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.zeros(rank, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **factory))
         self.register_parameter("router", None)

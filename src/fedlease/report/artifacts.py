@@ -33,7 +33,10 @@ from fedlease.storage import write_json
 log = logging.getLogger("fedlease")
 
 SIGNATURE_NAMES = {"lora_b": "LoRA B", "embedding": "data embedding"}
-METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1"}
+METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "rouge1": "ROUGE-1",
+                 "rougeL": "ROUGE-L", "exact_match": "exact match"}
+# The headline metric of a run's tasks: accuracy for classification, ROUGE-1 for instruction tasks (the paper's).
+HEADLINES = ("accuracy", "rouge1")
 PLOT_FILES = ("dendrogram.png", "distance_heatmap.png", "cluster_scores.png", "embedding_2d.png",
               *(f"{metric}_by_round.png" for metric in METRIC_LABELS))
 
@@ -50,8 +53,14 @@ def summarize(metrics: Mapping[int, Mapping[str, float]], clients: Sequence[Clie
         by_task.setdefault(clients[cid].task, []).append(values)
     tasks = {task: {name: float(np.mean([v[name] for v in rows])) for name in rows[0] if name != "loss"}
              for task, rows in by_task.items()}
-    mean = {"accuracy": float(np.mean([t["accuracy"] for t in tasks.values()]))} if tasks else {}
+    key = headline(next(iter(tasks.values()))) if tasks else None
+    mean = {key: float(np.mean([t[key] for t in tasks.values()]))} if key else {}
     return {"tasks": tasks, "mean": mean}
+
+
+def headline(values: Mapping[str, float]) -> str:
+    """The headline metric among ``values`` (a task's metrics or a round's mean)."""
+    return next((name for name in HEADLINES if name in values), HEADLINES[0])
 
 
 class RunRecorder:
@@ -141,7 +150,7 @@ class RunRecorder:
     def plot_metrics(self) -> None:
         rounds = self.history["rounds"]
         tasks = list(dict.fromkeys(task for r in rounds for task in r["tasks"]))  # a round may lack a task
-        for metric in ("accuracy", "f1", "macro_f1"):
+        for metric in METRIC_LABELS:
             series = {task: [r["tasks"].get(task, {}).get(metric, np.nan) for r in rounds] for task in tasks
                       if any(metric in r["tasks"].get(task, {}) for r in rounds)}
             if series:
@@ -168,7 +177,7 @@ class RunRecorder:
         test split, so its mean is recorded only as an oracle (optimistic) figure, named so."""
         rounds = self.history["rounds"]
         last = rounds[-1]
-        best = max(rounds, key=lambda r: r["mean"].get("accuracy", float("-inf")))
+        best = max(rounds, key=lambda r: r["mean"].get(headline(r["mean"]), float("-inf")))
         final = {"round": last["round"], "tasks": last["tasks"], "mean": last["mean"],
                  "oracle_best_round": best["round"], "oracle_best_mean": best["mean"]}
         self.history["final"] = final
@@ -182,17 +191,18 @@ def format_table(final: Mapping, clients: Sequence[ClientInfo]) -> str:
     counts: dict[str, int] = {}
     for c in clients:
         counts[c.task] = counts.get(c.task, 0) + 1
-    extra = [m for m in ("f1", "macro_f1") if any(m in v for v in final["tasks"].values())]
-    header = ["task", "clients", "accuracy", *[METRIC_LABELS[m] for m in extra]]
+    key = headline(final["mean"])
+    extra = [m for m in METRIC_LABELS if m != key and any(m in v for v in final["tasks"].values())]
+    header = ["task", "clients", METRIC_LABELS[key], *[METRIC_LABELS[m] for m in extra]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task, values in final["tasks"].items():
-        cells = [task, str(counts[task]), f"{100 * values['accuracy']:.2f}"]
+        cells = [task, str(counts[task]), f"{100 * values[key]:.2f}"]
         cells += [f"{100 * values[m]:.2f}" if m in values else "-" for m in extra]
         lines.append("| " + " | ".join(cells) + " |")
-    mean = final["mean"].get("accuracy")
+    mean = final["mean"].get(key)
     lines.append("| mean over tasks | " + str(len(clients)) + f" | {100 * mean:.2f} |" + " |" * len(extra))
     lines.append("")
     lines.append(f"Round {final['round']} (final): the result. Oracle best round (picked on test, so optimistic): "
-                 f"mean accuracy {100 * final['oracle_best_mean']['accuracy']:.2f} in round "
+                 f"mean {METRIC_LABELS[key]} {100 * final['oracle_best_mean'][key]:.2f} in round "
                  f"{final['oracle_best_round']}.")
     return "\n".join(lines)

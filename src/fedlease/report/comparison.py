@@ -1,9 +1,10 @@
 """The comparison table of ``fedlease compare``: the FedLEASE paper's layout, with spread over seeds.
 
 Per method and task: the final round's mean over the task's clients (accuracy, and F1 / macro-F1 where the
-task has one), the headline; the average over tasks; the oracle best round's average (the round is picked on the
-test split, so the figure is optimistic and only labelled as such); communication per client per round after
-FedLEASE's warmup (which downloads nothing; other methods: every round), and in total over the whole run; wall
+task has one; for instruction tasks ROUGE-1, and ROUGE-L / exact match), the headline; the average over tasks;
+the oracle best round's average (the round is picked on the test split, so the figure is optimistic and only
+labelled as such); communication per client per round after FedLEASE's warmup (which downloads nothing; other
+methods: every round), and in total over the whole run; wall
 time. With several seeds every number is the mean and the sample standard deviation.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fedlease.config import RunConfig
-from fedlease.report.artifacts import METRIC_LABELS
+from fedlease.report.artifacts import METRIC_LABELS, headline
 
 MB = 1e6
 
@@ -26,6 +27,7 @@ MB = 1e6
 @dataclass
 class MethodResult:
     label: str
+    metric: str = "accuracy"  # the headline: accuracy, or ROUGE-1 for instruction tasks
     seeds: list[int] = field(default_factory=list)
     tasks: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # task -> metric -> per seed
     average: list[float] = field(default_factory=list)
@@ -43,9 +45,10 @@ class MethodResult:
         for task, metrics in final["tasks"].items():
             for metric, value in metrics.items():
                 self.tasks.setdefault(task, {}).setdefault(metric, []).append(value)
-        self.average.append(final["mean"]["accuracy"])
+        self.metric = headline(final["mean"])
+        self.average.append(final["mean"][self.metric])
         prefix = "oracle_best" if "oracle_best_mean" in final else "best"  # histories written before the rename
-        self.oracle_best_average.append(final[f"{prefix}_mean"]["accuracy"])
+        self.oracle_best_average.append(final[f"{prefix}_mean"][self.metric])
         self.oracle_best_round.append(final[f"{prefix}_round"])
         after_warmup = [r for r in history["rounds"] if r["phase"] != "warmup" and r["clients"]]
         self.upload_bytes_per_client_round_after_warmup.append(mean_per_client_round(after_warmup, "upload_bytes"))
@@ -74,7 +77,8 @@ def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) -> str:
     tasks = list(dict.fromkeys(task for r in results for task in r.tasks))
-    extra = [(task, metric) for task in tasks for metric in ("f1", "macro_f1")
+    key = results[0].metric if results else "accuracy"
+    extra = [(task, metric) for task in tasks for metric in METRIC_LABELS if metric != key
              if any(metric in r.tasks.get(task, {}) for r in results)]
     seeds = results[0].seeds if results else []
     same_seeds = all(sorted(r.seeds) == sorted(seeds) for r in results)
@@ -85,10 +89,10 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
 
     what = (f"{len(seeds)} seed(s): {' '.join(map(str, seeds))}" if same_seeds
             else "the seeds each row names (mean ± std over them)")
-    lines = [f"Final-round accuracy (%), mean over each task's clients; {what}.", "",
+    lines = [f"Final-round {METRIC_LABELS[key]} (%), mean over each task's clients; {what}.", "",
              "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for r in results:
-        lines.append(f"| {label(r)} | " + " | ".join(cell(r.tasks.get(t, {}).get("accuracy", [])) for t in tasks)
+        lines.append(f"| {label(r)} | " + " | ".join(cell(r.tasks.get(t, {}).get(key, [])) for t in tasks)
                      + f" | {cell(r.average)} |")
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "oracle best-round avg (picked on test) | "
@@ -113,7 +117,7 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
     table = "\n".join(lines)
     (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
     write_csv(out / "comparison.csv", results, tasks)
-    plot_comparison(out / "comparison.png", results, tasks)
+    plot_comparison(out / "comparison.png", results, tasks, key)
     return table
 
 
@@ -138,20 +142,20 @@ def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None
         writer.writerows(rows)
 
 
-def plot_comparison(path: Path, results: list[MethodResult], tasks: list[str]) -> None:
+def plot_comparison(path: Path, results: list[MethodResult], tasks: list[str], key: str = "accuracy") -> None:
     groups = [*tasks, "avg"]
     fig = Figure(figsize=(max(7, 1.3 * len(groups) * max(1, len(results)) / 3), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(results))
     x = np.arange(len(groups))
     for i, r in enumerate(results):
-        series = [r.tasks.get(t, {}).get("accuracy", []) for t in tasks] + [r.average]
+        series = [r.tasks.get(t, {}).get(key, []) for t in tasks] + [r.average]
         means = [100 * mean_std(v)[0] if v else np.nan for v in series]
         stds = [100 * mean_std(v)[1] if v else 0.0 for v in series]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, label=r.label, capsize=2)
     ax.set_xticks(x, groups)
-    ax.set_ylabel("final accuracy (%)")
-    ax.set_title("Per-task accuracy by method")
+    ax.set_ylabel(f"final {METRIC_LABELS[key]} (%)")
+    ax.set_title(f"Per-task {METRIC_LABELS[key]} by method")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(4, max(1, len(results))))
     fig.tight_layout()

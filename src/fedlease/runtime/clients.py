@@ -1,14 +1,47 @@
 """Building clients on this process's backbone: shared by the in-process runner and the Flower ClientApp, so a
-client is the same object, with the same data slice, whichever runtime trains it."""
+client is the same object, with the same data slice, whichever runtime trains it.
+
+This is where a run's kind is chosen, once: classification tasks get an encoder and ``LocalClient``s, instruction
+tasks a causal LM and ``GenerationClient``s. Methods, runtimes and reports do not learn which kind they run.
+"""
 
 from __future__ import annotations
 
-from fedlease.config import RunConfig
+from dataclasses import replace
+
+from fedlease.config import AUTO_MODEL, DEFAULT_DECODER, DEFAULT_MODEL, RANK_BY_KIND, RunConfig
 from fedlease.data.partition import ClientSplit, partition_clients
-from fedlease.data.tasks import TaskData, get_spec, load_task
+from fedlease.data.tasks import TaskData, get_spec, load_task, task_kind
 from fedlease.methods.base import ClientInfo
-from fedlease.model.backbone import Backbone, load_backbone
+from fedlease.model.backbone import Backbone, load_backbone, resolve_model_source
 from fedlease.train import LocalClient, TrainSettings, encode, resolve_precision
+
+
+def register_user_tasks(config: RunConfig) -> None:
+    """Make the categories of ``--instruction_dir`` known as tasks (in every process that builds clients)."""
+    if config.instruction_dir:
+        from fedlease.data.instructions import register_instruction_folder
+
+        register_instruction_folder(config.instruction_dir)
+
+
+def resolve_defaults(config: RunConfig) -> RunConfig:
+    """The model and rank that "auto" and an unset rank stand for with these tasks."""
+    kind = task_kind(config.tasks)
+    model = config.model_name
+    if model == AUTO_MODEL:
+        model = DEFAULT_DECODER if kind == "generation" else DEFAULT_MODEL
+    return replace(config, model_name=model, rank=config.rank or RANK_BY_KIND[kind])
+
+
+def check_model_source(config: RunConfig) -> None:
+    """Fail before anything is written when the model cannot be found (nothing is loaded)."""
+    if task_kind(config.tasks) == "generation":
+        from fedlease.model.causal_lm import resolve_decoder_source
+
+        resolve_decoder_source(config.model_name)
+    else:
+        resolve_model_source(config.model_name)
 
 
 def client_infos(config: RunConfig) -> list[ClientInfo]:
@@ -27,9 +60,17 @@ def load_partition(config: RunConfig, only_task: str | None = None
 
 
 def load_shared_backbone(config: RunConfig) -> Backbone:
-    """The one frozen backbone of this process, with a head as wide as the largest label set of the run."""
+    """The one frozen backbone of this process: for classification with a head as wide as the largest label
+    set of the run, for instruction tasks a causal LM."""
+    rank = config.rank or RANK_BY_KIND[task_kind(config.tasks)]
+    if task_kind(config.tasks) == "generation":
+        from fedlease.model.causal_lm import load_causal_lm
+
+        return load_causal_lm(config.model_name, rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                              target_modules=config.target_modules, device=config.device,
+                              quantization=config.quantization, attention_dropout=not config.no_attention_dropout)
     num_labels = max(get_spec(task).num_labels for task in config.tasks)
-    return load_backbone(config.model_name, num_labels, rank=config.rank, alpha=config.lora_alpha,
+    return load_backbone(config.model_name, num_labels, rank=rank, alpha=config.lora_alpha,
                          dropout=config.lora_dropout, target_modules=config.target_modules, device=config.device,
                          attention_dropout=not config.no_attention_dropout, pair_encoding=config.pair_encoding)
 
@@ -42,7 +83,15 @@ def train_settings(config: RunConfig, backbone: Backbone) -> TrainSettings:
 
 def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings, split: ClientSplit) -> LocalClient:
     """One client's slice, tokenised once, bound to the shared backbone."""
+    spec = get_spec(split.task)
+    if backbone.kind == "causal_lm":
+        from fedlease.generation import GenerationClient, encode_instructions
+
+        return GenerationClient(split.client_id, spec, backbone.adapted,
+                                encode_instructions(backbone.tokenizer, split.train, config.max_length),
+                                encode_instructions(backbone.tokenizer, split.test, config.max_length), settings,
+                                backbone.tokenizer, config.max_new_tokens)
     separate = backbone.pair_encoding == "separate"
-    return LocalClient(split.client_id, get_spec(split.task), backbone.adapted,
+    return LocalClient(split.client_id, spec, backbone.adapted,
                        encode(backbone.tokenizer, split.train, config.max_length, separate),
                        encode(backbone.tokenizer, split.test, config.max_length, separate), settings)

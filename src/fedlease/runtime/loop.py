@@ -26,7 +26,7 @@ import torch
 from fedlease.config import RunConfig
 from fedlease.methods.base import FederatedMethod, Instruction, Update
 from fedlease.model.experts import ExpertLayout
-from fedlease.report.artifacts import RunRecorder
+from fedlease.report.artifacts import METRIC_LABELS, RunRecorder, headline
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
 from fedlease.runtime.client_state import NO_ROUND
 from fedlease.runtime.validation import UpdateValidator
@@ -112,9 +112,10 @@ class Federation:
             self.recorder.save_final_models({cid: e.final for cid, e in evaluations.items() if e.final},
                                             self.info.get("model_source", config.model_name))
         self.checkpoint(rnd)
-        per_task = "  ".join(f"{task} {100 * v['accuracy']:.2f}" for task, v in summary["tasks"].items())
-        log.info("round %d (%s): accuracy %s | mean %.2f | %.1fs", rnd + 1, report.phase, per_task,
-                 100 * summary["mean"].get("accuracy", float("nan")), summary["seconds"])
+        key = headline(summary["mean"])
+        per_task = "  ".join(f"{task} {100 * v[key]:.2f}" for task, v in summary["tasks"].items())
+        log.info("round %d (%s): %s %s | mean %.2f | %.1fs", rnd + 1, report.phase, METRIC_LABELS[key], per_task,
+                 100 * summary["mean"].get(key, float("nan")), summary["seconds"])
         return summary
 
     def checkpoint(self, rnd: int) -> None:

@@ -24,13 +24,22 @@ from fedlease.data.tasks import check_tasks
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
-from fedlease.model.backbone import Backbone, resolve_device, resolve_model_source
+from fedlease.model.backbone import Backbone, resolve_device
 from fedlease.model.experts import PARTS
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
 from fedlease.runtime.client_state import ClientState, MemoryBackend, Owner
-from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
+from fedlease.runtime.clients import (
+    check_model_source,
+    client_infos,
+    load_partition,
+    load_shared_backbone,
+    local_client,
+    register_user_tasks,
+    resolve_defaults,
+    train_settings,
+)
 from fedlease.runtime.loop import Evaluation, Federation, Sync
 from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
 
@@ -54,8 +63,10 @@ class RunResult:
 
 def prepare_config(config: RunConfig) -> RunConfig:
     """Expand 'task:N', validate flags, tasks and method: everything that needs no data and no model."""
+    register_user_tasks(config)
     config = replace(config, tasks=expand_tasks(config.tasks)).validate()
     check_tasks(config.tasks)
+    config = resolve_defaults(config)
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; known methods: {' '.join(METHODS)}")
     if config.warmup_rounds >= config.global_rounds:
@@ -194,6 +205,8 @@ def config_changes(recorded: RunConfig, wanted: Mapping[str, object]) -> list[st
             continue
         if name == "tasks":
             value = expand_tasks(list(value))
+        if name in ("model_name", "rank"):  # "auto" and an unset rank stand for the run's kind's defaults
+            value = getattr(resolve_defaults(replace(recorded, **{name: value})), name)
         if value != getattr(recorded, name):
             changes.append(f"--{name} {value} (the run used {getattr(recorded, name)})")
     return changes
@@ -224,7 +237,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
     if ckpt is None:
         check_output_dir(config)
     _, splits = load_partition(config)
-    resolve_model_source(config.model_name)
+    check_model_source(config)
     resolve_precision(config.precision, resolve_device(config.device))
     created = create_output_dir(out) if ckpt is None else False
     recorder = None

@@ -265,12 +265,12 @@ def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = 
 
     Everything that can be checked here (flags, tasks, data, model location, output directory) is checked
     before any process starts: inside the run an error would only surface in the streamed log."""
-    from fedlease.runtime.simulation import check_output_dir, load_partition, prepare_config, resolve_model_source
+    from fedlease.runtime.simulation import check_model_source, check_output_dir, load_partition, prepare_config
 
     config = prepare_config(dataclasses.replace(config, output_dir=str(Path(config.output_dir).expanduser().resolve())))
     check_output_dir(config)
     load_partition(config)
-    resolve_model_source(config.model_name)
+    check_model_source(config)
     out = Path(config.output_dir)
     with LoopbackDeployment(workdir, config.num_clients, tls=tls, log=lambda line: print(line, flush=True),
                             executor=executor) as dep:

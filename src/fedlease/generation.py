@@ -1,0 +1,234 @@
+"""Instruction tuning of one client on a shared causal LM: next-token loss on the response, greedy generation,
+ROUGE.
+
+An example is the prompt (the instruction and input in the tokenizer's chat template, or an Alpaca-style
+"### Instruction / ### Response" frame for a model without one) followed by the response and the end-of-sequence
+token. Training minimises the cross-entropy of the response tokens only: the prompt is masked, as in the
+instruction-tuning setups the paper follows, and the LM head is applied only at the positions that predict a
+response token (the vocabulary projection is most of a small model's cost). Evaluation generates greedily from
+the prompt (left-padded batches, at most ``--max_new_tokens``) and scores the text against the reference with
+ROUGE-1 and ROUGE-L F-measures (Google's ``rouge-score``, with stemming, as FLAN-style evaluations do) and, where
+the answers are label words, exact match; it also reports the teacher-forced loss of the reference response.
+
+The fit loop, the optimiser, precision and batching are :class:`fedlease.train.LocalClient`'s: only the loss, the
+evaluation and the embedding differ, so every method runs unchanged on either kind of client.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedlease.data.instructions import InstructionExample, prompt_text
+from fedlease.data.tasks import TaskSpec
+from fedlease.errors import ConfigError
+from fedlease.model.experts import AdaptedModel
+from fedlease.train import LocalClient, TrainSettings, batch_indices, round_up
+
+IGNORE = -100
+ALPACA = "### Instruction:\n{text}\n\n### Response:\n"
+
+
+@dataclass
+class LMEncoded:
+    """One split of one client, tokenised: prompt + response + EOS per row, right-padded."""
+
+    input_ids: torch.Tensor  # (N, L)
+    lengths: torch.Tensor  # (N,) tokens in the row
+    prompt_lengths: torch.Tensor  # (N,) tokens of the prompt: the response starts here
+    references: list[str]
+    labels: torch.Tensor  # (N,) the answer's label index (0 for free text)
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def example_lengths(self) -> torch.Tensor:
+        return self.lengths
+
+    def subset(self, index: torch.Tensor) -> LMEncoded:
+        return LMEncoded(self.input_ids[index], self.lengths[index], self.prompt_lengths[index],
+                         [self.references[i] for i in index.tolist()], self.labels[index], self.pad_token_id)
+
+
+class PromptFormat:
+    """Renders a user turn as the model's prompt and cuts examples to ``max_length`` tokens."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.scaffold = len(self.ids(self.render("")))
+        if self.scaffold + 2 > max_length:
+            raise ConfigError(f"--max_length {max_length}: the prompt template alone takes {self.scaffold} tokens, "
+                              f"leaving no room for an instruction and a response; raise --max_length")
+
+    def render(self, text: str) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return ALPACA.format(text=text)
+
+    def ids(self, prompt: str) -> list[int]:
+        # a chat template writes its own special tokens; a plain frame gets the tokenizer's (BOS)
+        return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
+
+    def example(self, ex: InstructionExample) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids + EOS), together at most ``max_length``: a long response keeps at most
+        half of the room, and a long instruction is cut at its end (the template's frame is kept)."""
+        tok = self.tokenizer
+        response = tok(ex.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        text = prompt_text(ex)
+        prompt = self.ids(self.render(text))
+        room = self.max_length - self.scaffold
+        if len(prompt) + len(response) > self.max_length:
+            response = response[: max(room // 2, room - (len(prompt) - self.scaffold))]
+            budget = room - len(response)
+            text_ids = tok(text, add_special_tokens=False)["input_ids"]
+            prompt = self.ids(self.render(tok.decode(text_ids[: max(budget - 2, 1)])))
+            prompt = prompt[: self.max_length - len(response)]  # a re-tokenised cut may be a token or two long
+        return prompt, response
+
+
+def encode_instructions(tokenizer, examples: list[InstructionExample], max_length: int) -> LMEncoded:
+    fmt = PromptFormat(tokenizer, max_length)
+    rows = [fmt.example(ex) for ex in examples]
+    lengths = torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long)
+    width = min(round_up(int(lengths.max())), max_length) if rows else 0
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        ids[i, : len(prompt) + len(response)] = torch.tensor(prompt + response, dtype=torch.long)
+    return LMEncoded(ids, lengths, torch.tensor([len(p) for p, _ in rows], dtype=torch.long),
+                     [ex.output for ex in examples], torch.tensor([ex.label for ex in examples], dtype=torch.long),
+                     tokenizer.pad_token_id)
+
+
+def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows ``index`` trimmed to their longest (rounded up to 8), with the response-token targets."""
+    width = min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
+    ids = data.input_ids[index, :width]
+    positions = torch.arange(width)
+    attention = positions < data.lengths[index, None]
+    response = attention & (positions >= data.prompt_lengths[index, None])
+    targets = torch.where(response, ids, IGNORE)
+    return {"input_ids": ids.to(device), "attention_mask": attention.long().to(device), "targets": targets.to(device)}
+
+
+def left_padded_prompts(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    prompts = [data.input_ids[i, : data.prompt_lengths[i]] for i in index.tolist()]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), data.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, single spaces (SQuAD's normalisation, without dropping articles)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def generation_metrics(spec: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions, strict=True)]
+    metrics = {name: float(np.mean([s[name].fmeasure for s in scores])) if scores else 0.0
+               for name in ("rouge1", "rougeL")}
+    if spec.labels:
+        metrics["exact_match"] = float(np.mean([normalize_answer(p) == normalize_answer(r)
+                                                for p, r in zip(predictions, references, strict=True)]))
+    return metrics
+
+
+class GenerationClient(LocalClient):
+    """One client's instruction data bound to the process's shared causal LM."""
+
+    def __init__(self, client_id: int, spec: TaskSpec, adapted: AdaptedModel, train: LMEncoded, test: LMEncoded,
+                 settings: TrainSettings, tokenizer, max_new_tokens: int) -> None:
+        super().__init__(client_id, spec, adapted, train, test, settings)  # type: ignore[arg-type]
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+
+    def token_losses(self, data: LMEncoded, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy of the response tokens of rows ``index``, and their number."""
+        batch = lm_batch(data, index, self.settings.device)
+        model = self.adapted.model
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                     ).last_hidden_state
+        targets = batch["targets"][:, 1:]
+        keep = targets != IGNORE
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+    def batch_loss(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total, count = self.token_losses(data, index)
+        return total / max(count, 1)
+
+    @torch.inference_mode()
+    def mean_loss(self, data: LMEncoded, mixture: torch.Tensor | None = None) -> float:
+        """Mean cross-entropy per response token; ``mixture`` (N, M): per-example expert weights."""
+        self.adapted.model.eval()
+        total, count = 0.0, 0
+        for index in batch_indices(data.example_lengths, self.settings.eval_batch_size, None):
+            if mixture is not None:
+                self.adapted.set_mixture(mixture[index])
+            with self.settings.autocast():
+                loss, n = self.token_losses(data, index)
+            total, count = total + float(loss), count + n
+        return total / max(count, 1)
+
+    @torch.inference_mode()
+    def generate(self, data: LMEncoded, mixture: torch.Tensor | None = None) -> list[str]:
+        """Greedy completions of every prompt of ``data``, in data order."""
+        settings, model = self.settings, self.adapted.model
+        model.eval()
+        out = [""] * len(data)
+        for index in batch_indices(data.prompt_lengths, settings.eval_batch_size, None):
+            batch = left_padded_prompts(data, index, settings.device)
+            if mixture is not None:
+                self.adapted.set_mixture(mixture[index])
+            with settings.autocast():
+                tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                        pad_token_id=data.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+            texts = self.tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(index.tolist(), texts, strict=True):
+                out[i] = text.strip()
+        return out
+
+    def evaluate(self, mixture: torch.Tensor | None = None) -> dict[str, float]:
+        data = self.test_data
+        metrics = generation_metrics(self.spec, self.generate(data, mixture), data.references)
+        metrics["loss"] = self.mean_loss(data, mixture)
+        return metrics
+
+    @torch.inference_mode()
+    def embed(self, data: LMEncoded) -> torch.Tensor:  # type: ignore[override]
+        """Every example's mean last hidden state over its prompt and response tokens, in data order."""
+        settings = self.settings
+        self.adapted.model.eval()
+        out: torch.Tensor | None = None
+        for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
+            batch = lm_batch(data, index, settings.device)
+            with settings.autocast():
+                hidden = self.adapted.model.get_decoder()(input_ids=batch["input_ids"],
+                                                          attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = ((hidden.float() * mask).sum(1) / mask.sum(1)).cpu()
+            if out is None:
+                out = torch.empty(len(data), pooled.shape[-1])
+            out[index] = pooled
+        assert out is not None
+        return out
+
+    def train_loss(self) -> float:
+        return self.mean_loss(self.train_data)

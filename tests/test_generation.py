@@ -1,0 +1,159 @@
+"""Instruction tuning on a tiny random LLaMA built in code: prompt masking, generation, ROUGE, every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny_causal_lm, tiny_instruction_config
+from fedlease.cli import main
+from fedlease.config import RunConfig
+from fedlease.data.instructions import InstructionExample
+from fedlease.data.tasks import get_spec
+from fedlease.errors import ConfigError
+from fedlease.generation import IGNORE, PromptFormat, encode_instructions, generation_metrics, lm_batch
+from fedlease.model.causal_lm import load_causal_lm
+from fedlease.runtime.clients import local_client, train_settings
+from fedlease.runtime.simulation import load_partition, prepare_config, run
+
+
+def examples(outputs: list[str], text: str = "say it") -> list[InstructionExample]:
+    return [InstructionExample(f"{text} {i}", "", out, 0) for i, out in enumerate(outputs)]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_causal_lm):
+    return load_causal_lm(tiny_causal_lm, rank=4, alpha=8, dropout=0.0, device="cpu")
+
+
+def test_only_response_tokens_are_targets_and_the_loss_is_theirs(backbone):
+    data = encode_instructions(backbone.tokenizer, examples(["yes", "no way"]), max_length=64)
+    batch = lm_batch(data, torch.arange(2), torch.device("cpu"))
+    for row in range(2):
+        start, end = int(data.prompt_lengths[row]), int(data.lengths[row])
+        targets = batch["targets"][row]
+        assert (targets[:start] == IGNORE).all() and (targets[end:] == IGNORE).all()
+        assert torch.equal(targets[start:end], batch["input_ids"][row, start:end])
+        # the response is the output's characters and the end-of-sequence token
+        assert backbone.tokenizer.decode(targets[start:end]) == ["yes", "no way"][row] + "</s>"
+    config = RunConfig(tasks=["instruct_edit"], batch_size=2, lr=1e-2)
+    from fedlease.generation import GenerationClient
+
+    client = GenerationClient(0, get_spec("instruct_edit"), backbone.adapted, data, data,
+                              train_settings(config, backbone), backbone.tokenizer, 4)
+    logits = backbone.adapted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["targets"][:, 1:].flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(client.batch_loss(data, torch.arange(2)), expected)
+
+
+def test_a_long_instruction_is_cut_and_the_frame_and_response_kept(backbone):
+    fmt = PromptFormat(backbone.tokenizer, max_length=60)
+    prompt, response = fmt.example(InstructionExample("x" * 500, "", "the answer", 0))
+    assert len(prompt) + len(response) <= 60
+    assert backbone.tokenizer.decode(response) == "the answer</s>"
+    assert backbone.tokenizer.decode(prompt).endswith("### Response:\n")
+
+
+def test_a_template_that_leaves_no_room_is_refused(backbone):
+    with pytest.raises(ConfigError, match="no room"):
+        PromptFormat(backbone.tokenizer, max_length=20)
+
+
+def test_rouge_and_exact_match_on_known_strings():
+    free = generation_metrics(get_spec("instruct_struct2text"), ["the cat sat", "a b"], ["the cat sat on the mat", "c"])
+    # rouge1 of the first: P = 3/3, R = 3/6 -> F = 2/3; the second shares no word
+    assert free["rouge1"] == pytest.approx((2 / 3) / 2) and "exact_match" not in free
+    labelled = generation_metrics(get_spec("instruct_sentiment"), ["Positive.", "negative", "no"],
+                                  ["positive", "negative", "positive"])
+    assert labelled["exact_match"] == pytest.approx(2 / 3) and labelled["rouge1"] == pytest.approx(2 / 3)
+
+
+def test_training_teaches_the_response_and_generation_returns_it(tiny_causal_lm, tmp_path):
+    config = prepare_config(tiny_instruction_config(tiny_causal_lm, tmp_path, tasks=["instruct_edit"], lr=3e-2,
+                                                    local_epochs=30, batch_size=4))
+    backbone = load_causal_lm(tiny_causal_lm, rank=8, alpha=16, dropout=0.0, device="cpu")
+    data = encode_instructions(backbone.tokenizer, examples(["ok"] * 8), max_length=64)
+    from fedlease.generation import GenerationClient
+
+    client = GenerationClient(0, get_spec("instruct_edit"), backbone.adapted, data, data,
+                              train_settings(config, backbone), backbone.tokenizer, 4)
+    client.apply(backbone.adapted.layout, backbone.adapted.initial_state(1))
+    before = client.evaluate()
+    client.fit(("lora_A", "lora_B"), seed=1)
+    after = client.evaluate()
+    assert before["rouge1"] < 1.0 and after["rouge1"] == 1.0 and after["loss"] < before["loss"]
+    assert client.generate(data) == ["ok"] * 8
+
+
+@pytest.mark.parametrize("method", ["fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local"])
+def test_every_method_trains_instruction_tasks(tiny_causal_lm, tmp_path, method):
+    config = tiny_instruction_config(tiny_causal_lm, tmp_path / method, method=method, num_clusters=2,
+                                     global_rounds=2, train_samples=8, test_samples=4)
+    result = run(config, progress=False)
+    final = result.final
+    assert set(final["tasks"]) == {"instruct_sentiment", "instruct_struct2text"}
+    assert set(final["tasks"]["instruct_sentiment"]) == {"rouge1", "rougeL", "exact_match"}
+    assert "rouge1" in final["mean"] and "ROUGE-1" in result.table
+    history = json.loads((result.output_dir / "training_history.json").read_text())
+    assert history["config"]["rank"] == 8 and history["config"]["model_name"] == tiny_causal_lm
+    assert (result.output_dir / "rouge1_by_round.png").is_file()
+
+
+def test_a_users_jsonl_folder_becomes_tasks(tiny_causal_lm, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rows = [{"instruction": f"Reverse {w}", "output": w[::-1], "category": "Reverse words"} for w in
+            ("abc", "hello", "world", "fed", "lease", "lora", "moe", "expert", "router", "client", "server", "x")]
+    rows += [{"instruction": f"Upper {w}", "input": w, "output": w.upper(), "category": "upper"} for w in
+             ("abc", "hello", "world", "fed", "lease", "lora", "moe", "expert", "router", "client", "server", "x")]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::2]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[1::2]) + "\n")
+    config = prepare_config(tiny_instruction_config(tiny_causal_lm, tmp_path / "o", tasks=["reverse_words", "upper"],
+                                                    instruction_dir=str(folder), train_samples=4, test_samples=2))
+    _, splits = load_partition(config)
+    assert [s.task for s in splits] == ["reverse_words", "upper"]
+    assert splits[1].train[0].input and splits[1].train[0].output == splits[1].train[0].input.upper()
+    backbone = load_causal_lm(tiny_causal_lm, rank=4, alpha=8, dropout=0.0, device="cpu")
+    client = local_client(config, backbone, train_settings(config, backbone), splits[1])
+    assert len(client.train_data) == 4 and client.spec.metrics == ("rouge1", "rougeL")
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_instruction_input_is_one_line_and_writes_nothing(tiny_causal_lm, tiny_model, tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    out = tmp_path / "out"
+    common = ["--output_dir", str(out), "--train_samples", "1", "--test_samples", "1", "--no_progress"]
+    code, err = run_cli(capsys, "run", "--model_name", tiny_causal_lm, "--tasks", "bad", "--instruction_dir",
+                        str(folder), *common)
+    assert code == 2 and err.startswith("fedlease: error: ") and f"{folder / 'train.jsonl'}:2:" in err
+    assert len(err.splitlines()) == 1
+    code, err = run_cli(capsys, "run", "--model_name", tiny_model, "--tasks", "instruct_edit", *common)
+    assert code == 2 and "is not a causal language model" in err
+    code, err = run_cli(capsys, "run", "--model_name", tiny_causal_lm, "--tasks", "snli", *common)
+    assert code == 2 and "is a causal language model; classification tasks need an encoder" in err
+    code, err = run_cli(capsys, "run", "--model_name", tiny_causal_lm, "--tasks", "snli", "instruct_edit", *common)
+    assert code == 2 and "mixes kinds" in err
+    code, err = run_cli(capsys, "run", "--model_name", tiny_causal_lm, "--tasks", "instruct_edit", "--max_length",
+                        "16", *common)
+    assert code == 2 and "leaving no room" in err
+    assert not out.exists()
+
+
+def test_a_chat_template_frames_the_prompt(tmp_path):
+    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    folder = build_tiny_causal_lm(Path(tmp_path / "chat"), chat_template=template)
+    backbone = load_causal_lm(str(folder), rank=4, alpha=8, dropout=0.0, device="cpu")
+    prompt, response = PromptFormat(backbone.tokenizer, 64).example(InstructionExample("hi", "there", "yo", 0))
+    assert backbone.tokenizer.decode(prompt) == "<s>user\nhi\n\nthere</s>\n<s>assistant\n"
+    assert backbone.tokenizer.decode(response) == "yo</s>"
