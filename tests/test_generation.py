@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,24 @@ def test_a_chat_template_frames_the_prompt(tmp_path):
     prompt, response = PromptFormat(backbone.tokenizer, 64).example(InstructionExample("hi", "there", "yo", 0))
     assert backbone.tokenizer.decode(prompt) == "<s>user\nhi\n\nthere</s>\n<s>assistant\n"
     assert backbone.tokenizer.decode(response) == "yo</s>"
+
+
+def test_a_killed_instruction_run_resumes_to_the_uninterrupted_results(tiny_causal_lm, tmp_path):
+    from test_resume import HARNESS, outcome
+
+    def args(out: Path) -> list[str]:
+        return ["run", "--model_name", tiny_causal_lm, "--method", "feddpa", "--tasks", "instruct_sentiment:2",
+                "instruct_struct2text:2", "--global_rounds", "3", "--warmup_rounds", "1", "--train_samples", "8",
+                "--test_samples", "4", "--batch_size", "4", "--max_length", "160", "--max_new_tokens", "4",
+                "--lr", "0.01", "--output_dir", str(out), "--no_progress"]
+
+    assert main(args(tmp_path / "reference")) == 0
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(HARNESS), "fit:10", *args(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert main(["run", "--resume", str(out), "--no_progress"]) == 0
+    (metrics, weights), (ref_metrics, ref_weights) = outcome(out), outcome(tmp_path / "reference")
+    assert metrics == ref_metrics and weights.keys() == ref_weights.keys()
+    for name, tensors in weights.items():
+        assert all(torch.equal(value, ref_weights[name][key]) for key, value in tensors.items()), name

@@ -33,3 +33,26 @@ def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
         untrained.append(client.evaluate()["accuracy"])
     trained = [history["rounds"][-1]["clients"][str(c)]["eval"]["accuracy"] for c in range(4)]
     assert np.mean(trained) > np.mean(untrained) + 0.15, (trained, untrained)
+
+
+def test_the_offline_decoder_learns_instruction_tasks_and_its_signatures_find_them(tmp_path):
+    config = RunConfig(tasks=["instruct_sentiment:2", "instruct_struct2text:2"], global_rounds=2, warmup_rounds=1,
+                       train_samples=8, test_samples=4, batch_size=4, max_length=160, max_new_tokens=24,
+                       output_dir=str(tmp_path / "run"))
+    result = run(config, progress=False)
+    history = json.loads((result.output_dir / "training_history.json").read_text())
+    assert history["config"]["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert history["config"]["rank"] == 8
+    assert history["clustering"]["labels"] in ([0, 0, 1, 1], [1, 1, 0, 0])
+
+    # the same clients before any training: the instruction-tuned model as it comes
+    prepared = prepare_config(config)
+    _, splits = load_partition(prepared)
+    backbone, clients, _ = build_clients(prepared, splits)
+    untrained = []
+    for client in clients:
+        client.apply(backbone.adapted.layout, backbone.adapted.initial_state(prepared.seed))
+        untrained.append(client.evaluate())
+    final = [history["rounds"][-1]["clients"][str(c)]["eval"] for c in range(4)]
+    assert np.mean([m["loss"] for m in final]) < np.mean([m["loss"] for m in untrained]) - 0.3, (final, untrained)
+    assert np.mean([m["rouge1"] for m in final]) > np.mean([m["rouge1"] for m in untrained]), (final, untrained)
