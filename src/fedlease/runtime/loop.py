@@ -94,7 +94,8 @@ class Federation:
         start = time.perf_counter()
         log.info("round %d/%d", rnd + 1, config.global_rounds)
         instructions = method.configure_train(rnd)
-        updates = self.transport.train(rnd, instructions, self.sync())
+        # in client order: replies arrive in any order, and a floating-point average depends on its order
+        updates = dict(sorted(self.transport.train(rnd, instructions, self.sync()).items()))
         for cid in sorted(set(instructions) - set(updates)):
             log.info("round %d: client %d did not reply; left out of this round", rnd + 1, cid)
         accepted, rejected = self.validator.filter(instructions, updates)
