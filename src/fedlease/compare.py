@@ -25,6 +25,7 @@ from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult, write_comparison
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import MANIFEST
+from fedlease.runtime.clients import resolve_defaults
 from fedlease.runtime.simulation import check_output_dir, config_changes, prepare_config, resume_config, run
 
 log = logging.getLogger("fedlease")
@@ -103,7 +104,7 @@ def compare(base: RunConfig, specs: list[str], seeds: list[int], *, progress: bo
         # the rounds' wall time: comparable whether a run went through at once or was resumed
         seconds = sum(r["seconds"] for r in history["rounds"])
         results.setdefault(spec.label, MethodResult(spec.label)).add(seed, history, seconds)
-    return write_comparison(out, list(results.values()), base)
+    return write_comparison(out, list(results.values()), resolve_defaults(base))  # name the model and rank used
 
 
 def resume_state(config: RunConfig) -> tuple[dict | None, RunConfig | None]:
