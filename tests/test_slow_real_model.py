@@ -13,6 +13,18 @@ from fedlease.runtime.simulation import build_clients, load_partition, prepare_c
 pytestmark = pytest.mark.slow
 
 
+def untrained_metrics(config: RunConfig) -> list[dict[str, float]]:
+    """Every client's test metrics before any training (the initial adapter, a new head where there is one)."""
+    prepared = prepare_config(config)
+    _, splits = load_partition(prepared)
+    backbone, clients, _ = build_clients(prepared, splits)
+    out = []
+    for client in clients:
+        client.apply(backbone.adapted.layout, backbone.adapted.initial_state(prepared.seed))
+        out.append(client.evaluate())
+    return out
+
+
 def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
     config = RunConfig(tasks=["rotten_tomatoes:2", "election_tweets:2"], global_rounds=4, warmup_rounds=3,
                        train_samples=96, test_samples=64, batch_size=16, output_dir=str(tmp_path / "run"))
@@ -24,13 +36,7 @@ def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
     assert distances[0, 1] < distances[0, 2] and distances[2, 3] < distances[1, 3]
 
     # the same clients before any training: a random head on the frozen encoder
-    prepared = prepare_config(config)
-    _, splits = load_partition(prepared)
-    backbone, clients, _ = build_clients(prepared, splits)
-    untrained = []
-    for client in clients:
-        client.apply(backbone.adapted.layout, backbone.adapted.initial_state(prepared.seed))
-        untrained.append(client.evaluate()["accuracy"])
+    untrained = [m["accuracy"] for m in untrained_metrics(config)]
     trained = [history["rounds"][-1]["clients"][str(c)]["eval"]["accuracy"] for c in range(4)]
     assert np.mean(trained) > np.mean(untrained) + 0.15, (trained, untrained)
 
@@ -45,14 +51,7 @@ def test_the_offline_decoder_learns_instruction_tasks_and_its_signatures_find_th
     assert history["config"]["rank"] == 8
     assert history["clustering"]["labels"] in ([0, 0, 1, 1], [1, 1, 0, 0])
 
-    # the same clients before any training: the instruction-tuned model as it comes
-    prepared = prepare_config(config)
-    _, splits = load_partition(prepared)
-    backbone, clients, _ = build_clients(prepared, splits)
-    untrained = []
-    for client in clients:
-        client.apply(backbone.adapted.layout, backbone.adapted.initial_state(prepared.seed))
-        untrained.append(client.evaluate())
+    untrained = untrained_metrics(config)  # the instruction-tuned model as it comes
     final = [history["rounds"][-1]["clients"][str(c)]["eval"] for c in range(4)]
     assert np.mean([m["loss"] for m in final]) < np.mean([m["loss"] for m in untrained]) - 0.3, (final, untrained)
     assert np.mean([m["rouge1"] for m in final]) > np.mean([m["rouge1"] for m in untrained]), (final, untrained)

@@ -28,7 +28,7 @@ from fedlease.data.instructions import InstructionExample, prompt_text
 from fedlease.data.tasks import TaskSpec
 from fedlease.errors import ConfigError
 from fedlease.model.experts import AdaptedModel
-from fedlease.train import LocalClient, TrainSettings, batch_indices, round_up
+from fedlease.train import LocalClient, TrainSettings, batch_indices, masked_mean, round_up
 
 IGNORE = -100
 ALPACA = "### Instruction:\n{text}\n\n### Response:\n"
@@ -159,15 +159,18 @@ class GenerationClient(LocalClient):
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
 
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's last hidden states, without the LM head."""
+        return self.adapted.model.get_decoder()(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"]).last_hidden_state
+
     def token_losses(self, data: LMEncoded, index: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy of the response tokens of rows ``index``, and their number."""
         batch = lm_batch(data, index, self.settings.device)
-        model = self.adapted.model
-        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                                     ).last_hidden_state
+        hidden = self.hidden_states(batch)
         targets = batch["targets"][:, 1:]
         keep = targets != IGNORE
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        logits = self.adapted.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
     def batch_loss(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -211,24 +214,10 @@ class GenerationClient(LocalClient):
         metrics["loss"] = self.mean_loss(data, mixture)
         return metrics
 
-    @torch.inference_mode()
-    def embed(self, data: LMEncoded) -> torch.Tensor:  # type: ignore[override]
-        """Every example's mean last hidden state over its prompt and response tokens, in data order."""
-        settings = self.settings
-        self.adapted.model.eval()
-        out: torch.Tensor | None = None
-        for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
-            batch = lm_batch(data, index, settings.device)
-            with settings.autocast():
-                hidden = self.adapted.model.get_decoder()(input_ids=batch["input_ids"],
-                                                          attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = ((hidden.float() * mask).sum(1) / mask.sum(1)).cpu()
-            if out is None:
-                out = torch.empty(len(data), pooled.shape[-1])
-            out[index] = pooled
-        assert out is not None
-        return out
+    def batch_embedding(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Each example's mean last hidden state over its prompt and response tokens."""
+        batch = lm_batch(data, index, self.settings.device)
+        return masked_mean(self.hidden_states(batch), batch["attention_mask"])
 
     def train_loss(self) -> float:
         return self.mean_loss(self.train_data)

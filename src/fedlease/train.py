@@ -273,6 +273,10 @@ class LocalClient:
         preds, loss = self.predict(self.test_data, mixture)
         return compute_metrics(self.spec, self.test_data.labels.numpy(), preds, loss)
 
+    def batch_embedding(self, data: Encoded, index: torch.Tensor) -> torch.Tensor:
+        """The embeddings of rows ``index`` of ``data`` (called under autocast and inference mode)."""
+        return example_embedding(self.adapted.model, make_batch(data, index, self.settings.device))
+
     @torch.inference_mode()
     def embed(self, data: Encoded) -> torch.Tensor:
         """Every example's embedding, in data order (N, hidden): the mean-pooled last hidden state, or with a
@@ -281,9 +285,8 @@ class LocalClient:
         self.adapted.model.eval()
         out: torch.Tensor | None = None
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
-            batch = make_batch(data, index, settings.device)
             with settings.autocast():
-                pooled = example_embedding(self.adapted.model, batch).float().cpu()
+                pooled = self.batch_embedding(data, index).float().cpu()
             if out is None:
                 out = torch.empty(len(data), pooled.shape[-1])
             out[index] = pooled
@@ -304,6 +307,10 @@ def example_embedding(model: torch.nn.Module, batch: Mapping[str, torch.Tensor |
     if isinstance(model, BiEncoderClassifier):
         u, v = model.example_embeddings(batch["input_ids"], batch["attention_mask"], batch.get("texts_per_example", 1))
         return (u + v) / 2
-    hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return (hidden * mask).sum(1) / mask.sum(1)
+    return masked_mean(model(**batch, output_hidden_states=True).hidden_states[-1], batch["attention_mask"])
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean over each row's real tokens of ``hidden`` (batch, tokens, width), in fp32."""
+    mask = attention_mask.unsqueeze(-1).float()
+    return (hidden.float() * mask).sum(1) / mask.sum(1)

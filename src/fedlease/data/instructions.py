@@ -14,6 +14,7 @@ category belong to a task named after the folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -23,8 +24,6 @@ from typing import NamedTuple
 
 from fedlease.data.tasks import Example, TaskSpec, load_task, register
 from fedlease.errors import DataError
-
-OPTIONS_NLI = ("yes", "it is not possible to tell", "no")
 
 
 class InstructionExample(NamedTuple):
@@ -79,14 +78,20 @@ def nli(ex: Example, spec: TaskSpec) -> InstructionExample:
 
 # FLAN v2's text-editing tasks (fix punctuation, word segmentation, case): a real sentence, altered; the
 # response is the sentence as written.
+def without_punctuation(sentence: str) -> str:
+    return re.sub(r"\s+", " ", sentence.translate(str.maketrans("", "", string.punctuation))).strip()
+
+
+def without_spaces(sentence: str) -> str:
+    return sentence.replace(" ", "")
+
+
 EDITS = (
-    ("Add punctuation to the following sentence: {text}",
-     lambda s: re.sub(r"\s+", " ", s.translate(str.maketrans("", "", string.punctuation))).strip()),
-    ("Please add spaces between words: {text}", lambda s: s.replace(" ", "")),
+    ("Add punctuation to the following sentence: {text}", without_punctuation),
+    ("Please add spaces between words: {text}", without_spaces),
     ("Make this proper case: {text}", str.lower),
-    ("Add spaces: {text}", lambda s: s.replace(" ", "")),
-    ("What is the correctly punctuated version of this sentence?\n{text}",
-     lambda s: re.sub(r"\s+", " ", s.translate(str.maketrans("", "", string.punctuation))).strip()),
+    ("Add spaces: {text}", without_spaces),
+    ("What is the correctly punctuated version of this sentence?\n{text}", without_punctuation),
 )
 
 
@@ -169,8 +174,10 @@ def held_out(ex: InstructionExample) -> bool:
     return hashlib.sha256(f"{ex.instruction}\n{ex.input}".encode()).digest()[0] < 26  # about one in ten
 
 
+@functools.lru_cache(maxsize=4)
 def read_instruction_folder(folder: Path) -> dict[str, tuple[list[InstructionExample], list[InstructionExample]]]:
-    """(train, test) examples of every category in ``folder``."""
+    """(train, test) examples of every category in ``folder``, read once per process (registering the
+    categories and loading each of them all need them)."""
     train_file, test_file = folder / "train.jsonl", folder / "test.jsonl"
     if not train_file.is_file():
         raise DataError(f"--instruction_dir {folder}: no train.jsonl there (JSON lines with instruction, input, "
@@ -193,13 +200,13 @@ def read_instruction_folder(folder: Path) -> dict[str, tuple[list[InstructionExa
 
 def register_instruction_folder(folder: str) -> list[str]:
     """Register each category of a user's folder as a generation task; return their names."""
-    path = Path(folder).expanduser()
+    path = Path(folder).expanduser().resolve()  # the key under which loading the tasks finds the folder read
     if not path.is_dir():
         raise DataError(f"--instruction_dir {folder}: no such folder")
     names = sorted(read_instruction_folder(path))
     for name in names:
         register(TaskSpec(name, (), False, "jsonl", f"instructions from {path}", kind="generation",
-                          location=str(path.resolve())))
+                          location=str(path)))
     return names
 
 

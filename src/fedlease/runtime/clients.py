@@ -62,8 +62,9 @@ def load_partition(config: RunConfig, only_task: str | None = None
 def load_shared_backbone(config: RunConfig) -> Backbone:
     """The one frozen backbone of this process: for classification with a head as wide as the largest label
     set of the run, for instruction tasks a causal LM."""
-    rank = config.rank or RANK_BY_KIND[task_kind(config.tasks)]
-    if task_kind(config.tasks) == "generation":
+    kind = task_kind(config.tasks)
+    rank = config.rank or RANK_BY_KIND[kind]
+    if kind == "generation":
         from fedlease.model.causal_lm import load_causal_lm
 
         return load_causal_lm(config.model_name, rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
