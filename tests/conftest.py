@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -71,6 +72,25 @@ def tiny_instruction_config(model: str, out, **overrides):
     values = dict(tasks=["instruct_sentiment:2", "instruct_struct2text:2"], max_length=160, max_new_tokens=6)
     values.update(overrides)
     return tiny_run_config(model, out, **values)
+
+
+INSTRUCTION_WORDS = ("abc", "hello", "world", "fed", "lease", "lora", "moe", "expert", "router", "client", "server",
+                     "x", "node", "round", "rank", "token")
+
+
+def write_instruction_folder(folder: Path, only: str | None = None) -> Path:
+    """A user's instruction folder with two categories, reverse_words and upper (8 train / 8 test each); ``only``
+    keeps the lines of one of them, as they are in the whole folder."""
+    from fedlease.data.instructions import task_name
+
+    rows = [{"instruction": f"Reverse {w}", "output": w[::-1], "category": "Reverse words"} for w in INSTRUCTION_WORDS]
+    rows += [{"instruction": f"Upper {w}", "input": w, "output": w.upper(), "category": "upper"}
+             for w in INSTRUCTION_WORDS]
+    folder.mkdir(parents=True)
+    for split, lines in (("train", rows[::2]), ("test", rows[1::2])):
+        kept = [r for r in lines if only is None or task_name(r["category"]) == only]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in kept) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="session")

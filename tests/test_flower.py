@@ -17,8 +17,9 @@ import torch
 from flower_grid import InProcessGrid, run_server
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_instruction_config, tiny_run_config
+from conftest import REPO, tiny_instruction_config, tiny_run_config, write_instruction_folder
 from fedlease.config import RunConfig
+from fedlease.errors import DataError
 from fedlease.methods.base import Instruction, Update
 from fedlease.model.experts import ExpertLayout
 from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
@@ -131,7 +132,7 @@ def test_flower_gives_the_in_process_runners_results(tiny_model, tmp_path, metho
     assert history(flower)["rounds"][-1]["clients"]["2"]["upload_bytes"] > 0
 
 
-@pytest.mark.parametrize("method", ["fedlease", "fedsa_lora"])
+@pytest.mark.parametrize("method", ["fedsa_lora"])  # FedLEASE: the decoder deployment test below
 def test_flower_trains_instruction_tasks_as_the_in_process_runner(tiny_causal_lm, tmp_path, method):
     config = tiny_instruction_config(tiny_causal_lm, tmp_path / "in-process", method=method, train_samples=8,
                                      test_samples=4, tasks=["instruct_sentiment:2", "instruct_struct2text"])
@@ -313,6 +314,36 @@ def test_tls_deployment_matches_the_in_process_runner(tiny_model, tmp_path):
     assert "round 3 (adaptive)" in log, log[-3000:]
     assert_same_results(tmp_path / "in-process", tmp_path / "flower")
     assert (tmp_path / "work" / "certs" / "ca.crt").exists()
+
+
+def test_a_decoder_deployment_whose_nodes_hold_only_their_own_instructions_matches_the_in_process_runner(
+        tiny_causal_lm, tmp_path):
+    """Real SuperNodes fine-tune a causal LM, each reading its category from a node-local folder that holds no other
+    category; the server (and the in-process runner) read the whole folder."""
+    from fedlease.runtime.flower.deploy import LoopbackDeployment
+
+    whole = write_instruction_folder(tmp_path / "all")
+    config = deployment_config(tiny_causal_lm, tmp_path / "flower", tasks=["reverse_words:2", "upper:2"],
+                               instruction_dir=str(whole), train_samples=4, test_samples=2, max_length=64,
+                               max_new_tokens=6)
+    run(dataclasses.replace(config, output_dir=str(tmp_path / "in-process")), progress=False)
+    own = {pid: {"instruction-dir": str(write_instruction_folder(tmp_path / f"node-{pid}", only=task))}
+           for pid, task in enumerate(config.tasks)}
+    with LoopbackDeployment(tmp_path / "work", config.num_clients, log=lambda _: None, node_config=own) as deployment:
+        result = deployment.submit(config, round_timeout=120, stream_to=subprocess.PIPE)
+    log = result.stdout.decode(errors="replace")
+    assert "round 3 (adaptive)" in log, log[-3000:]
+    assert_same_results(tmp_path / "in-process", tmp_path / "flower")
+    assert "rouge1" in history(tmp_path / "flower")["final"]["mean"]
+
+
+def test_a_node_whose_instruction_folder_lacks_its_category_is_refused(tmp_path):
+    whole = write_instruction_folder(tmp_path / "all")
+    config = RunConfig(tasks=["reverse_words", "upper"], instruction_dir=str(whole))
+    folder = write_instruction_folder(tmp_path / "node", only="upper")
+    assert client_app.with_node_instructions(config, str(folder), 1).instruction_dir == str(folder)
+    with pytest.raises(DataError, match=r"instruction-dir .*node has no category 'reverse_words' \(it has: upper\)"):
+        client_app.with_node_instructions(config, str(folder), 0)
 
 
 @pytest.mark.parametrize("method", ["fedlease", "fedsa_lora"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny_causal_lm, tiny_instruction_config
+from conftest import build_tiny_causal_lm, tiny_instruction_config, write_instruction_folder
 from fedlease.cli import main
 from fedlease.config import RunConfig
 from fedlease.data.instructions import InstructionExample
@@ -107,14 +107,7 @@ def test_every_method_trains_instruction_tasks(tiny_causal_lm, tmp_path, method)
 
 
 def test_a_users_jsonl_folder_becomes_tasks(tiny_causal_lm, tmp_path):
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    rows = [{"instruction": f"Reverse {w}", "output": w[::-1], "category": "Reverse words"} for w in
-            ("abc", "hello", "world", "fed", "lease", "lora", "moe", "expert", "router", "client", "server", "x")]
-    rows += [{"instruction": f"Upper {w}", "input": w, "output": w.upper(), "category": "upper"} for w in
-             ("abc", "hello", "world", "fed", "lease", "lora", "moe", "expert", "router", "client", "server", "x")]
-    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::2]) + "\n")
-    (folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[1::2]) + "\n")
+    folder = write_instruction_folder(tmp_path / "mine")
     config = prepare_config(tiny_instruction_config(tiny_causal_lm, tmp_path / "o", tasks=["reverse_words", "upper"],
                                                     instruction_dir=str(folder), train_samples=4, test_samples=2))
     _, splits = load_partition(config)

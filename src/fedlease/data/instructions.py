@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from fedlease.data.tasks import Example, TaskSpec, load_task, register
+from fedlease.data.tasks import TASKS, Example, TaskSpec, load_task, register
 from fedlease.errors import DataError
 
 
@@ -120,9 +120,17 @@ DERIVED: dict[str, tuple[str, Callable[[list[Example]], list[Example]],
 }
 
 
-def load_instruction_task(spec: TaskSpec) -> tuple[list[InstructionExample], list[InstructionExample]]:
+def load_instruction_task(spec: TaskSpec, folder: str | None = None
+                          ) -> tuple[list[InstructionExample], list[InstructionExample]]:
+    """A built-in instruction task, or a category of a user's folder (``folder``, else where it was registered)."""
     if spec.source == "jsonl":
-        return read_instruction_folder(Path(spec.location or "."))[spec.name]
+        path = Path(folder or spec.location or ".").expanduser().resolve()
+        categories = read_instruction_folder(path)
+        if spec.name not in categories:
+            raise DataError(f"--instruction_dir {path} has no category {spec.name!r} (it has: {' '.join(categories)})")
+        return categories[spec.name]
+    if spec.source == "remote":
+        raise DataError(f"task {spec.name!r}: its data is on another node ({spec.description})")
     if spec.name in DERIVED:
         corpus, keep, convert = DERIVED[spec.name]
         data = load_task(corpus)
@@ -205,9 +213,18 @@ def register_instruction_folder(folder: str) -> list[str]:
         raise DataError(f"--instruction_dir {folder}: no such folder")
     names = sorted(read_instruction_folder(path))
     for name in names:
-        register(TaskSpec(name, (), False, "jsonl", f"instructions from {path}", kind="generation",
-                          location=str(path)))
+        register(TaskSpec(name, (), False, "jsonl", "instructions from a user's folder (--instruction_dir)",
+                          kind="generation", location=str(path)))
     return names
+
+
+def register_remote_tasks(names: list[str], where: str) -> None:
+    """Register tasks of a user's data that other nodes hold (a node with its own ``instruction-dir`` knows only
+    its own categories); unknown names only, and their data is never loaded here."""
+    for name in names:
+        if name not in TASKS:
+            register(TaskSpec(name, (), False, "remote", f"instructions held by another node than {where}",
+                              kind="generation"))
 
 
 def prompt_text(ex: InstructionExample) -> str:

@@ -12,7 +12,7 @@ is reported too. Loaders of other sources add tasks with :func:`register` (a use
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,12 +30,13 @@ class TaskSpec:
     name: str
     labels: tuple[str, ...]
     pair: bool
-    source: str  # "builtin", "glue", "instructions" (built in) or "jsonl" (a user's folder)
+    source: str  # "builtin", "glue", "instructions" (built in), "jsonl" (a user's folder) or "remote" (another node's)
     description: str
     # Besides accuracy: "f1" (binary, positive = label 1) or "macro_f1" (multi-class).
     extra_metric: str | None = None
     kind: str = "classification"  # or "generation"
-    location: str | None = None  # a "jsonl" task's folder
+    # A "jsonl" task's folder when registered; a run (or a node) may read the category from its own folder.
+    location: str | None = field(default=None, compare=False)
 
     @property
     def num_labels(self) -> int:
@@ -109,7 +110,7 @@ BUILTIN = tuple(name for name, spec in TASKS.items() if spec.source == "builtin"
 def register(spec: TaskSpec) -> None:
     """Add a task from another source (a user's instruction folder); a name may not change its meaning."""
     known = TASKS.get(spec.name)
-    if known is not None and known != spec:
+    if known is not None and known != spec and known.source != "remote":
         raise DataError(f"task {spec.name!r} is already defined ({known.description}); rename the category")
     TASKS[spec.name] = spec
 
@@ -138,13 +139,14 @@ def check_tasks(names: list[str]) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def load_task(name: str, data_dir: str | None = None) -> TaskData:
-    """All examples of a task: from the package (built-in), from ``data_dir`` or from the hub (GLUE)."""
+def load_task(name: str, data_dir: str | None = None, instruction_dir: str | None = None) -> TaskData:
+    """All examples of a task: from the package (built-in), from ``data_dir`` or from the hub (GLUE), or a
+    category of a user's instruction folder (``instruction_dir``, else the folder it was registered from)."""
     spec = get_spec(name)
-    if spec.source in ("instructions", "jsonl"):
+    if spec.source in ("instructions", "jsonl", "remote"):
         from fedlease.data.instructions import load_instruction_task
 
-        train, validation = load_instruction_task(spec)
+        train, validation = load_instruction_task(spec, instruction_dir)
     elif spec.source == "builtin":
         from fedlease.data.builtin import load_builtin
 

@@ -53,7 +53,7 @@ def load_partition(config: RunConfig, only_task: str | None = None
                    ) -> tuple[dict[str, TaskData], list[ClientSplit]]:
     """Load the tasks (or one task) and draw the clients' slices; tasks are partitioned independently."""
     tasks = [only_task] if only_task else list(dict.fromkeys(config.tasks))
-    data = {task: load_task(task, config.data_dir) for task in tasks}
+    data = {task: load_task(task, config.data_dir, config.instruction_dir) for task in tasks}
     splits = partition_clients(config.tasks, data, config.train_samples, config.test_samples, config.seed,
                                config.partition, config.alpha, config.allow_overlap)
     return data, splits

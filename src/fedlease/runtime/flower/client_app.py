@@ -2,9 +2,10 @@
 
 A SuperNode is told which client it is by its node config: ``partition-id`` (set by Flower in simulation;
 ``flower-supernode --node-config "partition-id=3"`` in deployment) and, optionally, ``data-dir``, a local GLUE
-folder that replaces the run's ``data-dir`` on that node, and ``state-dir``, a node-local folder for the
-client's own state. The node loads only its own task's data and draws its own slice, exactly the slice the
-in-process runner gives that client.
+folder that replaces the run's ``data-dir`` on that node, ``instruction-dir``, a local folder of instruction data
+that replaces the run's ``instruction-dir`` on that node and need only hold the node's own category, and
+``state-dir``, a node-local folder for the client's own state. The node loads only its own task's data and
+draws its own slice, exactly the slice the in-process runner gives that client.
 
 The client's own store (state that never leaves it, such as FedSA's B) is versioned by the rule of
 ``fedlease.runtime.client_state``: what a training round produces only becomes current once the server has
@@ -33,7 +34,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlease.errors import ConfigError, FedleaseError
+from fedlease.config import RunConfig, expand_tasks
+from fedlease.data.instructions import register_instruction_folder, register_remote_tasks
+from fedlease.data.tasks import TASKS
+from fedlease.errors import ConfigError, DataError, FedleaseError
 from fedlease.methods import create_method
 from fedlease.methods.base import FederatedMethod
 from fedlease.model.backbone import resolve_device
@@ -73,13 +77,37 @@ def partition_id_of(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-@functools.lru_cache(maxsize=2)
-def session_for(run_config_json: str, partition_id: int, data_dir: str | None) -> Session:
-    """Load the model and this client's data once per process and run."""
-    config, _ = from_run_config(json.loads(run_config_json))
+def with_node_instructions(config: RunConfig, folder: str, partition_id: int) -> RunConfig:
+    """The run as a node with its own instruction folder sees it: its task is read from that folder, and the
+    run's other user tasks (which the server has checked) are held by other nodes."""
+    tasks = expand_tasks(config.tasks)
+    own = register_instruction_folder(folder)
+    task = tasks[partition_id] if 0 <= partition_id < len(tasks) else None
+    spec = TASKS.get(task) if task else None
+    if task and task not in own and (spec is None or spec.source in ("jsonl", "remote")):  # a user's category
+        raise DataError(f"this node's instruction-dir {folder} has no category {task!r} "
+                        f"(it has: {' '.join(own)})")
+    register_remote_tasks(tasks, folder)
+    return dataclasses.replace(config, instruction_dir=folder)
+
+
+def node_run_config(run_config: dict, partition_id: int, instruction_dir: str | None) -> RunConfig:
+    """The run's configuration with this node's own instruction folder, checked and resolved."""
+    config, _ = from_run_config(run_config)
+    if instruction_dir:
+        config = with_node_instructions(config, instruction_dir, partition_id)
     config = prepare_config(config)
     if not 0 <= partition_id < config.num_clients:
-        raise ConfigError(f"partition-id {partition_id} is outside the run's {config.num_clients} clients")
+        raise ConfigError(f"partition-id {partition_id} is outside the run's {config.num_clients} clients "
+                          f"(0..{config.num_clients - 1})")
+    return config
+
+
+@functools.lru_cache(maxsize=2)
+def session_for(run_config_json: str, partition_id: int, data_dir: str | None,
+                instruction_dir: str | None = None) -> Session:
+    """Load the model and this client's data once per process and run."""
+    config = node_run_config(json.loads(run_config_json), partition_id, instruction_dir)
     if data_dir:
         config = dataclasses.replace(config, data_dir=data_dir)
     _, splits = load_partition(config, only_task=config.tasks[partition_id])
@@ -89,10 +117,14 @@ def session_for(run_config_json: str, partition_id: int, data_dir: str | None) -
     return Session(partition_id, create_method(config, client_infos(config)), client)
 
 
+def node_folder(context: Context, key: str) -> str | None:
+    value = context.node_config.get(key)
+    return str(value) if value else None
+
+
 def session(context: Context) -> Session:
-    data_dir = context.node_config.get("data-dir")
     return session_for(json.dumps(dict(context.run_config), sort_keys=True), partition_id_of(context),
-                       str(data_dir) if data_dir else None)
+                       node_folder(context, "data-dir"), node_folder(context, "instruction-dir"))
 
 
 class RecordBackend:
@@ -181,11 +213,7 @@ def partition(msg: Message, context: Context) -> Message:
     """Which client this node is: the server maps node ids (new at every node start) to clients with it."""
     def handle(msg: Message, context: Context) -> Message:
         partition_id = partition_id_of(context)
-        config, _ = from_run_config(dict(context.run_config))
-        config = prepare_config(config)
-        if not 0 <= partition_id < config.num_clients:
-            raise ConfigError(f"partition-id {partition_id} is outside the run's {config.num_clients} clients "
-                              f"(0..{config.num_clients - 1})")
+        config = node_run_config(dict(context.run_config), partition_id, node_folder(context, "instruction-dir"))
         return Message(RecordDict({"info": MetricRecord({"partition-id": partition_id}),
                                    "node": ConfigRecord(node_description(config))}), reply_to=msg)
 
