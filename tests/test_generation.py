@@ -61,6 +61,23 @@ def test_a_long_instruction_is_cut_and_the_frame_and_response_kept(backbone):
     assert backbone.tokenizer.decode(prompt).endswith("### Response:\n")
 
 
+def test_a_prompt_that_fits_is_not_cut_when_only_the_response_is_long(backbone):
+    fmt = PromptFormat(backbone.tokenizer, max_length=60)
+    ex = InstructionExample("sum up", "", "y" * 200, 0)
+    prompt, response = fmt.example(ex)
+    assert "sum up" in backbone.tokenizer.decode(prompt) and len(prompt) + len(response) == 60
+
+
+def test_a_test_prompt_does_not_depend_on_its_reference(backbone):
+    fmt = PromptFormat(backbone.tokenizer, max_length=60)
+    short, long = (InstructionExample("w" * 30, "", out, 0) for out in ("a", "b" * 100))
+    assert fmt.example(short, blind=True)[0] == fmt.example(long, blind=True)[0]
+    assert fmt.example(short)[0] != fmt.example(long)[0]  # a training row gives the prompt what the response leaves
+    for ex in (short, long):
+        prompt, response = fmt.example(ex, blind=True)
+        assert len(prompt) + len(response) <= 60
+
+
 def test_a_template_that_leaves_no_room_is_refused(backbone):
     with pytest.raises(ConfigError, match="no room"):
         PromptFormat(backbone.tokenizer, max_length=20)
@@ -73,6 +90,16 @@ def test_rouge_and_exact_match_on_known_strings():
     labelled = generation_metrics(get_spec("instruct_sentiment"), ["Positive.", "negative", "no"],
                                   ["positive", "negative", "positive"])
     assert labelled["exact_match"] == pytest.approx(2 / 3) and labelled["rouge1"] == pytest.approx(2 / 3)
+
+
+def test_rouge_scores_any_script_and_edits_of_case_and_punctuation_are_seen():
+    free = generation_metrics(get_spec("instruct_struct2text"), ["Кот сидел на ковре", "猫"], ["кот сидел", "猫"])
+    assert free["rouge1"] == pytest.approx((2 * (2 / 4) * 1 / (2 / 4 + 1) + 1) / 2)  # 0 for both before
+    # copying the input of a "restore the case and punctuation" edit: ROUGE cannot tell, the cased match can
+    edit = generation_metrics(get_spec("instruct_edit"), ["a man sits on a bench", "A man sits on a bench."],
+                              ["A man sits on a bench.", "A man  sits on a bench."])
+    assert edit["rouge1"] == 1.0 and edit["exact_match_cased"] == 0.5
+    assert get_spec("instruct_edit").metrics == ("rouge1", "rougeL", "exact_match_cased")
 
 
 def test_training_teaches_the_response_and_generation_returns_it(tiny_causal_lm, tmp_path):
@@ -153,6 +180,8 @@ def test_a_chat_template_frames_the_prompt(tmp_path):
     prompt, response = PromptFormat(backbone.tokenizer, 64).example(InstructionExample("hi", "there", "yo", 0))
     assert backbone.tokenizer.decode(prompt) == "<s>user\nhi\n\nthere</s>\n<s>assistant\n"
     assert backbone.tokenizer.decode(response) == "yo</s>"
+    prompt, response = PromptFormat(backbone.tokenizer, 64).example(InstructionExample("h" * 300, "", "yo", 0))
+    assert len(prompt) + len(response) <= 64 and backbone.tokenizer.decode(prompt).endswith("</s>\n<s>assistant\n")
 
 
 def test_a_killed_instruction_run_resumes_to_the_uninterrupted_results(tiny_causal_lm, tmp_path):

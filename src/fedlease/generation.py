@@ -79,26 +79,40 @@ class PromptFormat:
         # a chat template writes its own special tokens; a plain frame gets the tokenizer's (BOS)
         return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
 
-    def example(self, ex: InstructionExample) -> tuple[list[int], list[int]]:
-        """(prompt ids, response ids + EOS), together at most ``max_length``: a long response keeps at most
-        half of the room, and a long instruction is cut at its end (the template's frame is kept)."""
+    def example(self, ex: InstructionExample, blind: bool = False) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids + EOS), together at most ``max_length``. A response that does not fit keeps
+        at least half of the room (all that the prompt leaves), and an instruction that does not fit is cut at
+        its end, inside the template's frame. ``blind`` (test rows): the prompt is cut by its own length alone,
+        to the room a longest response leaves, so what the model is asked never depends on the reference."""
         tok = self.tokenizer
         response = tok(ex.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         text = prompt_text(ex)
         prompt = self.ids(self.render(text))
-        room = self.max_length - self.scaffold
+        half = (self.max_length - self.scaffold) // 2
+        if blind and len(prompt) > self.max_length - half:
+            prompt = self.cut(text, self.max_length - half)
         if len(prompt) + len(response) > self.max_length:
-            response = response[: max(room // 2, room - (len(prompt) - self.scaffold))]
-            budget = room - len(response)
-            text_ids = tok(text, add_special_tokens=False)["input_ids"]
-            prompt = self.ids(self.render(tok.decode(text_ids[: max(budget - 2, 1)])))
-            prompt = prompt[: self.max_length - len(response)]  # a re-tokenised cut may be a token or two long
+            response = response[: max(half, self.max_length - len(prompt))]
+            if len(prompt) + len(response) > self.max_length:
+                prompt = self.cut(text, self.max_length - len(response))
         return prompt, response
 
+    def cut(self, text: str, limit: int) -> list[int]:
+        """The prompt of ``text`` cut at its end until the rendered prompt has at most ``limit`` tokens."""
+        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = max(limit - self.scaffold, 1)
+        while True:
+            prompt = self.ids(self.render(self.tokenizer.decode(text_ids[:keep])))
+            if len(prompt) <= limit or keep == 1:
+                return prompt[:limit]  # the slice only ever acts on a one-token text that re-tokenised longer
+            keep = max(keep - (len(prompt) - limit), 1)  # a re-tokenised cut may be a token or two long
 
-def encode_instructions(tokenizer, examples: list[InstructionExample], max_length: int) -> LMEncoded:
+
+def encode_instructions(tokenizer, examples: list[InstructionExample], max_length: int,
+                        blind: bool = False) -> LMEncoded:
+    """Token ids of prompt + response per example (``blind``: test rows, see ``PromptFormat.example``)."""
     fmt = PromptFormat(tokenizer, max_length)
-    rows = [fmt.example(ex) for ex in examples]
+    rows = [fmt.example(ex, blind) for ex in examples]
     lengths = torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long)
     width = min(round_up(int(lengths.max())), max_length) if rows else 0
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -137,16 +151,34 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+class UnicodeRougeTokenizer:
+    """rouge-score's default tokenisation (lower case, runs of letters and digits, Porter stemming of words over
+    three characters) for any script: the default keeps only ``[a-z0-9]``, so a reference in Cyrillic, Greek or
+    CJK has no tokens and every answer scores 0, and accented words fall apart. Identical on ASCII text."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.stemmer.stem(t) if len(t) > 3 else t for t in re.findall(r"[^\W_]+", text.lower())]
+
+
 def generation_metrics(spec: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F (rouge-score, stemmed; blind to case and punctuation), exact match of label answers
+    (normalised), and for edits of case and punctuation the cased exact match, which sees them."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=UnicodeRougeTokenizer())
     scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions, strict=True)]
     metrics = {name: float(np.mean([s[name].fmeasure for s in scores])) if scores else 0.0
                for name in ("rouge1", "rougeL")}
+    pairs = list(zip(predictions, references, strict=True))
     if spec.labels:
-        metrics["exact_match"] = float(np.mean([normalize_answer(p) == normalize_answer(r)
-                                                for p, r in zip(predictions, references, strict=True)]))
+        metrics["exact_match"] = float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in pairs]))
+    if spec.extra_metric == "exact_match_cased":
+        metrics["exact_match_cased"] = float(np.mean([p.split() == r.split() for p, r in pairs]))
     return metrics
 
 

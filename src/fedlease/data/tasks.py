@@ -32,7 +32,8 @@ class TaskSpec:
     pair: bool
     source: str  # "builtin", "glue", "instructions" (built in), "jsonl" (a user's folder) or "remote" (another node's)
     description: str
-    # Besides accuracy: "f1" (binary, positive = label 1) or "macro_f1" (multi-class).
+    # Besides accuracy: "f1" (binary, positive = label 1) or "macro_f1" (multi-class). Besides ROUGE:
+    # "exact_match_cased" (the answer to the character, case and punctuation included, spaces collapsed).
     extra_metric: str | None = None
     kind: str = "classification"  # or "generation"
     # A "jsonl" task's folder when registered; a run (or a node) may read the category from its own folder.
@@ -53,7 +54,8 @@ class TaskSpec:
     @property
     def metrics(self) -> tuple[str, ...]:
         if self.kind == "generation":
-            return ("rouge1", "rougeL", "exact_match") if self.labels else ("rouge1", "rougeL")
+            return ("rouge1", "rougeL", *(("exact_match",) if self.labels else ()),
+                    *((self.extra_metric,) if self.extra_metric else ()))
         return ("accuracy",) if self.extra_metric is None else ("accuracy", self.extra_metric)
 
 
@@ -95,7 +97,7 @@ TASKS: dict[str, TaskSpec] = {
                  "natural language inference as instructions (snli, FLAN templates)", kind="generation"),
         TaskSpec("instruct_edit", (), False, "instructions",
                  "text editing: restore punctuation, spaces or case of a sentence (snli captions, FLAN templates)",
-                 kind="generation"),
+                 "exact_match_cased", kind="generation"),  # ROUGE drops case and punctuation: see generation.py
         TaskSpec("instruct_struct2text", (), False, "instructions",
                  "structure to text: E2E NLG restaurant attributes -> a description (GEM via BIG-bench)",
                  kind="generation"),

@@ -90,8 +90,10 @@ def convert_gguf(gguf: Path, folder: Path, end_token: str | None) -> None:
 
 
 def converted(gguf: Path, end_token: str | None = None) -> str:
-    """The plain folder made from ``gguf`` (made now if it does not exist yet)."""
-    tag = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:8]
+    """The plain folder made from ``gguf`` (made now if it does not exist yet); a file replaced at the same path,
+    or another end token, makes another folder."""
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{end_token}".encode()).hexdigest()[:8]
     folder = cache_root() / f"{gguf.stem}-{tag}"
     if not (folder / "config.json").is_file():
         convert_gguf(gguf, folder, end_token)

@@ -34,7 +34,7 @@ log = logging.getLogger("fedlease")
 
 SIGNATURE_NAMES = {"lora_b": "LoRA B", "embedding": "data embedding"}
 METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "rouge1": "ROUGE-1",
-                 "rougeL": "ROUGE-L", "exact_match": "exact match"}
+                 "rougeL": "ROUGE-L", "exact_match": "exact match", "exact_match_cased": "exact match (cased)"}
 # The headline metric of a run's tasks: accuracy for classification, ROUGE-1 for instruction tasks (the paper's).
 HEADLINES = ("accuracy", "rouge1")
 PLOT_FILES = ("dendrogram.png", "distance_heatmap.png", "cluster_scores.png", "embedding_2d.png",

@@ -88,10 +88,11 @@ def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings,
     if backbone.kind == "causal_lm":
         from fedlease.generation import GenerationClient, encode_instructions
 
+        tokenizer, length = backbone.tokenizer, config.max_length
         return GenerationClient(split.client_id, spec, backbone.adapted,
-                                encode_instructions(backbone.tokenizer, split.train, config.max_length),
-                                encode_instructions(backbone.tokenizer, split.test, config.max_length), settings,
-                                backbone.tokenizer, config.max_new_tokens)
+                                encode_instructions(tokenizer, split.train, length),
+                                encode_instructions(tokenizer, split.test, length, blind=True), settings,
+                                tokenizer, config.max_new_tokens)
     separate = backbone.pair_encoding == "separate"
     return LocalClient(split.client_id, spec, backbone.adapted,
                        encode(backbone.tokenizer, split.train, config.max_length, separate),
