@@ -123,3 +123,22 @@ def test_two_identical_clients_among_three_do_not_break_the_2d_embedding():
     same = torch.ones(8)
     result = cluster_clients_by_embedding([same, same.clone(), torch.arange(8.0)], max_clusters=4)
     assert np.isfinite(result.embedding).all() and result.labels == [0, 0, 1]
+
+
+def test_label_mix_separates_clients_of_one_task_and_signatures_of_other_widths_are_padded():
+    """Class-block data signatures: the same class centroids, opposite label mixes -> two experts; the same mix
+    -> one; a task with three classes (a longer signature) is compared with zero padding."""
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.randn(2, 16, generator=g) + 3.0
+
+    def signature(share: float) -> torch.Tensor:  # share of class 1
+        noise = torch.randn(2, 16, generator=g) * 0.05
+        return torch.cat([(1 - share) * (centroids[0] + noise[0]), share * (centroids[1] + noise[1])])
+
+    skewed = cluster_clients_by_embedding([signature(p) for p in (0.9, 0.95, 0.85, 0.1, 0.05, 0.15)], 4)
+    assert skewed.num_clusters == 2 and skewed.labels[:3] == [skewed.labels[0]] * 3 != skewed.labels[3:]
+    same = cluster_clients_by_embedding([signature(0.5) for _ in range(6)], 4)
+    assert same.num_clusters == 1
+    other_task = torch.cat([torch.randn(16, generator=g), torch.randn(16, generator=g), torch.randn(16, generator=g)])
+    mixed = cluster_clients_by_embedding([signature(0.5), signature(0.5), other_task, other_task * 1.01], 4)
+    assert mixed.num_clusters == 2 and mixed.labels[0] == mixed.labels[1] != mixed.labels[2] == mixed.labels[3]

@@ -181,7 +181,11 @@ def test_client_sends_the_frozen_encoders_data_signature_with_every_warmup_uploa
     method = FedLease(config, infos)
     client, store = clients[0], {}
     client.apply(PLAIN_LORA, client.adapted.initial_state(config.seed))
-    expected = client.embed(client.train_data).mean(0)
+    embeddings, labels = client.embed(client.train_data), client.train_data.labels
+    # block c: the client's share of class c times the mean embedding of its class-c examples
+    expected = torch.cat([(labels == c).float().mean() * embeddings[labels == c].mean(0)
+                          for c in range(client.spec.num_classes)])
+    torch.testing.assert_close(expected.reshape(client.spec.num_classes, -1).sum(0), embeddings.mean(0))
     first = method.client_train(client, method.configure_train(0)[0], 0, store)
     torch.testing.assert_close(first.state[SIGNATURE], expected)
     assert torch.equal(store[SIGNATURE], expected)

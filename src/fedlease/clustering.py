@@ -7,8 +7,9 @@ Two allocations, chosen with ``--allocation``:
   mean over sites. Average-linkage agglomerative clustering on d is run for every K in 2..min(max_clusters,
   N-1), and K is the one with the best silhouette score (ties go to the smaller K). K = 1 is never chosen.
   This is the paper and its released code, exactly.
-- ``embedding``: clients are compared by a data signature, the mean of the frozen encoder's mean-pooled
-  embeddings of their training examples, with the same cosine distance, linkage and silhouette search; and
+- ``embedding``: clients are compared by a data signature, the frozen encoder's mean-pooled embeddings of their
+  training examples averaged per class and weighted by the client's class shares
+  (``fedlease.methods.fedlease.data_signature``), with the same cosine distance, linkage and silhouette search; and
   K = 1 when even the best silhouette is below ``--min_silhouette`` (no cluster structure worth an expert).
   At small data sizes the warmup B matrices are dominated by sampling and training noise and find no tasks
   (benchmarks/results/README.md, "Allocation"); the data signature finds them at every size measured.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.manifold import ClassicalMDS
 from sklearn.metrics import davies_bouldin_score, silhouette_score
@@ -75,12 +77,15 @@ class ClusteringResult:
 
 def cosine_distances(signatures: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
     """Mean over the named tensors (e.g. the B matrix of every site) of 1 - cosine similarity of the flattened
-    tensors, for every pair of clients."""
+    tensors, for every pair of clients; a shorter tensor is zero-padded (data signatures of tasks with fewer
+    classes)."""
     sites = sorted(signatures[0])
     n = len(signatures)
     total = torch.zeros(n, n, dtype=torch.float64)
     for site in sites:
-        flat = torch.stack([b[site].reshape(-1).double() for b in signatures])  # (N, d)
+        flats = [b[site].reshape(-1).double() for b in signatures]
+        width = max(len(f) for f in flats)
+        flat = torch.stack([F.pad(f, (0, width - len(f))) for f in flats])  # (N, d)
         unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
         total += 1.0 - unit @ unit.t()
     distances = (total / len(sites)).clamp_min(0.0).numpy()

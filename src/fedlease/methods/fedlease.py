@@ -6,8 +6,9 @@ NeurIPS 2025 (arXiv 2509.15087).
 Rounds 0..W-1 (warmup): every client trains its own LoRA and head from one shared initialisation and keeps it;
 nothing is averaged, and each client uploads its LoRA so the server can cluster (as the released code does;
 the server clusters on the latest LoRA it received from each client). With ``--allocation embedding`` a client
-also sends with every warmup upload its data signature (computed once): the mean of the frozen encoder's
-mean-pooled embeddings of its training examples. End of round W-1 (allocation): clients are clustered
+also sends with every warmup upload its data signature (computed once): the frozen encoder's mean-pooled
+embeddings of its training examples, averaged class by class and weighted by the client's share of each class
+(``data_signature``). End of round W-1 (allocation): clients are clustered
 by their LoRA B matrices (``paper``) or their data signatures (``embedding``) and K is chosen by silhouette
 (``fedlease.clustering``); expert k starts
 as the average of its members' warmup LoRAs (the paper; the released code starts from each client's own LoRA
@@ -276,8 +277,17 @@ class FedLease(FederatedMethod):
 
 
 def data_signature(client: LocalClient, seed: int) -> torch.Tensor:
-    """The mean over the client's training examples of the frozen encoder's embedding of each (``LocalClient.embed``;
-    a sentence embedding with a bi-encoder): one vector (hidden,). The shared initial LoRA has B = 0, so with it
-    loaded the model is the frozen encoder."""
+    """The client's data, class by class, in the frozen encoder's embedding (``LocalClient.embed``; a sentence
+    embedding with a bi-encoder): block c is the client's share of class c times the mean embedding of its examples
+    of class c, the blocks flattened into one vector (num_classes * hidden; a free-text task has one block). The
+    blocks sum to the mean embedding of all its examples, so clients of different tasks differ as their data do,
+    and clients of one task with different label mixes put their weight in different blocks. The shared initial
+    LoRA has B = 0, so with it loaded the model is the frozen encoder."""
     client.apply(PLAIN_LORA, client.adapted.initial_state(seed))
-    return client.embed(client.train_data).mean(0)
+    embeddings = client.embed(client.train_data)
+    labels = client.train_data.labels
+    blocks = torch.zeros(client.spec.num_classes, embeddings.shape[1])
+    for c in labels.unique().tolist():
+        chosen = labels == c
+        blocks[c] = chosen.float().mean() * embeddings[chosen].mean(0)
+    return blocks.reshape(-1)
