@@ -9,7 +9,7 @@ import torch
 
 from fedlease.config import RunConfig
 from fedlease.methods.base import ClientInfo, Update
-from fedlease.methods.fedlease import PLAIN_LORA, SIGNATURE, FedLease
+from fedlease.methods.fedlease import PLAIN_LORA, SEND_SIGNATURE, SIGNATURE, FedLease
 
 SITES = ("enc.0.query", "enc.0.value")
 D_IN, D_OUT, R = 8, 6, 2
@@ -186,6 +186,10 @@ def test_client_sends_the_frozen_encoders_data_signature_with_every_warmup_uploa
     expected = torch.cat([(labels == c).float().mean() * embeddings[labels == c].mean(0)
                           for c in range(client.spec.num_classes)])
     torch.testing.assert_close(expected.reshape(client.spec.num_classes, -1).sum(0), embeddings.mean(0))
+    # one shape for the whole federation: as many blocks as its largest label set (snli's 3 here), zero beyond
+    blocks = max(len(info.labels) for info in infos)
+    assert method.configure_train(0)[0].extra[SEND_SIGNATURE] == blocks == 3 > client.spec.num_classes
+    expected = torch.cat([expected, torch.zeros((blocks - client.spec.num_classes) * embeddings.shape[1])])
     first = method.client_train(client, method.configure_train(0)[0], 0, store)
     torch.testing.assert_close(first.state[SIGNATURE], expected)
     assert torch.equal(store[SIGNATURE], expected)

@@ -142,7 +142,10 @@ class FedLease(FederatedMethod):
         """Train and keep the client's own LoRA and head; round 0 starts from the shared seeded init, later
         warmup rounds continue what the client keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
-        extra = {SEND_SIGNATURE: True} if self.config.allocation == "embedding" else {}
+        # the signature's number of class blocks: the largest label set of the federation, so every client's
+        # signature has one shape (update validation fixes a key's shape by the majority of a round's uploads)
+        blocks = max(max(len(c.labels), 1) for c in self.clients)
+        extra = {SEND_SIGNATURE: blocks} if self.config.allocation == "embedding" else {}
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
 
@@ -264,9 +267,10 @@ class FedLease(FederatedMethod):
                      store: dict[str, torch.Tensor]) -> Update:
         """With the embedding allocation, every warmup upload carries the client's data signature, computed once
         and kept in the client's store (a client that missed rounds still delivers it)."""
-        wanted = bool(ins.extra.get(SEND_SIGNATURE))
+        blocks = int(ins.extra.get(SEND_SIGNATURE, 0))
+        wanted = blocks > 0
         if wanted and SIGNATURE not in store:
-            store[SIGNATURE] = data_signature(client, self.config.seed)
+            store[SIGNATURE] = data_signature(client, self.config.seed, blocks)
         update = super().client_train(client, ins, rnd, store)
         if wanted:
             update.state[SIGNATURE] = store[SIGNATURE]
@@ -276,18 +280,19 @@ class FedLease(FederatedMethod):
         self.heads.update(average_groups(states, weights, self.head_group, ("head",)))
 
 
-def data_signature(client: LocalClient, seed: int) -> torch.Tensor:
+def data_signature(client: LocalClient, seed: int, blocks: int = 1) -> torch.Tensor:
     """The client's data, class by class, in the frozen encoder's embedding (``LocalClient.embed``; a sentence
     embedding with a bi-encoder): block c is the client's share of class c times the mean embedding of its examples
-    of class c, the blocks flattened into one vector (num_classes * hidden; a free-text task has one block). The
+    of class c, the blocks flattened into one vector (``blocks`` x hidden, zero blocks beyond the client's classes;
+    a free-text task has one class). The
     blocks sum to the mean embedding of all its examples, so clients of different tasks differ as their data do,
     and clients of one task with different label mixes put their weight in different blocks. The shared initial
     LoRA has B = 0, so with it loaded the model is the frozen encoder."""
     client.apply(PLAIN_LORA, client.adapted.initial_state(seed))
     embeddings = client.embed(client.train_data)
     labels = client.train_data.labels
-    blocks = torch.zeros(client.spec.num_classes, embeddings.shape[1])
+    signature = torch.zeros(max(blocks, client.spec.num_classes), embeddings.shape[1])
     for c in labels.unique().tolist():
         chosen = labels == c
-        blocks[c] = chosen.float().mean() * embeddings[chosen].mean(0)
-    return blocks.reshape(-1)
+        signature[c] = chosen.float().mean() * embeddings[chosen].mean(0)
+    return signature.reshape(-1)
