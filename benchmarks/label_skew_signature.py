@@ -23,23 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 from sklearn.metrics import adjusted_rand_score
 
 from fedlease.clustering import cluster_clients, cosine_distances
 from fedlease.config import RunConfig
-from fedlease.methods.fedlease import PLAIN_LORA
+from fedlease.methods.fedlease import PLAIN_LORA, data_signature
 from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
-
-
-def class_blocks(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, hidden): row c = share of class c x mean embedding of class c (0 for an absent class)."""
-    blocks = torch.zeros(num_classes, embeddings.shape[1])
-    for c in range(num_classes):
-        chosen = labels == c
-        if chosen.any():
-            blocks[c] = chosen.float().mean() * embeddings[chosen].mean(0)
-    return blocks
 
 
 def main() -> None:
@@ -63,8 +52,7 @@ def main() -> None:
         client.apply(PLAIN_LORA, client.adapted.initial_state(config.seed))  # B = 0: the frozen encoder
         embeddings = client.embed(client.train_data)
         plain.append(embeddings.mean(0))
-        block = class_blocks(embeddings, client.train_data.labels, width)
-        blocks.append(block.reshape(-1))
+        blocks.append(data_signature(client, config.seed, width))  # the method's own (the default since 2026-12-01)
     tasks = [info.task for info in infos]
     mixes = [[round(float((c.train_data.labels == k).float().mean()), 3) for k in range(len(info.labels))]
              for c, info in zip(clients, infos, strict=True)]
