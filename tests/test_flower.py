@@ -91,13 +91,17 @@ def test_messages_round_trip():
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     layout = ExpertLayout(num_experts=3, own_expert=2, routing="adaptive")
-    state = {"a.lora_A": torch.randn(4, 8), "a.experts_B": torch.randn(3, 8, 4), "head.classifier.bias": torch.zeros(3)}
+    state = {"a.lora_A": torch.randn(4, 8), "a.experts_B": torch.randn(3, 8, 4).transpose(1, 2),
+             "steps": torch.tensor(5), "head.classifier.bias": torch.zeros(3), "counts": torch.arange(6).view(2, 3)}
     ins = Instruction(layout, state, train=("lora_A", "router"), upload=("lora_A",), restore=(), keep=("lora_B",),
                       extra={"cluster": 2})
-    back, rnd, final = decode_instruction(encode_instruction(ins, 7, final=True))
+    content = encode_instruction(ins, 7, final=True)
+    assert sorted(content["state"].keys()) == ["float32", "int64"]  # packed: one array per dtype, whatever the count
+    back, rnd, final = decode_instruction(content)
     assert (rnd, final, back.layout, back.train, back.upload, back.restore, back.keep, back.extra) == \
         (7, True, layout, ins.train, ins.upload, (), ins.keep, {"cluster": 2})
-    assert all(torch.equal(back.state[k], v) for k, v in state.items())
+    assert list(back.state) == list(state)
+    assert all(back.state[k].dtype == v.dtype and torch.equal(back.state[k], v) for k, v in state.items())
     update = Update(state, 123, {"train_loss": 0.5, "cluster": 1})
     pid, got = decode_update(encode_update(update, 4))
     assert pid == 4 and got.num_examples == 123 and got.metrics == update.metrics
