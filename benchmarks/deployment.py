@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from fedlease.config import RunConfig
 from fedlease.runtime.flower.deploy import LoopbackDeployment
 from fedlease.runtime.simulation import prepare_config, run
@@ -105,7 +107,10 @@ def main() -> None:
             "setting": {"clients": config.num_clients, "tasks": args.tasks, "rounds": config.global_rounds,
                         "warmup_rounds": config.warmup_rounds, "train_samples": config.train_samples,
                         "test_samples": config.test_samples, "method": config.method, "model": config.model_name,
-                        "cores": cores, "machine": platform.processor() or platform.machine()},
+                        "cores": cores, "machine": platform.processor() or platform.machine(),
+                        # the in-process run's precision (auto: bf16 autocast only where the CPU has AVX512-BF16
+                        # or AMX): round times of runs in different precisions are not comparable
+                        "precision": base["precision"], "cpu_capability": torch.backends.cpu.get_cpu_capability()},
             "in_process": {"round_seconds": base_rounds, "wall_seconds": round(in_process_wall, 1),
                            "final_mean_accuracy": base["final"]["mean"]["accuracy"]},
         }

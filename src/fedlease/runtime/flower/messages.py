@@ -35,11 +35,13 @@ PART_LISTS = ("train", "upload", "restore", "keep")
 def put_state(content: RecordDict, key: str, state: Mapping[str, torch.Tensor]) -> RecordDict:
     """Pack ``state`` into ``content[key]`` (one flat array per dtype) and ``content[key + "-index"]``."""
     groups: dict[str, list[torch.Tensor]] = {}
+    ends: dict[str, int] = {}  # dtype -> the length of its flat array so far
     index = []
     for name, tensor in state.items():
         dtype = str(tensor.dtype).removeprefix("torch.")
-        offset = sum(t.numel() for t in groups.setdefault(dtype, []))
-        groups[dtype].append(tensor.detach().cpu().reshape(-1))
+        offset = ends.get(dtype, 0)
+        groups.setdefault(dtype, []).append(tensor.detach().cpu().reshape(-1))
+        ends[dtype] = offset + tensor.numel()
         index.append([name, dtype, list(tensor.shape), offset])
     content[key] = ArrayRecord({dtype: torch.cat(parts) for dtype, parts in groups.items()})
     content[f"{key}-index"] = ConfigRecord({"tensors": json.dumps(index)})
