@@ -10,13 +10,14 @@ Runs one configuration (default: the quick start's, 8 clients of the built-in ta
 Per deployment it reports, from the run's history:
 
 - round wall time (the server's clock, train + evaluate + aggregate + artifacts), each round and its ratio to
-  the in-process round;
+  the in-process round (a deployment evaluates each round with the next round's training message, so its
+  rounds' times are shifted by an evaluation: compare the later rounds together);
 - the overhead of a training message, for each node's first message (it loads the model and tokenises the
   data) and for its later ones: ``total`` = the server's send-to-reply time (``round_trip_seconds``) minus the
-  time the client spent training (``seconds``); split into ``flower`` = send-to-reply minus the time the message
-  spent in the ClientApp (``node_seconds``: SuperLink, SuperNode, its idle poll, the executor) and
-  ``fedlease`` = ``node_seconds`` minus training (loading the state into the model, the client's state files,
-  extracting the upload).
+  time the client spent training (``seconds``) and evaluating the previous round (``evaluation_seconds``);
+  split into ``flower`` = send-to-reply minus the time the message spent in the ClientApp (``node_seconds``:
+  SuperLink, SuperNode, its idle poll, the executor) and ``fedlease`` = ``node_seconds`` minus that work
+  (loading the state into the model, the client's state files, extracting the upload).
 
 All SuperNodes share this machine's cores: with N nodes each runs its torch with cores / N threads, the
 in-process runner with all of them. Prints one JSON object as the last line of stdout and writes it to --out.
@@ -58,9 +59,10 @@ def message_overheads(history: dict) -> dict:
             if "round_trip_seconds" not in train:
                 continue
             which = parts["later_messages" if cid in seen else "first_message"]
-            which["total"].append(train["round_trip_seconds"] - train["seconds"])
+            work = train["seconds"] + train.get("evaluation_seconds", 0.0)  # training, and an evaluation it carried
+            which["total"].append(train["round_trip_seconds"] - work)
             which["flower"].append(train["round_trip_seconds"] - train["node_seconds"])
-            which["fedlease"].append(train["node_seconds"] - train["seconds"])
+            which["fedlease"].append(train["node_seconds"] - work)
             seen.add(cid)
     return {when: {part: summary(values) for part, values in split.items()} for when, split in parts.items()}
 

@@ -25,12 +25,15 @@ from fedlease.model.experts import ExpertLayout
 from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
 from fedlease.runtime.flower import client_app, server_app
 from fedlease.runtime.flower.messages import (
+    decode_evaluate_first,
     decode_evaluation,
     decode_instruction,
     decode_update,
+    decode_update_evaluation,
     encode_evaluation,
     encode_instruction,
     encode_update,
+    get_state,
 )
 from fedlease.runtime.flower.run_config import from_run_config, to_run_config
 from fedlease.runtime.loop import Evaluation, Federation
@@ -109,13 +112,39 @@ def test_messages_round_trip():
     pid, evaluation = decode_evaluation(encode_evaluation(Evaluation({"accuracy": 0.75}, (layout, state)), 2))
     assert pid == 2 and evaluation.metrics == {"accuracy": 0.75} and evaluation.final[0] == layout
     assert decode_update(encode_update(Update({}, 5), 0))[1].state == {}
+    assert decode_evaluate_first(content) is None and decode_update_evaluation(encode_update(update, 4)) is None
+
+
+def test_a_training_message_carries_the_previous_rounds_evaluation_without_sending_a_tensor_twice():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    bank = {"a.experts_A": torch.randn(3, 4, 8), "a.experts_B": torch.randn(3, 8, 4), "a.router": torch.randn(5, 8)}
+    ins = Instruction(ExpertLayout(num_experts=3, own_expert=1, routing="adaptive"), bank, train=("router",),
+                      upload=("router",))
+    # the evaluation's state: one tensor is the training state's own, one equal to it, one not in it, and one
+    # under a name the training state has, with other values
+    before = Instruction(ExpertLayout(), {"head.w": torch.randn(2, 2), "a.experts_A": bank["a.experts_A"],
+                                          "a.experts_B": bank["a.experts_B"].clone(), "a.router": bank["a.router"] + 1,
+                                          "z": torch.arange(3)}, restore=("lora_B",), extra={"cluster": 1})
+    content = encode_instruction(ins, 4, evaluate_first=(3, before))
+    sent = get_state(content, "evaluate-state")
+    assert sorted(sent) == ["a.router", "head.w", "z"]  # the experts travel once, in the training state
+    evaluated, back = decode_evaluate_first(content)
+    assert evaluated == 3 and decode_instruction(content)[1] == 4
+    assert (back.layout, back.restore, back.extra, list(back.state)) == \
+        (before.layout, ("lora_B",), {"cluster": 1}, list(before.state))
+    assert all(back.state[k].dtype == v.dtype and torch.equal(back.state[k], v) for k, v in before.state.items())
+    reply = encode_update(Update({}, 5), 0, {"accuracy": 0.5, "loss": 0.25})
+    assert decode_update_evaluation(reply) == {"accuracy": 0.5, "loss": 0.25}
 
 
 def flower_run(config: RunConfig, fail: dict[int, set[int]] | None = None, resume: bool = False,
-               **grid_options) -> Path:
+               round_timeout: float = 120.0, **grid_options) -> Path:
+    """Replies are computed synchronously while the server pushes, so ``round_timeout`` must cover a round's
+    training on a busy machine; a reply the grid drops (``late``) costs the whole timeout."""
     client_app.session_for.cache_clear()
-    run_config = {**to_run_config(config), "round-timeout": 15.0, "rejoin-timeout": 1.5,  # replies are synchronous
-                  "resume": resume}
+    run_config = {**to_run_config(config), "round-timeout": round_timeout, "rejoin-timeout": 1.5, "resume": resume}
     grid = InProcessGrid(client_app.app, config.num_clients, run_config, fail, **grid_options)
     run_server(server_app.app, grid)
     return Path(config.output_dir)
@@ -126,14 +155,26 @@ def state_dirs(root: Path, num_clients: int) -> dict[int, dict]:
 
 
 @pytest.mark.parametrize("method", ["fedlease", "feddpa", "ifca"])
-def test_flower_gives_the_in_process_runners_results(tiny_model, tmp_path, method):
+def test_flower_gives_the_in_process_runners_results(tiny_model, tmp_path, monkeypatch, method):
     config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
                              num_clusters=2)
     run(config, progress=False)
+    sent = []
+    push = InProcessGrid.push_messages
+
+    def counted(grid, messages):
+        messages = list(messages)
+        sent.extend(messages)
+        return push(grid, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", counted)
     flower = flower_run(dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
                                             output_dir=str(tmp_path / "flower")))
     assert_same_results(tmp_path / "in-process", flower)
     assert history(flower)["rounds"][-1]["clients"]["2"]["upload_bytes"] > 0
+    # one message per client and round: each round's evaluation travels with the next round's training
+    types = [m.metadata.message_type for m in sent if m.metadata.message_type != "query.partition"]
+    assert types.count("train") == 3 * config.global_rounds and types.count("evaluate") == 3
 
 
 @pytest.mark.parametrize("method", ["fedsa_lora"])  # FedLEASE: the decoder deployment test below
@@ -153,7 +194,11 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     out = flower_run(dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"]),
                      fail={1: {2}})
     rounds = history(out)["rounds"]
-    assert "1" not in rounds[2]["clients"]  # round 3: client 1 neither trained nor evaluated
+    # round 3's message, which also carried round 2's evaluation, was lost: client 1 trained in round 2 but was
+    # not evaluated, did not train in round 3, and was evaluated after it with round 4's message
+    assert rounds[1]["clients"]["1"]["eval"] is None and rounds[1]["clients"]["1"]["upload_bytes"] > 0
+    assert rounds[2]["clients"]["1"]["train"] is None and rounds[2]["clients"]["1"]["upload_bytes"] == 0
+    assert len(history(out)["client_scores"]["1"]) == 3
     assert set(rounds[3]["clients"]) == {"0", "1", "2"}  # round 4: it is back
     assert rounds[3]["clients"]["1"]["upload_bytes"] > 0
     log = (out / "training_log.txt").read_text()
@@ -170,7 +215,7 @@ def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back
     log = (out / "training_log.txt").read_text()
     assert "allocation without clients [3]" in log and "client 3 joined late: expert" in log
     rounds = h["rounds"]
-    assert "3" not in rounds[0]["clients"]
+    assert rounds[0]["clients"]["3"]["train"] is None  # evaluated (untrained) with its next message only
     # its joining round trains its own LoRA from nothing downloaded; afterwards it downloads its expert(s)
     assert rounds[1]["clients"]["3"]["download_params"] == 0 < rounds[1]["clients"]["3"]["upload_params"]
     assert rounds[2]["clients"]["3"]["download_params"] == rounds[2]["clients"]["2"]["download_params"] > 0
@@ -221,8 +266,9 @@ def test_a_node_that_crashes_mid_round_and_restarts_gets_the_message_again(tiny_
 @pytest.mark.parametrize("method", ["local", "fedsa_lora"])
 def test_a_server_stopped_before_its_checkpoint_resumes_to_the_uninterrupted_results(tiny_model, tmp_path,
                                                                                      monkeypatch, method):
-    """The server stops after round 2's evaluation (the nodes have committed round 2) but before its checkpoint; the
-    resumed run starts again from round 1's checkpoint, and the nodes go back to their round-1 state."""
+    """The server stops after round 2's evaluation (it came with round 3's training: the nodes have committed round 2
+    and trained round 3) but before its checkpoint; the resumed run starts again from round 1's checkpoint, and the
+    nodes go back to their round-1 state."""
     config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
                              global_rounds=4, warmup_rounds=1)
     run(config, progress=False)
@@ -250,7 +296,7 @@ def test_a_reply_that_misses_the_round_does_not_advance_the_clients_state(tiny_m
     # client 0 trains in round 2 but its reply arrives too late, or it does not train at all: the same to the server,
     # and now the same to the client, whose round-2 training is dropped instead of kept
     late = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "late")), late={0: {1}},
-                      node_config=state_dirs(tmp_path / "state-late", 2))
+                      node_config=state_dirs(tmp_path / "state-late", 2), round_timeout=20.0)
     absent = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "absent")), fail={0: {1}},
                         node_config=state_dirs(tmp_path / "state-absent", 2))
     h_late, h_absent = history(late), history(absent)

@@ -97,18 +97,20 @@ class RunRecorder:
         number = rnd + 1
         metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
         clients = {}
-        for cid, values in metrics.items():
-            ins, update = instructions.get(cid), updates.get(cid)
+        # a client that trained but whose evaluation was lost is listed too (its upload counts), with eval None
+        for cid in sorted(set(metrics) | set(updates)):
+            ins, update, values = instructions.get(cid), updates.get(cid), metrics.get(cid)
             down_params, down_bytes = state_size(ins.state) if ins else (0, 0)
             up_params, up_bytes = state_size(update.state) if update else (0, 0)
             clients[str(cid)] = {
                 "task": self.clients[cid].task,
-                "eval": dict(values),
+                "eval": dict(values) if values is not None else None,
                 "train": dict(update.metrics) if update else None,
                 "download_params": down_params, "download_bytes": down_bytes,
                 "upload_params": up_params, "upload_bytes": up_bytes,
             }
-            self.history["client_scores"][str(cid)].append(dict(values))
+            if values is not None:
+                self.history["client_scores"][str(cid)].append(dict(values))
         summary = {
             "round": number,
             "phase": report.phase,

@@ -9,6 +9,13 @@ round and logged, and the run goes on.
 Every message also carries a :class:`Sync`: the run's id and the last round whose update of the client the
 server accepted, so that a client's own state only ever advances with what the server accepted
 (``fedlease.runtime.client_state``). Both are saved with each checkpoint.
+
+A transport with ``fuses_evaluation`` (Flower) evaluates a round with the next round's training messages: one
+message per client and round instead of two (each message after a node's first waits for Flower's idle poll).
+The client evaluates first, with exactly what it would have been sent alone, then trains, so the results are
+those of separate messages. The round is recorded and checkpointed when those replies arrive, before the next
+round's updates are checked; its ``seconds`` run until then, and its evaluation counts in the next round's. A
+client whose message is lost misses both. The last round is evaluated on its own, with the final models.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Protocol
 import torch
 
 from fedlease.config import RunConfig
-from fedlease.methods.base import FederatedMethod, Instruction, Update
+from fedlease.methods.base import FederatedMethod, Instruction, RoundReport, Update
 from fedlease.model.experts import ExpertLayout
 from fedlease.report.artifacts import METRIC_LABELS, RunRecorder, headline
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
@@ -53,6 +60,8 @@ class Sync:
 
 
 class Transport(Protocol):
+    fuses_evaluation: bool  # True: evaluate_then_train sends a round's evaluation with the next round's training
+
     def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
         """Run the method's client half for each instruction; clients that fail are absent from the result."""
 
@@ -60,8 +69,26 @@ class Transport(Protocol):
                  ) -> dict[int, Evaluation]:
         """Evaluate each client; with ``final``, also return the model it was evaluated with."""
 
+    def evaluate_then_train(self, evaluated: int, evaluations: Mapping[int, Instruction], rnd: int,
+                            instructions: Mapping[int, Instruction], sync: Sync
+                            ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
+        """With ``fuses_evaluation``: one message per client evaluates round ``evaluated`` and trains ``rnd``."""
+
     def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]] | None:
         """The clients' committed stores, where the runtime holds them (for checkpoints), else None."""
+
+
+@dataclass
+class Trained:
+    """A round trained and aggregated, not yet evaluated."""
+
+    rnd: int
+    report: RoundReport
+    instructions: dict[int, Instruction]
+    accepted: dict[int, Update]
+    rejected: dict[int, str]
+    seconds: float
+    evaluate: dict[int, Instruction]  # the model each client is evaluated with
 
 
 @dataclass
@@ -84,18 +111,27 @@ class Federation:
         return Sync(self.info["federation"], dict(self.accepted))
 
     def run(self, start_round: int = 0) -> dict:
+        waiting = None
         for rnd in range(start_round, self.config.global_rounds):
-            self.round(rnd)
+            waiting = self.round(rnd, waiting)
         return self.recorder.finish()
 
-    def round(self, rnd: int) -> dict:
+    def round(self, rnd: int, waiting: Trained | None = None) -> Trained | None:
+        """Train round ``rnd`` (with ``waiting``, the previous round still to be evaluated, in the same messages);
+        evaluate it now, or return it when the transport evaluates it with the next round's training."""
         config, method = self.config, self.method
         last = rnd == config.global_rounds - 1
         start = time.perf_counter()
         log.info("round %d/%d", rnd + 1, config.global_rounds)
         instructions = method.configure_train(rnd)
+        if waiting is None:
+            updates = self.transport.train(rnd, instructions, self.sync())
+        else:
+            evaluations, updates = self.transport.evaluate_then_train(waiting.rnd, waiting.evaluate, rnd,
+                                                                      instructions, self.sync())
+            self.finish(waiting, evaluations, waiting.seconds)
         # in client order: replies arrive in any order, and a floating-point average depends on its order
-        updates = dict(sorted(self.transport.train(rnd, instructions, self.sync()).items()))
+        updates = dict(sorted(updates.items()))
         for cid in sorted(set(instructions) - set(updates)):
             log.info("round %d: client %d did not reply; left out of this round", rnd + 1, cid)
         accepted, rejected = self.validator.filter(instructions, updates)
@@ -105,13 +141,23 @@ class Federation:
         report = method.aggregate_train(rnd, accepted)
         for line in report.log:
             log.info("%s", line)
-        evaluations = self.transport.evaluate(rnd, method.configure_evaluate(rnd), last, self.sync())
+        trained = Trained(rnd, report, instructions, accepted, rejected, time.perf_counter() - start,
+                          method.configure_evaluate(rnd))
+        if getattr(self.transport, "fuses_evaluation", False) and not last:
+            return trained
+        self.finish(trained, self.transport.evaluate(rnd, trained.evaluate, last, self.sync()),
+                    time.perf_counter() - start)
+        return None
+
+    def finish(self, trained: Trained, evaluations: Mapping[int, Evaluation], seconds: float) -> dict:
+        """Record an evaluated round (and, after the last, the final models) and checkpoint it."""
+        rnd, report = trained.rnd, trained.report
         metrics = {cid: e.metrics for cid, e in evaluations.items()}
-        summary = self.recorder.record_round(rnd, report, instructions, accepted, metrics, method.client_map(),
-                                             time.perf_counter() - start, rejected=rejected)
-        if last:
+        summary = self.recorder.record_round(rnd, report, trained.instructions, trained.accepted, metrics,
+                                             self.method.client_map(), seconds, rejected=trained.rejected)
+        if rnd == self.config.global_rounds - 1:
             self.recorder.save_final_models({cid: e.final for cid, e in evaluations.items() if e.final},
-                                            self.info.get("model_source", config.model_name))
+                                            self.info.get("model_source", self.config.model_name))
         self.checkpoint(rnd)
         key = headline(summary["mean"])
         per_task = "  ".join(f"{task} {100 * v[key]:.2f}" for task, v in summary["tasks"].items())

@@ -147,6 +147,8 @@ class InProcessTransport:
     """Every client in this process: the method's client half runs directly on the shared model. Each client's own
     store is a :class:`ClientState` in memory, committed by the same rule as on a Flower node."""
 
+    fuses_evaluation = False  # no messages to save: a round is evaluated, recorded and checkpointed at once
+
     def __init__(self, method: FederatedMethod, clients: list[LocalClient], progress: bool, total_rounds: int) -> None:
         self.method = method
         self.clients = clients

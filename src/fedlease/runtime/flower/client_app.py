@@ -46,6 +46,7 @@ from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
 from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
 from fedlease.runtime.flower.messages import (
     STATE_LOST,
+    decode_evaluate_first,
     decode_instruction,
     decode_sync,
     encode_evaluation,
@@ -222,17 +223,27 @@ def partition(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train a round; first, where the message carries one, run the previous round's evaluation (on the same
+    store: training has not touched it yet), as a separate evaluate message would."""
     def handle(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
         current = session(context)
         ins, rnd, _ = decode_instruction(msg.content)
         state, store, lost = working_store(msg, context, current)
+        evaluation, evaluation_seconds = None, 0.0
+        if (first := decode_evaluate_first(msg.content)) is not None:
+            evaluated, before = first
+            began = time.perf_counter()
+            evaluation = current.method.client_evaluate(current.client, before, evaluated, store)
+            evaluation_seconds = time.perf_counter() - began
         update = current.method.client_train(current.client, ins, rnd, store)
         state.stage(rnd, store)  # current only once the server has accepted this update
         if lost:
             update.metrics[STATE_LOST] = 1.0
+        if evaluation is not None:
+            update.metrics["evaluation_seconds"] = evaluation_seconds  # the evaluation this message asked for first
         update.metrics["node_seconds"] = time.perf_counter() - start  # the whole message on the node
-        return Message(encode_update(update, current.partition_id), reply_to=msg)
+        return Message(encode_update(update, current.partition_id, evaluation), reply_to=msg)
 
     return answer(msg, context, handle)
 

@@ -6,6 +6,12 @@ update of this client the server accepted, see ``fedlease.runtime.client_state``
 ArrayRecord, a MetricRecord (``num-examples`` and the training metrics) and the sender's partition id; an
 evaluation as a MetricRecord, plus, in the last round, the model the client was evaluated with.
 
+A training message may also carry the previous round's evaluation (``fedlease.runtime.loop``: one message per
+client and round): its instruction as ``evaluate-config`` and ``evaluate-state``, where the state holds only the
+tensors the training state does not already carry under the same name with the same values (``evaluate-shared``
+names the others; with FedLEASE's experts, or one shared adapter, the two states are equal and travel once). The
+reply then carries the evaluation's metrics as ``evaluation``.
+
 A state travels packed: one flat array per dtype (Flower serialises them with numpy, without pickle) and a
 ConfigRecord ``<key>-index`` naming each tensor's dtype, shape and offset. Flower stores and transfers every
 array of a record as its own object, one request per object and hop (server, SuperLink, SuperNode, ClientApp),
@@ -58,22 +64,53 @@ def get_state(content: RecordDict, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federation: str = "",
-                       accepted: int = NO_ROUND) -> RecordDict:
-    config: dict = {"round": rnd, "final": final, "sync.federation": federation, "sync.accepted": accepted}
-    config.update({f"layout.{k}": v for k, v in ins.layout.to_config().items()})
+def instruction_config(ins: Instruction) -> dict:
+    config = {f"layout.{k}": v for k, v in ins.layout.to_config().items()}
     config.update({part: ",".join(getattr(ins, part)) for part in PART_LISTS})
     config.update({f"extra.{k}": v for k, v in ins.extra.items()})
-    return put_state(RecordDict({"config": ConfigRecord(config)}), "state", ins.state)
+    return config
+
+
+def instruction_from(config: ConfigRecord, state: dict[str, torch.Tensor]) -> Instruction:
+    layout = ExpertLayout.from_config({k: config[f"layout.{k}"] for k in LAYOUT_KEYS})
+    parts = {part: tuple(p for p in str(config[part]).split(",") if p) for part in PART_LISTS}
+    extra = {k.removeprefix("extra."): v for k, v in config.items() if k.startswith("extra.")}
+    return Instruction(layout, state, extra=extra, **parts)
+
+
+def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federation: str = "",
+                       accepted: int = NO_ROUND, evaluate_first: tuple[int, Instruction] | None = None
+                       ) -> RecordDict:
+    """``evaluate_first``: (round, instruction) of an evaluation the client runs before it trains."""
+    config: dict = {"round": rnd, "final": final, "sync.federation": federation, "sync.accepted": accepted}
+    config.update(instruction_config(ins))
+    content = put_state(RecordDict({"config": ConfigRecord(config)}), "state", ins.state)
+    if evaluate_first is not None:
+        evaluated, before = evaluate_first
+        shared = [name for name, tensor in before.state.items()
+                  if name in ins.state and (ins.state[name] is tensor or torch.equal(ins.state[name], tensor))]
+        own = {name: tensor for name, tensor in before.state.items() if name not in set(shared)}
+        content["evaluate-config"] = ConfigRecord({"round": evaluated, "order": json.dumps(list(before.state)),
+                                                   "shared": json.dumps(shared), **instruction_config(before)})
+        put_state(content, "evaluate-state", own)
+    return content
 
 
 def decode_instruction(content: RecordDict) -> tuple[Instruction, int, bool]:
     config = content["config"]
-    layout = ExpertLayout.from_config({k: config[f"layout.{k}"] for k in LAYOUT_KEYS})
-    parts = {part: tuple(p for p in str(config[part]).split(",") if p) for part in PART_LISTS}
-    extra = {k.removeprefix("extra."): v for k, v in config.items() if k.startswith("extra.")}
-    ins = Instruction(layout, get_state(content, "state"), extra=extra, **parts)
-    return ins, int(config["round"]), bool(config["final"])
+    return instruction_from(config, get_state(content, "state")), int(config["round"]), bool(config["final"])
+
+
+def decode_evaluate_first(content: RecordDict) -> tuple[int, Instruction] | None:
+    """The (round, instruction) of the evaluation a training message asks for before training, if any."""
+    if "evaluate-config" not in content:
+        return None
+    config = content["evaluate-config"]
+    state = get_state(content, "state")
+    own = get_state(content, "evaluate-state")
+    shared = set(json.loads(str(config["shared"])))
+    ordered = {name: state[name] if name in shared else own[name] for name in json.loads(str(config["order"]))}
+    return int(config["round"]), instruction_from(config, ordered)
 
 
 def decode_sync(content: RecordDict) -> tuple[str, int]:
@@ -82,10 +119,14 @@ def decode_sync(content: RecordDict) -> tuple[str, int]:
     return str(config["sync.federation"]), int(config["sync.accepted"])
 
 
-def encode_update(update: Update, partition_id: int) -> RecordDict:
+def encode_update(update: Update, partition_id: int, evaluation: dict[str, float] | None = None) -> RecordDict:
+    """``evaluation``: the metrics of the evaluation the training message asked for first."""
     metrics = {"num-examples": update.num_examples, "partition-id": partition_id}
     metrics.update({k: v for k, v in update.metrics.items() if isinstance(v, int | float)})
-    return put_state(RecordDict({"metrics": MetricRecord(metrics)}), "state", update.state)
+    content = put_state(RecordDict({"metrics": MetricRecord(metrics)}), "state", update.state)
+    if evaluation is not None:
+        content["evaluation"] = MetricRecord(evaluation)
+    return content
 
 
 def decode_update(content: RecordDict) -> tuple[int, Update]:
@@ -93,6 +134,11 @@ def decode_update(content: RecordDict) -> tuple[int, Update]:
     partition_id = int(metrics.pop("partition-id"))
     num_examples = metrics.pop("num-examples")
     return partition_id, Update(get_state(content, "state"), num_examples, metrics)
+
+
+def decode_update_evaluation(content: RecordDict) -> dict[str, float] | None:
+    """The metrics of the evaluation a training reply carries, if any."""
+    return {k: float(v) for k, v in content["evaluation"].items()} if "evaluation" in content else None
 
 
 def encode_evaluation(evaluation: Evaluation, partition_id: int) -> RecordDict:

@@ -24,7 +24,13 @@ from fedlease.methods.base import Instruction, Update
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
-from fedlease.runtime.flower.messages import STATE_LOST, decode_evaluation, decode_update, encode_instruction
+from fedlease.runtime.flower.messages import (
+    STATE_LOST,
+    decode_evaluation,
+    decode_update,
+    decode_update_evaluation,
+    encode_instruction,
+)
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Evaluation, Federation, Sync
 from fedlease.runtime.simulation import check_output_dir, create_output_dir, logging_to, prepare_config
@@ -38,6 +44,10 @@ DISCOVERY_SECONDS = 1.0  # new nodes, while waiting for the run's clients or for
 
 class FlowerTransport:
     """Sends the method's instructions to the SuperNodes and collects their replies."""
+
+    # a round's evaluation travels with the next round's training message: one message per client and round,
+    # since each message after a node's first waits for the SuperNode's idle poll (up to 3 s)
+    fuses_evaluation = True
 
     def __init__(self, grid: Grid, config: RunConfig, round_timeout: float, allow_mixed_precision: bool = False,
                  on_node=None, rejoin_timeout: float = 60.0) -> None:
@@ -175,9 +185,12 @@ class FlowerTransport:
             log.info("starting without clients %s: no SuperNode reported them within %.0fs", missing, timeout)
 
     def send(self, rnd: int, message_type: str, instructions: Mapping[int, Instruction], sync: Sync,
-             final: bool = False) -> dict[int, Message]:
+             final: bool = False, evaluate_first: tuple[int, Mapping[int, Instruction]] | None = None
+             ) -> dict[int, Message]:
         self.discover(self.grid.get_node_ids())  # nodes that left or (re)joined since the last round
-        messages = {cid: Message(encode_instruction(ins, rnd, final, sync.federation, sync.of(cid)),
+        evaluated, before = evaluate_first or (None, {})
+        messages = {cid: Message(encode_instruction(ins, rnd, final, sync.federation, sync.of(cid),
+                                                    (evaluated, before[cid]) if cid in before else None),
                                  dst_node_id=self.node_of[cid], message_type=message_type, group_id=str(rnd))
                     for cid, ins in instructions.items() if cid in self.node_of}
         return self.exchange(messages, timeout=self.round_timeout, follow=True)
@@ -189,14 +202,23 @@ class FlowerTransport:
                      "state (give each SuperNode a state-dir to keep it across restarts)", cid, sync.of(cid) + 1)
 
     def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
-        updates = {}
-        for cid, reply in self.send(rnd, "train", instructions, sync).items():
+        return self.evaluate_then_train(None, {}, rnd, instructions, sync)[1]
+
+    def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
+                            instructions: Mapping[int, Instruction], sync: Sync
+                            ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
+        """Train round ``rnd``; each client first evaluates round ``evaluated`` with its ``evaluations`` entry."""
+        results, updates = {}, {}
+        first = (evaluated, evaluations) if evaluations else None
+        for cid, reply in self.send(rnd, "train", instructions, sync, evaluate_first=first).items():
             sender, update = decode_update(reply.content)
             if sender == cid:
                 self.note_lost_state(cid, update.metrics, sync)
                 update.metrics["round_trip_seconds"] = round(self.round_trip[cid], 3)  # send to reply, server clock
                 updates[cid] = update
-        return updates
+                if (metrics := decode_update_evaluation(reply.content)) is not None:
+                    results[cid] = Evaluation(metrics)
+        return results, updates
 
     def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
                  ) -> dict[int, Evaluation]:
