@@ -119,17 +119,19 @@ def test_a_training_message_carries_the_previous_rounds_evaluation_without_sendi
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    bank = {"a.experts_A": torch.randn(3, 4, 8), "a.experts_B": torch.randn(3, 8, 4), "a.router": torch.randn(5, 8)}
+    bank = {"a.experts_A": torch.randn(3, 4, 8), "a.experts_B": torch.randn(3, 8, 4), "a.router": torch.randn(5, 8),
+            "n": torch.ones(2)}
     ins = Instruction(ExpertLayout(num_experts=3, own_expert=1, routing="adaptive"), bank, train=("router",),
                       upload=("router",))
-    # the evaluation's state: one tensor is the training state's own, one equal to it, one not in it, and one
-    # under a name the training state has, with other values
+    # the evaluation's state: one tensor is the training state's own, one equal to it, one not in it, and two
+    # under names the training state has, with other values or another dtype
     before = Instruction(ExpertLayout(), {"head.w": torch.randn(2, 2), "a.experts_A": bank["a.experts_A"],
                                           "a.experts_B": bank["a.experts_B"].clone(), "a.router": bank["a.router"] + 1,
-                                          "z": torch.arange(3)}, restore=("lora_B",), extra={"cluster": 1})
+                                          "z": torch.arange(3), "n": torch.ones(2, dtype=torch.float64)},
+                         restore=("lora_B",), extra={"cluster": 1})
     content = encode_instruction(ins, 4, evaluate_first=(3, before))
     sent = get_state(content, "evaluate-state")
-    assert sorted(sent) == ["a.router", "head.w", "z"]  # the experts travel once, in the training state
+    assert sorted(sent) == ["a.router", "head.w", "n", "z"]  # the experts travel once, in the training state
     evaluated, back = decode_evaluate_first(content)
     assert evaluated == 3 and decode_instruction(content)[1] == 4
     assert (back.layout, back.restore, back.extra, list(back.state)) == \

@@ -14,8 +14,9 @@ A transport with ``fuses_evaluation`` (Flower) evaluates a round with the next r
 message per client and round instead of two (each message after a node's first waits for Flower's idle poll).
 The client evaluates first, with exactly what it would have been sent alone, then trains, so the results are
 those of separate messages. The round is recorded and checkpointed when those replies arrive, before the next
-round's updates are checked; its ``seconds`` run until then, and its evaluation counts in the next round's. A
-client whose message is lost misses both. The last round is evaluated on its own, with the final models.
+round's updates are checked; its ``seconds`` end with its aggregation, and the exchange that carries its
+evaluation (and its recording) counts in the next round's. A client whose message is lost misses both, and one
+round timeout covers both. The last round is evaluated on its own, with the final models.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Transport(Protocol):
                  ) -> dict[int, Evaluation]:
         """Evaluate each client; with ``final``, also return the model it was evaluated with."""
 
-    def evaluate_then_train(self, evaluated: int, evaluations: Mapping[int, Instruction], rnd: int,
+    def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
                             instructions: Mapping[int, Instruction], sync: Sync
                             ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
         """With ``fuses_evaluation``: one message per client evaluates round ``evaluated`` and trains ``rnd``."""

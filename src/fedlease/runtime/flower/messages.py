@@ -87,8 +87,9 @@ def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federati
     content = put_state(RecordDict({"config": ConfigRecord(config)}), "state", ins.state)
     if evaluate_first is not None:
         evaluated, before = evaluate_first
-        shared = [name for name, tensor in before.state.items()
-                  if name in ins.state and (ins.state[name] is tensor or torch.equal(ins.state[name], tensor))]
+        shared = [name for name, tensor in before.state.items()  # torch.equal ignores dtype: compare it too
+                  if name in ins.state and ins.state[name].dtype == tensor.dtype
+                  and (ins.state[name] is tensor or torch.equal(ins.state[name], tensor))]
         own = {name: tensor for name, tensor in before.state.items() if name not in set(shared)}
         content["evaluate-config"] = ConfigRecord({"round": evaluated, "order": json.dumps(list(before.state)),
                                                    "shared": json.dumps(shared), **instruction_config(before)})
