@@ -112,7 +112,8 @@ def test_messages_round_trip():
     pid, evaluation = decode_evaluation(encode_evaluation(Evaluation({"accuracy": 0.75}, (layout, state)), 2))
     assert pid == 2 and evaluation.metrics == {"accuracy": 0.75} and evaluation.final[0] == layout
     assert decode_update(encode_update(Update({}, 5), 0))[1].state == {}
-    assert decode_evaluate_first(content) is None and decode_update_evaluation(encode_update(update, 4)) is None
+    assert decode_evaluate_first(content, back.state) is None
+    assert decode_update_evaluation(encode_update(update, 4)) is None
 
 
 def test_a_training_message_carries_the_previous_rounds_evaluation_without_sending_a_tensor_twice():
@@ -132,8 +133,9 @@ def test_a_training_message_carries_the_previous_rounds_evaluation_without_sendi
     content = encode_instruction(ins, 4, evaluate_first=(3, before))
     sent = get_state(content, "evaluate-state")
     assert sorted(sent) == ["a.router", "head.w", "n", "z"]  # the experts travel once, in the training state
-    evaluated, back = decode_evaluate_first(content)
-    assert evaluated == 3 and decode_instruction(content)[1] == 4
+    trained, rnd, _ = decode_instruction(content)
+    evaluated, back = decode_evaluate_first(content, trained.state)
+    assert evaluated == 3 and rnd == 4
     assert (back.layout, back.restore, back.extra, list(back.state)) == \
         (before.layout, ("lora_B",), {"cluster": 1}, list(before.state))
     assert all(back.state[k].dtype == v.dtype and torch.equal(back.state[k], v) for k, v in before.state.items())

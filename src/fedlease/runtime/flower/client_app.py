@@ -231,7 +231,7 @@ def train(msg: Message, context: Context) -> Message:
         ins, rnd, _ = decode_instruction(msg.content)
         state, store, lost = working_store(msg, context, current)
         evaluation, evaluation_seconds = None, 0.0
-        if (first := decode_evaluate_first(msg.content)) is not None:
+        if (first := decode_evaluate_first(msg.content, ins.state)) is not None:
             evaluated, before = first
             began = time.perf_counter()
             evaluation = current.method.client_evaluate(current.client, before, evaluated, store)

@@ -87,12 +87,12 @@ def encode_instruction(ins: Instruction, rnd: int, final: bool = False, federati
     content = put_state(RecordDict({"config": ConfigRecord(config)}), "state", ins.state)
     if evaluate_first is not None:
         evaluated, before = evaluate_first
-        shared = [name for name, tensor in before.state.items()  # torch.equal ignores dtype: compare it too
+        shared = {name for name, tensor in before.state.items()  # torch.equal ignores dtype: compare it too
                   if name in ins.state and ins.state[name].dtype == tensor.dtype
-                  and (ins.state[name] is tensor or torch.equal(ins.state[name], tensor))]
-        own = {name: tensor for name, tensor in before.state.items() if name not in set(shared)}
+                  and (ins.state[name] is tensor or torch.equal(ins.state[name], tensor))}
+        own = {name: tensor for name, tensor in before.state.items() if name not in shared}
         content["evaluate-config"] = ConfigRecord({"round": evaluated, "order": json.dumps(list(before.state)),
-                                                   "shared": json.dumps(shared), **instruction_config(before)})
+                                                   "shared": json.dumps(sorted(shared)), **instruction_config(before)})
         put_state(content, "evaluate-state", own)
     return content
 
@@ -102,12 +102,13 @@ def decode_instruction(content: RecordDict) -> tuple[Instruction, int, bool]:
     return instruction_from(config, get_state(content, "state")), int(config["round"]), bool(config["final"])
 
 
-def decode_evaluate_first(content: RecordDict) -> tuple[int, Instruction] | None:
-    """The (round, instruction) of the evaluation a training message asks for before training, if any."""
+def decode_evaluate_first(content: RecordDict, state: Mapping[str, torch.Tensor]
+                          ) -> tuple[int, Instruction] | None:
+    """The (round, instruction) of the evaluation a training message asks for before training, if any;
+    ``state``: the message's training state, already decoded (the shared tensors are taken from it)."""
     if "evaluate-config" not in content:
         return None
     config = content["evaluate-config"]
-    state = get_state(content, "state")
     own = get_state(content, "evaluate-state")
     shared = set(json.loads(str(config["shared"])))
     ordered = {name: state[name] if name in shared else own[name] for name in json.loads(str(config["order"]))}
