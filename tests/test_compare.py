@@ -92,6 +92,41 @@ def test_rows_name_their_seeds_when_methods_ran_with_different_seeds(tmp_path):
     assert "3 seed(s): 1 2 3" in same and "| fedlease |" in same
 
 
+def test_methods_are_compared_seed_by_seed_with_the_experts_chosen(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.report.comparison import write_comparison
+
+    def run(average: float, labels: list[int] | None = None) -> dict:
+        final = {"tasks": {"snli": {"accuracy": average}}, "mean": {"accuracy": average},
+                 "oracle_best_mean": {"accuracy": average}, "oracle_best_round": 1}
+        ran = history(["federated"], [[0]], [[4]], final)
+        ran["clients"] = [{"task": task} for task in ("snli", "snli", "sst2", "sst2")]
+        ran["clustering"] = None if labels is None else {"num_clusters": len(set(labels)), "labels": labels}
+        return ran
+
+    fedlease, fedit = MethodResult("fedlease"), MethodResult("fedit")
+    for seed, average, labels in ((1, 0.70, [0, 0, 1, 1]), (2, 0.60, [0, 1, 0, 1]), (3, 0.80, [0, 0, 1, 1])):
+        fedlease.add(seed, run(average, labels), 1.0)
+    for seed, average in ((1, 0.65), (2, 0.62)):  # seed 3 did not run
+        fedit.add(seed, run(average), 1.0)
+    table = write_comparison(tmp_path, [fedlease, fedit], RunConfig(tasks=["snli"]))
+    assert "| 1 | 70.00 (K = 2, ARI 1.00) | 65.00 |" in table
+    assert "| 2 | 60.00 (K = 2, ARI -0.50) | 62.00 |" in table  # the clusters cut across the tasks
+    assert "| 3 | 80.00 (K = 2, ARI 1.00) | - |" in table
+    # paired over seeds 1 and 2 only: differences +5 and -2
+    assert "| fedit | 1 2 | 1.50 ± 4.95 | 1 of 2 |" in table
+    with (tmp_path / "comparison.csv").open() as handle:
+        records = {row["method"]: row for row in csv.DictReader(handle)}
+    assert records["fedlease"]["allocation_per_seed"] == "K = 2, ARI 1.00; K = 2, ARI -0.50; K = 2, ARI 1.00"
+    assert records["fedit"]["average_per_seed"] == "0.6500 0.6200"
+    # one task over all clients (label skew): the index against the tasks means nothing; only K is said
+    single = run(0.5, [0, 1, 1, 1])
+    single["clients"] = [{"task": "sst2"}] * 4
+    alone = MethodResult("fedlease")
+    alone.add(1, single, 1.0)
+    assert "| 1 | 50.00 (K = 2) |" in write_comparison(tmp_path, [alone], RunConfig(tasks=["sst2"]))
+
+
 def test_method_specs():
     spec = parse_spec("fedlease:num_experts=4,top_k=2")
     assert (spec.method, spec.overrides) == ("fedlease", {"num_experts": 4, "top_k": 2})

@@ -6,6 +6,11 @@ the oracle best round's average (the round is picked on the test split, so the f
 labelled as such); communication per client per round after FedLEASE's warmup (which downloads nothing; other
 methods: every round), and in total over the whole run; wall
 time. With several seeds every number is the mean and the sample standard deviation.
+
+Seeds share a partition across methods, so methods are also compared seed by seed: a table of each seed's average
+(with the experts FedLEASE chose: K, and the adjusted Rand index of its clusters against the clients' tasks) and
+the paired difference between the first row and every other row over the seeds both ran, whose spread is the
+spread of the difference, not of the scores.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn.metrics import adjusted_rand_score
 
 from fedlease.config import RunConfig
 from fedlease.report.artifacts import METRIC_LABELS, headline
@@ -38,6 +44,7 @@ class MethodResult:
     download_bytes_per_client_round_after_warmup: list[float] = field(default_factory=list)
     total_bytes_whole_run: list[float] = field(default_factory=list)  # all clients, all rounds, up + down
     seconds: list[float] = field(default_factory=list)
+    allocation: list[str] = field(default_factory=list)  # per seed: the experts chosen ("" for other methods)
 
     def add(self, seed: int, history: Mapping, seconds: float) -> None:
         final = history["final"]
@@ -57,6 +64,20 @@ class MethodResult:
         self.total_bytes_whole_run.append(float(sum(c["upload_bytes"] + c["download_bytes"]
                                                     for r in history["rounds"] for c in r["clients"].values())))
         self.seconds.append(seconds)
+        self.allocation.append(describe_allocation(history))
+
+
+def describe_allocation(history: Mapping) -> str:
+    """The experts a run chose, "K = 4, ARI 1.00" (the clusters against the clients' tasks; only K where every
+    client holds one task), or "" for a run that chose none."""
+    clustering = history.get("clustering")
+    if not clustering:
+        return ""
+    text = f"K = {clustering['num_clusters']}"
+    tasks = [client["task"] for client in history.get("clients", [])]
+    if len(set(tasks)) > 1 and len(tasks) == len(clustering["labels"]):
+        text += f", ARI {adjusted_rand_score(tasks, clustering['labels']):.2f}"
+    return text
 
 
 def mean_per_client_round(rounds: list[Mapping], key: str) -> float:
@@ -114,11 +135,43 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
                   f"({base.warmup_rounds} warmup for fedlease), {base.local_epochs} local epochs, "
                   f"{base.train_samples}/{base.test_samples} train/test examples per client, batch "
                   f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}."]
+    if len(results) > 1 or any(len(r.seeds) > 1 or any(r.allocation) for r in results):
+        lines += ["", *per_seed_lines(results)]
     table = "\n".join(lines)
     (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
     write_csv(out / "comparison.csv", results, tasks)
     plot_comparison(out / "comparison.png", results, tasks, key)
     return table
+
+
+def per_seed_lines(results: list[MethodResult]) -> list[str]:
+    """Each seed's average per method (and the experts chosen), then the first row minus every other row, paired
+    by seed: the mean and std of the difference over the seeds both ran, and in how many the first row is ahead."""
+    seeds = sorted({seed for r in results for seed in r.seeds})
+    by_seed = [dict(zip(r.seeds, zip(r.average, r.allocation, strict=True), strict=True)) for r in results]
+    lines = ["Per seed: the average over tasks (and the experts chosen: K, and the adjusted Rand index of the "
+             "clusters against the clients' tasks).", "",
+             "| seed | " + " | ".join(r.label for r in results) + " |", "|---|" + "---|" * len(results)]
+    for seed in seeds:
+        cells = []
+        for runs in by_seed:
+            average, allocation = runs.get(seed, (None, ""))
+            cells.append("-" if average is None else f"{100 * average:.2f}" + (f" ({allocation})" if allocation
+                                                                                else ""))
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    if len(results) < 2:
+        return lines
+    first = results[0]
+    lines += ["", f"Paired by seed: {first.label} minus each method (mean ± std of the per-seed difference of the "
+                  "averages, over the seeds both ran), and the seeds in which it is ahead.", "",
+              "| method | seeds | difference | ahead in |", "|---|---|---|---|"]
+    for r, runs in zip(results[1:], by_seed[1:], strict=True):
+        shared = [seed for seed in first.seeds if seed in runs]
+        differences = [by_seed[0][seed][0] - runs[seed][0] for seed in shared]
+        ahead = sum(d > 0 for d in differences)
+        lines.append(f"| {r.label} | {' '.join(map(str, shared)) or '-'} | {cell(differences)} | "
+                     + (f"{ahead} of {len(shared)}" if shared else "-") + " |")
+    return lines
 
 
 def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None:
@@ -134,6 +187,8 @@ def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None
                      "download_bytes_per_client_round_after_warmup", "total_bytes_whole_run", "seconds"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(getattr(r, name))
         row["oracle_best_round"] = " ".join(map(str, r.oracle_best_round))
+        row["average_per_seed"] = " ".join(f"{value:.4f}" for value in r.average)
+        row["allocation_per_seed"] = "; ".join(r.allocation) if any(r.allocation) else ""
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="", encoding="utf-8") as handle:
