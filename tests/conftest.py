@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each, and their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses (CLI runs, SuperNodes) inherit it
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("FEDLEASE_GLUE_DIR", REPO.parent / "shared" / "glue"))
