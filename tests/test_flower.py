@@ -210,6 +210,28 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     assert history(out)["final"] is not None
 
 
+def test_an_evaluation_that_fails_on_a_node_costs_no_training(tiny_model, tmp_path, monkeypatch):
+    from fedlease.methods.base import FederatedMethod
+
+    evaluate = FederatedMethod.client_evaluate
+
+    def failing(self, client, ins, rnd, store):
+        if client.client_id == 1 and rnd == 1:  # round 2's evaluation, sent with round 3's training message
+            raise RuntimeError("out of memory while generating")
+        return evaluate(self, client, ins, rnd, store)
+
+    monkeypatch.setattr(FederatedMethod, "client_evaluate", failing)
+    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
+                             global_rounds=4, warmup_rounds=1)
+    rounds = history(flower_run(config))["rounds"]
+    assert rounds[1]["clients"]["1"]["eval"] is None and rounds[1]["clients"]["0"]["eval"] is not None
+    assert rounds[2]["clients"]["1"]["train"] is not None and rounds[2]["clients"]["1"]["upload_bytes"] > 0
+    assert rounds[2]["clients"]["1"]["eval"] is not None
+    log = (tmp_path / "o" / "training_log.txt").read_text()
+    assert ("client 1 could not evaluate round 2 on its node (RuntimeError: out of memory while generating); "
+            "its update of round 3 is used") in log
+
+
 def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back(tiny_model, tmp_path):
     config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli", "snli"],
                              global_rounds=4, warmup_rounds=1)

@@ -224,17 +224,23 @@ def partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train a round; first, where the message carries one, run the previous round's evaluation (on the same
-    store: training has not touched it yet), as a separate evaluate message would."""
+    store: training has not touched it yet), as a separate evaluate message would. If that evaluation fails,
+    the client still trains, and the reply carries the update and the evaluation's error."""
     def handle(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
         current = session(context)
         ins, rnd, _ = decode_instruction(msg.content)
         state, store, lost = working_store(msg, context, current)
-        evaluation, evaluation_seconds = None, 0.0
+        evaluation, evaluation_seconds, evaluation_error = None, 0.0, None
         if (first := decode_evaluate_first(msg.content, ins.state)) is not None:
             evaluated, before = first
             began = time.perf_counter()
-            evaluation = current.method.client_evaluate(current.client, before, evaluated, store)
+            try:
+                evaluation = current.method.client_evaluate(current.client, before, evaluated, store)
+            except Exception as exc:  # as with a separate evaluate message, a failed evaluation costs no training
+                log.exception("client %d: the evaluation of round %d failed; it trains round %d all the same",
+                              current.partition_id, evaluated + 1, rnd + 1)
+                evaluation_error = f"{type(exc).__name__}: {exc}"
             evaluation_seconds = time.perf_counter() - began
         update = current.method.client_train(current.client, ins, rnd, store)
         state.stage(rnd, store)  # current only once the server has accepted this update
@@ -243,7 +249,7 @@ def train(msg: Message, context: Context) -> Message:
         if evaluation is not None:
             update.metrics["evaluation_seconds"] = evaluation_seconds  # the evaluation this message asked for first
         update.metrics["node_seconds"] = time.perf_counter() - start  # the whole message on the node
-        return Message(encode_update(update, current.partition_id, evaluation), reply_to=msg)
+        return Message(encode_update(update, current.partition_id, evaluation, evaluation_error), reply_to=msg)
 
     return answer(msg, context, handle)
 

@@ -10,7 +10,8 @@ A training message may also carry the previous round's evaluation (``fedlease.ru
 client and round): its instruction as ``evaluate-config`` and ``evaluate-state``, where the state holds only the
 tensors the training state does not already carry under the same name with the same values (``evaluate-shared``
 names the others; with FedLEASE's experts, or one shared adapter, the two states are equal and travel once). The
-reply then carries the evaluation's metrics as ``evaluation``.
+reply then carries the evaluation's metrics as ``evaluation``, or, where the evaluation failed on the node (the
+client trains all the same), its reason as ``evaluation-error``.
 
 A state travels packed: one flat array per dtype (Flower serialises them with numpy, without pickle) and a
 ConfigRecord ``<key>-index`` naming each tensor's dtype, shape and offset. Flower stores and transfers every
@@ -121,13 +122,17 @@ def decode_sync(content: RecordDict) -> tuple[str, int]:
     return str(config["sync.federation"]), int(config["sync.accepted"])
 
 
-def encode_update(update: Update, partition_id: int, evaluation: dict[str, float] | None = None) -> RecordDict:
-    """``evaluation``: the metrics of the evaluation the training message asked for first."""
+def encode_update(update: Update, partition_id: int, evaluation: dict[str, float] | None = None,
+                  evaluation_error: str | None = None) -> RecordDict:
+    """``evaluation``: the metrics of the evaluation the training message asked for first; ``evaluation_error``:
+    why that evaluation failed, if it did."""
     metrics = {"num-examples": update.num_examples, "partition-id": partition_id}
     metrics.update({k: v for k, v in update.metrics.items() if isinstance(v, int | float)})
     content = put_state(RecordDict({"metrics": MetricRecord(metrics)}), "state", update.state)
     if evaluation is not None:
         content["evaluation"] = MetricRecord(evaluation)
+    if evaluation_error is not None:
+        content["evaluation-error"] = ConfigRecord({"reason": evaluation_error})
     return content
 
 
@@ -141,6 +146,11 @@ def decode_update(content: RecordDict) -> tuple[int, Update]:
 def decode_update_evaluation(content: RecordDict) -> dict[str, float] | None:
     """The metrics of the evaluation a training reply carries, if any."""
     return {k: float(v) for k, v in content["evaluation"].items()} if "evaluation" in content else None
+
+
+def decode_update_evaluation_error(content: RecordDict) -> str | None:
+    """Why the evaluation a training message asked for failed on the node, if it did."""
+    return str(content["evaluation-error"]["reason"]) if "evaluation-error" in content else None
 
 
 def encode_evaluation(evaluation: Evaluation, partition_id: int) -> RecordDict:

@@ -29,6 +29,7 @@ from fedlease.runtime.flower.messages import (
     decode_evaluation,
     decode_update,
     decode_update_evaluation,
+    decode_update_evaluation_error,
     encode_instruction,
 )
 from fedlease.runtime.flower.run_config import from_run_config
@@ -218,6 +219,9 @@ class FlowerTransport:
                 updates[cid] = update
                 if (metrics := decode_update_evaluation(reply.content)) is not None:
                     results[cid] = Evaluation(metrics)
+                if (reason := decode_update_evaluation_error(reply.content)) is not None:
+                    log.info("client %d could not evaluate round %d on its node (%s); its update of round %d is "
+                             "used", cid, evaluated + 1, reason, rnd + 1)
         return results, updates
 
     def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
