@@ -143,6 +143,17 @@ def test_adaptive_aggregation_is_cluster_wise(setup):
     assert any("no member replied" in line for line in report.log)
 
 
+def test_a_member_that_missed_the_round_downloads_its_groups_new_head(setup):
+    method, clients, directions = setup
+    run_warmup(method, clients, directions)
+    head = "head.classifier.weight"
+    kept = method.heads[3][head].clone()
+    update = Update(client_state(directions["t1"], 200, router_slots=5), 100)
+    method.aggregate_train(2, {0: update})  # client 1 (cluster 0, the same label set) did not reply
+    torch.testing.assert_close(method.configure_train(3)[1].state[head], update.state[head])
+    assert torch.equal(method.heads[3][head], kept)  # another cluster's head is untouched
+
+
 def test_one_expert_when_max_clusters_is_one(setup):
     _, clients, directions = setup
     method = FedLease(RunConfig(tasks=[c.task for c in clients], global_rounds=3, warmup_rounds=2,

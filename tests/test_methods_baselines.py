@@ -50,6 +50,15 @@ def test_fedit_averages_a_and_b_over_all_and_heads_per_label_set():
     torch.testing.assert_close(down[2].state["head.classifier.weight"], torch.full((2, 3), 50.0))
 
 
+def test_a_client_that_missed_the_round_downloads_its_label_sets_new_head():
+    method = make(FedIT)
+    method.aggregate_train(0, {0: Update(state(1.0), 100), 1: Update(state(2.0), 100), 2: Update(state(5.0), 100)})
+    method.aggregate_train(1, {0: Update(state(4.0), 100), 2: Update(state(6.0), 100)})  # client 1 missed it
+    down = method.configure_train(2)
+    torch.testing.assert_close(down[1].state["head.classifier.weight"], torch.full((2, 3), 40.0))
+    torch.testing.assert_close(down[2].state["head.classifier.weight"], torch.full((2, 3), 60.0))
+
+
 def test_ffa_never_moves_or_trains_a():
     method = make(FFALoRA)
     for rnd in range(2):
@@ -119,23 +128,47 @@ def test_ifca_server_averages_each_cluster_over_its_choosers():
     assert 1 not in method.clusters and "cluster 1: clients [] (kept)" in report.log
     ins = method.configure_train(1)[0]
     assert cluster_key(2, f"{SITE}.lora_A") in ins.state and cluster_key(0, f"{SITE}.lora_B") in ins.state
-    assert method.configure_evaluate(1)[2].extra["cluster"] == 0
+    # each cluster's head for the client's label set: cluster 2 has one for client 0's, cluster 0 only another
+    torch.testing.assert_close(ins.state[cluster_key(2, "head.classifier.weight")], torch.full((2, 3), 20.0))
+    assert cluster_key(0, "head.classifier.weight") not in ins.state
+    torch.testing.assert_close(method.configure_train(1)[2].state[cluster_key(0, "head.classifier.weight")],
+                               torch.full((2, 3), 70.0))
+    evaluate = method.configure_evaluate(1)[2]
+    assert evaluate.extra["cluster"] == 0 and set(evaluate.state) == {
+        cluster_key(0, k) for k in (f"{SITE}.lora_A", f"{SITE}.lora_B", "head.classifier.weight")}
 
 
-def test_ifca_client_joins_the_cluster_with_the_lowest_loss(tiny_clients):
+def test_ifca_client_joins_the_cluster_whose_model_has_the_lowest_loss(tiny_clients):
     config, clients, infos = tiny_clients
     method = IFCA(dataclasses.replace(config, method="ifca", num_clusters=3, local_epochs=3), infos)
     client = clients[2]
-    # a LoRA fitted to this client's data, offered as cluster 1; clusters 0 and 2 are untrained
     method.load(client, method.configure_train(0)[2], {})
     client.fit(("lora_A", "lora_B", "head"), seed=1, epochs=8)
     trained = client.state(("lora_A", "lora_B", "head"))
+    # the three clusters share the fitted LoRA and differ in their heads: cluster 1's is the fitted one, clusters
+    # 0 and 2 push their logits towards one class; each cluster is scored with its own head
+
+    def biased(label: int) -> dict[str, torch.Tensor]:
+        out = dict(trained)
+        bias = next(k for k in trained if k.startswith("head.") and k.endswith("bias"))
+        out[bias] = trained[bias] + 8.0 * torch.nn.functional.one_hot(torch.tensor(label), len(trained[bias]))
+        return out
+
     ins = method.configure_train(0)[2]
-    ins.state = {**{cluster_key(1, k): v for k, v in select(trained, ("lora_A", "lora_B")).items()},
-                 **select(trained, ("head",))}
+    ins.state = {cluster_key(k, key): v for k, model in enumerate((biased(0), trained, biased(1)))
+                 for key, v in model.items()}
     update = method.client_train(client, ins, 1, {})
     losses = [update.metrics[f"loss_cluster_{k}"] for k in range(3)]
-    assert update.metrics["cluster"] == 1 == min(range(3), key=losses.__getitem__)
+    assert update.metrics["cluster"] == 1 and losses[1] < min(losses[0], losses[2])
+
+
+def test_ifca_resumes_a_checkpoint_that_kept_one_head_per_client():
+    method = make(IFCA, num_clusters=2)
+    method.load_server_state({"clusters": {1: state(1.0, ("lora_A", "lora_B"))}, "assignment": {0: 1, 2: 1},
+                              "heads": {0: state(2.0, ("head",)), 2: state(3.0, ("head",))}})
+    down = method.configure_train(1)
+    torch.testing.assert_close(down[1].state[cluster_key(1, "head.classifier.weight")], torch.full((2, 3), 20.0))
+    torch.testing.assert_close(down[2].state[cluster_key(1, "head.classifier.weight")], torch.full((2, 3), 30.0))
 
 
 def test_ifca_ties_are_broken_at_random_per_client(tiny_clients):

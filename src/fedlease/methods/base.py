@@ -88,16 +88,17 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 def average_groups(states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
-                   group_of: Callable[[int], Hashable], parts: Iterable[str]) -> dict[int, dict[str, torch.Tensor]]:
-    """Average ``parts`` of the clients' ``states`` within groups; every member gets its group's average."""
+                   group_of: Callable[[int], Hashable], parts: Iterable[str], recipients: Iterable[int] = ()
+                   ) -> dict[int, dict[str, torch.Tensor]]:
+    """Average ``parts`` of the clients' ``states`` within groups. Every client that replied gets its group's
+    average, and so does every client of ``recipients`` whose group has one: a client that missed the round
+    downloads its group's current average next, as FedAvg sends the current model to every client."""
     groups: dict[Hashable, list[int]] = {}
     for cid in states:
         groups.setdefault(group_of(cid), []).append(cid)
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for members in groups.values():
-        mean = average_states([select(states[c], parts) for c in members], [weights[c] for c in members])
-        out.update(dict.fromkeys(members, mean))
-    return out
+    means = {group: average_states([select(states[c], parts) for c in members], [weights[c] for c in members])
+             for group, members in groups.items()}
+    return {cid: means[group_of(cid)] for cid in sorted({*states, *recipients}) if group_of(cid) in means}
 
 
 def select(state: Mapping[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:

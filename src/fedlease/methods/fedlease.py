@@ -26,7 +26,7 @@ linkage used to form the clusters, and it trains that expert from the next round
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -189,7 +189,8 @@ class FedLease(FederatedMethod):
             if self.routers:
                 self.routers[k] = average_states([select(s, ("router",)) for s in states], weights)
         self.average_heads({cid: u.state for cid, u in updates.items()},
-                           {cid: u.num_examples for cid, u in updates.items()})
+                           {cid: u.num_examples for cid, u in updates.items()},
+                           recipients=[cid for cid in self.assignment if cid not in joiners])  # a joiner keeps its own
         return report
 
     def allocation_signature(self, cid: int) -> dict[str, torch.Tensor]:
@@ -276,8 +277,9 @@ class FedLease(FederatedMethod):
             update.state[SIGNATURE] = store[SIGNATURE]
         return update
 
-    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
-        self.heads.update(average_groups(states, weights, self.head_group, ("head",)))
+    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
+                      recipients: Iterable[int] = ()) -> None:
+        self.heads.update(average_groups(states, weights, self.head_group, ("head",), recipients))
 
 
 def data_signature(client: LocalClient, seed: int, blocks: int = 1) -> torch.Tensor:

@@ -7,6 +7,11 @@ lowest (cluster identity estimation), trains that LoRA and its head, and uploads
 server averages each cluster's LoRA over the clients that chose it (a cluster nobody chose is kept), and heads
 among clients of one cluster with one label set.
 
+A cluster's model is its LoRA and its head for the client's label set: IFCA compares complete models, so each
+client receives every cluster's head for its label set with the cluster LoRAs, and scores cluster k with k's
+own head (the client's seeded head where cluster k has none for its label set yet). Scoring every cluster with
+the head trained in the client's previous cluster would favour staying there.
+
 The cluster LoRAs start from K different seeded initialisations. With B = 0 (the LoRA standard) they all
 compute the same function at first, so every loss ties: ties are broken by a seeded random draw per client
 and round, which gives IFCA's random initial assignment.
@@ -14,6 +19,7 @@ and round, which gives IFCA's random initial assignment.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +33,6 @@ from fedlease.methods.base import (
     Instruction,
     RoundReport,
     Update,
-    average_groups,
     average_states,
     select,
 )
@@ -43,6 +48,11 @@ def cluster_key(k: int, key: str) -> str:
     return f"cluster{k}/{key}"
 
 
+def head_key(k: int, labels: Sequence[str]) -> str:
+    """The server's key of cluster k's head for one label set (a string: checkpoints keep it as JSON)."""
+    return f"{k}/{json.dumps(list(labels))}"
+
+
 class IFCA(FederatedMethod):
     name = "ifca"
 
@@ -51,19 +61,23 @@ class IFCA(FederatedMethod):
         self.num_clusters = config.num_clusters
         self.clusters: dict[int, dict[str, torch.Tensor]] = {}  # trained cluster LoRAs (others: still at init)
         self.assignment: dict[int, int] = {}
-        self.heads: dict[int, dict[str, torch.Tensor]] = {}
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # head_key(cluster, label set) -> head
+
+    def cluster_model(self, k: int, cid: int) -> dict[str, torch.Tensor]:
+        """Cluster k's LoRA and its head for the client's label set, as far as the server has them."""
+        state = {**self.clusters.get(k, {}), **self.heads.get(head_key(k, self.clients[cid].labels), {})}
+        return {cluster_key(k, key): value for key, value in state.items()}
 
     def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        clusters = {cluster_key(k, key): value for k, state in self.clusters.items() for key, value in state.items()}
-        return {c.client_id: Instruction(ExpertLayout(), {**clusters, **self.heads.get(c.client_id, {})},
+        return {c.client_id: Instruction(ExpertLayout(), {key: value for k in range(self.num_clusters)
+                                                          for key, value in self.cluster_model(k, c.client_id).items()},
                                          train=PARTS, upload=PARTS) for c in self.clients}
 
     def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
         instructions = {}
         for c in self.clients:
             k = self.assignment.get(c.client_id, 0)
-            state = {cluster_key(k, key): v for key, v in self.clusters.get(k, {}).items()}
-            instructions[c.client_id] = Instruction(ExpertLayout(), {**state, **self.heads.get(c.client_id, {})},
+            instructions[c.client_id] = Instruction(ExpertLayout(), self.cluster_model(k, c.client_id),
                                                     extra={"cluster": k})
         return instructions
 
@@ -84,9 +98,12 @@ class IFCA(FederatedMethod):
                 self.clusters[k] = average_states([select(updates[c].state, LORA_PARTS) for c in members],
                                                   [updates[c].num_examples for c in members])
             report.log.append(f"cluster {k}: clients {members}" + ("" if members else " (kept)"))
-        self.heads.update(average_groups({cid: u.state for cid, u in updates.items()},
-                                         {cid: float(u.num_examples) for cid, u in updates.items()},
-                                         lambda cid: (self.assignment[cid], self.clients[cid].labels), ("head",)))
+        groups: dict[str, list[int]] = {}
+        for cid in updates:
+            groups.setdefault(head_key(self.assignment[cid], self.clients[cid].labels), []).append(cid)
+        for key, members in groups.items():
+            self.heads[key] = average_states([select(updates[c].state, ("head",)) for c in members],
+                                             [updates[c].num_examples for c in members])
         return report
 
     def client_map(self) -> dict[int, list[int]]:
@@ -100,19 +117,19 @@ class IFCA(FederatedMethod):
 
     def load_server_state(self, state: Mapping[str, Any]) -> None:
         self.clusters, self.assignment, self.heads = (dict(state[k]) for k in ("clusters", "assignment", "heads"))
+        if any(isinstance(key, int) for key in self.heads):  # a checkpoint from before heads were kept per cluster
+            self.heads = {head_key(self.assignment[cid], self.clients[cid].labels): head
+                          for cid, head in sorted(self.heads.items()) if cid in self.assignment}
 
     # -- client half --------------------------------------------------------------------------------------
-    def cluster_lora(self, client: LocalClient, ins: Instruction, k: int) -> dict[str, torch.Tensor]:
-        """Cluster k's LoRA: downloaded if the server has trained it, else its seeded initialisation."""
+    def candidate(self, client: LocalClient, ins: Instruction, k: int) -> Instruction:
+        """The model of cluster k for this client: the cluster's LoRA (its seeded initialisation until the server
+        has trained it) and its head for the client's label set (else the client's seeded head)."""
         prefix = cluster_key(k, "")
         downloaded = {key.removeprefix(prefix): v for key, v in ins.state.items() if key.startswith(prefix)}
-        if downloaded:
-            return downloaded
-        return select(client.adapted.initial_state(derive_seed(self.config.seed, "ifca-cluster", k)), LORA_PARTS)
-
-    def candidate(self, client: LocalClient, ins: Instruction, k: int) -> Instruction:
-        """The model of cluster k for this client: the cluster's LoRA with the client's head."""
-        return Instruction(ExpertLayout(), {**self.cluster_lora(client, ins, k), **select(ins.state, ("head",))})
+        lora = select(downloaded, LORA_PARTS) or select(
+            client.adapted.initial_state(derive_seed(self.config.seed, "ifca-cluster", k)), LORA_PARTS)
+        return Instruction(ExpertLayout(), {**lora, **select(downloaded, ("head",))})
 
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
                      store: dict[str, torch.Tensor]) -> Update:

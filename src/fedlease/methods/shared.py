@@ -2,8 +2,9 @@
 
 FedIT averages A and B, FFA-LoRA only B, FedSA-LoRA only A (B stays on each client), FedDPA its global
 adapter. Each keeps the example-weighted mean of its shared parts over the clients that replied, and one head
-per label set (a head is shared by the clients whose label sets match). A method module only says which parts
-are shared, trained, uploaded and kept by the client; FedDPA adds its own client half.
+per label set (a head is shared by the clients whose label sets match, including those that missed the round).
+A method module only says which parts are shared, trained, uploaded and kept by the client; FedDPA adds its own
+client half.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SharedAdapterMethod(FederatedMethod):
         states = {cid: u.state for cid, u in updates.items()}
         weights = {cid: float(u.num_examples) for cid, u in updates.items()}
         self.state = average_states([select(s, self.shared) for s in states.values()], list(weights.values()))
-        self.heads.update(average_groups(states, weights, lambda cid: self.clients[cid].labels, ("head",)))
+        self.heads.update(average_groups(states, weights, lambda cid: self.clients[cid].labels, ("head",),
+                                         recipients=[c.client_id for c in self.clients]))
         return RoundReport("federated", [f"FedAvg of {'/'.join(self.shared)} over {len(updates)} clients; "
                                          f"heads per label set"])
 
