@@ -62,6 +62,11 @@ def test_traffic_per_round_counts_the_rounds_after_warmup_and_the_total_the_whol
     assert result.download_bytes_per_client_round_after_warmup == [75.0]  # not (0 + 0 + 90 + 60) / 4
     assert result.upload_bytes_per_client_round_after_warmup == [(30 + 10) / 2]
     assert result.total_bytes_whole_run == [4 * 10 + 60 + 180 + 120 + 20]
+    history_with_final = history(["federated"] * 2, [[0, 0], [8, 8]], [[4, 4], [4, 4]], final)
+    history_with_final["rounds"][-1]["clients"]["0"]["final_evaluation_download_bytes"] = 8
+    counted = MethodResult("fedit")
+    counted.add(1, history_with_final, 1.0)
+    assert counted.total_bytes_whole_run == [4 * 4 + 16 + 8]  # the separate final evaluation's download too
     assert result.oracle_best_average == [0.75] and result.oracle_best_round == [2]
     baseline = MethodResult("fedit")
     baseline.add(1, history(["federated"] * 2, [[0, 0], [8, 8]], [[4, 4], [4, 4]], final), 1.0)

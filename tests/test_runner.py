@@ -38,6 +38,10 @@ def test_artifacts_of_a_run(finished_run):
     snli = history["rounds"][-1]["clients"]["2"]
     assert {"accuracy", "macro_f1", "loss"} <= set(snli["eval"])
     assert snli["upload_bytes"] > 0 and snli["download_bytes"] > snli["upload_bytes"]  # M experts down, 1 up
+    # the last round's separate evaluation message: the experts after its aggregation, as large as a download
+    assert snli["final_evaluation_download_bytes"] == snli["download_bytes"]
+    assert not any("final_evaluation_download_bytes" in client
+                   for r in history["rounds"][:-1] for client in r["clients"].values())
     log = (out / "training_log.txt").read_text()
     assert "clustering: K=" in log and "silhouette" in log and "round 3/3" in log
     assert "| mean over tasks |" in (out / "results.md").read_text()

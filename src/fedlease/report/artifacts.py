@@ -93,7 +93,11 @@ class RunRecorder:
     def record_round(self, rnd: int, report: RoundReport, instructions: Mapping[int, Instruction],
                      updates: Mapping[int, Update], metrics: Mapping[int, Mapping[str, float]],
                      client_map: Mapping[int, list[int]], seconds: float,
-                     rejected: Mapping[int, str] | None = None) -> dict:
+                     rejected: Mapping[int, str] | None = None,
+                     evaluated_with: Mapping[int, Instruction] | None = None) -> dict:
+        """``instructions``: what each client downloaded to train; ``evaluated_with`` (the last round): what each
+        downloaded for its separate final evaluation, recorded as ``final_evaluation_download_*``. Earlier
+        rounds' evaluations carry the next round's training download (the same tensors: counted there)."""
         number = rnd + 1
         metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
         clients = {}
@@ -109,6 +113,10 @@ class RunRecorder:
                 "download_params": down_params, "download_bytes": down_bytes,
                 "upload_params": up_params, "upload_bytes": up_bytes,
             }
+            if evaluated_with is not None and values is not None and cid in evaluated_with:
+                params, size = state_size(evaluated_with[cid].state)
+                clients[str(cid)].update(final_evaluation_download_params=params,
+                                         final_evaluation_download_bytes=size)
             if values is not None:
                 self.history["client_scores"][str(cid)].append(dict(values))
         summary = {

@@ -42,7 +42,8 @@ class MethodResult:
     # bytes: the mean over the rounds after warmup of the mean over a round's clients of what each moved
     upload_bytes_per_client_round_after_warmup: list[float] = field(default_factory=list)
     download_bytes_per_client_round_after_warmup: list[float] = field(default_factory=list)
-    total_bytes_whole_run: list[float] = field(default_factory=list)  # all clients, all rounds, up + down
+    # all clients, all rounds, up + down, and the last round's separate evaluation download
+    total_bytes_whole_run: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     allocation: list[str] = field(default_factory=list)  # per seed: the experts chosen ("" for other methods)
 
@@ -62,6 +63,7 @@ class MethodResult:
         self.download_bytes_per_client_round_after_warmup.append(
             mean_per_client_round(after_warmup, "download_bytes"))
         self.total_bytes_whole_run.append(float(sum(c["upload_bytes"] + c["download_bytes"]
+                                                    + c.get("final_evaluation_download_bytes", 0)
                                                     for r in history["rounds"] for c in r["clients"].values())))
         self.seconds.append(seconds)
         self.allocation.append(describe_allocation(history))

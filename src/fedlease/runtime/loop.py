@@ -154,9 +154,11 @@ class Federation:
         """Record an evaluated round (and, after the last, the final models) and checkpoint it."""
         rnd, report = trained.rnd, trained.report
         metrics = {cid: e.metrics for cid, e in evaluations.items()}
+        last = rnd == self.config.global_rounds - 1
         summary = self.recorder.record_round(rnd, report, trained.instructions, trained.accepted, metrics,
-                                             self.method.client_map(), seconds, rejected=trained.rejected)
-        if rnd == self.config.global_rounds - 1:
+                                             self.method.client_map(), seconds, rejected=trained.rejected,
+                                             evaluated_with=trained.evaluate if last else None)
+        if last:
             self.recorder.save_final_models({cid: e.final for cid, e in evaluations.items() if e.final},
                                             self.info.get("model_source", self.config.model_name))
         self.checkpoint(rnd)
