@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -202,6 +203,9 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     # not evaluated, did not train in round 3, and was evaluated after it with round 4's message
     assert rounds[1]["clients"]["1"]["eval"] is None and rounds[1]["clients"]["1"]["upload_bytes"] > 0
     assert rounds[2]["clients"]["1"]["train"] is None and rounds[2]["clients"]["1"]["upload_bytes"] == 0
+    # what it downloaded: round 2's message, not round 3's (which never reached it)
+    assert rounds[1]["clients"]["1"]["download_bytes"] == rounds[1]["clients"]["0"]["download_bytes"] > 0
+    assert rounds[2]["clients"]["1"]["download_bytes"] == 0 < rounds[2]["clients"]["0"]["download_bytes"]
     assert len(history(out)["client_scores"]["1"]) == 3
     assert set(rounds[3]["clients"]) == {"0", "1", "2"}  # round 4: it is back
     assert rounds[3]["clients"]["1"]["upload_bytes"] > 0
@@ -338,8 +342,13 @@ def test_nodes_with_bad_input_are_refused_with_one_line_and_the_rest_goes_on(tin
     ClientState(FolderBackend(other), Owner("another-run", 3)).stage(0, {"x": torch.zeros(1)})
     node_config = {1: {"state-dir": str(tmp_path / "a-file")}, 2: {"data-dir": str(tmp_path)},
                    3: {"state-dir": str(other)}}
-    with caplog.at_level("ERROR", logger="fedlease"):
-        out = flower_run(config, node_config=node_config, extra_nodes=[7])
+    fedlease_log = logging.getLogger("fedlease")  # the ServerApp stops it propagating to the root logger
+    fedlease_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("ERROR", logger="fedlease"):
+            out = flower_run(config, node_config=node_config, extra_nodes=[7])
+    finally:
+        fedlease_log.removeHandler(caplog.handler)
     log = (out / "training_log.txt").read_text()
     assert "partition-id 7 is outside the run's 4 clients" in log
     assert "state folder " + str(tmp_path / "a-file") + " is not writable" in log
@@ -348,7 +357,10 @@ def test_nodes_with_bad_input_are_refused_with_one_line_and_the_rest_goes_on(tin
     node_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fedlease: error:")]
     assert any("outside the run" in line for line in node_lines) and len(node_lines) >= 4
     h = history(out)
-    assert h["final"] is not None and set(h["rounds"][-1]["clients"]) == {"0"}  # the others went on without them
+    assert h["final"] is not None  # the others went on without them: the refused nodes received, nothing more
+    last = h["rounds"][-1]["clients"]
+    assert {cid for cid, c in last.items() if c["train"] or c["eval"] or c["upload_bytes"]} == {"0"}
+    assert set(last) == {"0", "1", "2", "3"}  # listed: their nodes received the round's message
     assert set(h["nodes"]) == {"0", "1", "2", "3"} and h["nodes"]["0"]["device"] == "cpu"
     assert {"precision", "torch", "transformers", "flwr", "fedlease"} <= set(h["nodes"]["0"])
 

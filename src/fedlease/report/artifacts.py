@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,17 +94,21 @@ class RunRecorder:
                      updates: Mapping[int, Update], metrics: Mapping[int, Mapping[str, float]],
                      client_map: Mapping[int, list[int]], seconds: float,
                      rejected: Mapping[int, str] | None = None,
-                     evaluated_with: Mapping[int, Instruction] | None = None) -> dict:
-        """``instructions``: what each client downloaded to train; ``evaluated_with`` (the last round): what each
+                     evaluated_with: Mapping[int, Instruction] | None = None,
+                     delivered: Iterable[int] | None = None) -> dict:
+        """``instructions``: what each client was sent to train, counted as downloaded by the clients in
+        ``delivered`` (default: those with an update or metrics); ``evaluated_with`` (the last round): what each
         downloaded for its separate final evaluation, recorded as ``final_evaluation_download_*``. Earlier
         rounds' evaluations carry the next round's training download (the same tensors: counted there)."""
         number = rnd + 1
         metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
+        delivered = set(metrics) | set(updates) if delivered is None else set(delivered)
         clients = {}
-        # a client that trained but whose evaluation was lost is listed too (its upload counts), with eval None
-        for cid in sorted(set(metrics) | set(updates)):
+        # a client that trained but whose evaluation was lost is listed too (its upload counts), with eval None;
+        # so is one that received the message and answered with an error (its download counts)
+        for cid in sorted(set(metrics) | set(updates) | delivered):
             ins, update, values = instructions.get(cid), updates.get(cid), metrics.get(cid)
-            down_params, down_bytes = state_size(ins.state) if ins else (0, 0)
+            down_params, down_bytes = state_size(ins.state) if ins and cid in delivered else (0, 0)
             up_params, up_bytes = state_size(update.state) if update else (0, 0)
             clients[str(cid)] = {
                 "task": self.clients[cid].task,

@@ -90,6 +90,7 @@ class Trained:
     rejected: dict[int, str]
     seconds: float
     evaluate: dict[int, Instruction]  # the model each client is evaluated with
+    delivered: set[int]  # the clients that received the round's training message
 
 
 @dataclass
@@ -142,8 +143,10 @@ class Federation:
         report = method.aggregate_train(rnd, accepted)
         for line in report.log:
             log.info("%s", line)
+        # a transport that can lose messages says which arrived (a reply came back); in process, all of them
+        delivered = getattr(self.transport, "delivered", None)
         trained = Trained(rnd, report, instructions, accepted, rejected, time.perf_counter() - start,
-                          method.configure_evaluate(rnd))
+                          method.configure_evaluate(rnd), set(instructions if delivered is None else delivered))
         if getattr(self.transport, "fuses_evaluation", False) and not last:
             return trained
         self.finish(trained, self.transport.evaluate(rnd, trained.evaluate, last, self.sync()),
@@ -157,7 +160,8 @@ class Federation:
         last = rnd == self.config.global_rounds - 1
         summary = self.recorder.record_round(rnd, report, trained.instructions, trained.accepted, metrics,
                                              self.method.client_map(), seconds, rejected=trained.rejected,
-                                             evaluated_with=trained.evaluate if last else None)
+                                             evaluated_with=trained.evaluate if last else None,
+                                             delivered=trained.delivered)
         if last:
             self.recorder.save_final_models({cid: e.final for cid, e in evaluations.items() if e.final},
                                             self.info.get("model_source", self.config.model_name))

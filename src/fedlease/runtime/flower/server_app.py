@@ -62,6 +62,8 @@ class FlowerTransport:
         self.on_node = on_node or (lambda cid, described: None)
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
         self.round_trip: dict[int, float] = {}  # the last exchange: seconds from sending to each reply
+        # the clients whose node answered the last round's message (a reply or an error): it reached them
+        self.delivered: set[int] = set()
 
     def exchange(self, messages: Mapping[int, Message], timeout: float, follow: bool = False
                  ) -> dict[int, Message]:
@@ -132,6 +134,7 @@ class FlowerTransport:
             log.info("the node of client %d became unavailable and did not come back in time", key)
         if follow:
             self.round_trip = trips
+            self.delivered = set(trips)
         return answered
 
     def discover(self, node_ids: Iterable[int]) -> None:
