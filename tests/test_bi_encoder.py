@@ -104,3 +104,10 @@ def test_a_federated_run_on_a_bi_encoder(tiny_sentence_model, tmp_path):
     _, clients, _ = build_clients(prepared, load_partition(prepared)[1])
     assert clients[2].train_data.second is not None  # snli pairs, encoded separately
     assert clients[0].train_data.second is None
+
+
+def test_feddpa_mixes_per_example_on_separately_encoded_pairs(tiny_sentence_model, tmp_path):
+    # a batch of pairs holds 2B rows (first texts, then second texts): each example's weights cover both
+    config = tiny_run_config(tiny_sentence_model, tmp_path / "run", method="feddpa", global_rounds=2)
+    history = json.loads((run(config, progress=False).output_dir / "training_history.json").read_text())
+    assert history["rounds"][-1]["clients"]["2"]["eval"]["accuracy"] >= 0  # snli, with its local adapter mixed in

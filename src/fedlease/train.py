@@ -261,8 +261,8 @@ class LocalClient:
         loss_sum = torch.zeros((), device=settings.device)
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
-            if mixture is not None:
-                self.adapted.set_mixture(mixture[index])
+            if mixture is not None:  # a separately encoded pair's rows: first texts, then second texts
+                self.adapted.set_mixture(mixture[index].repeat(int(batch.get("texts_per_example", 1)), 1))
             with settings.autocast():
                 logits = self.logits(batch)
             loss_sum += F.cross_entropy(logits, data.labels[index].to(settings.device), reduction="sum")
