@@ -68,14 +68,27 @@ def test_a_prompt_that_fits_is_not_cut_when_only_the_response_is_long(backbone):
     assert "sum up" in backbone.tokenizer.decode(prompt) and len(prompt) + len(response) == 60
 
 
-def test_a_test_prompt_does_not_depend_on_its_reference(backbone):
+@pytest.mark.parametrize("room", [2, 5, 100])
+def test_a_test_prompt_does_not_depend_on_its_reference(backbone, room):
     fmt = PromptFormat(backbone.tokenizer, max_length=60)
-    short, long = (InstructionExample("w" * 30, "", out, 0) for out in ("a", "b" * 100))
-    assert fmt.example(short, blind=True)[0] == fmt.example(long, blind=True)[0]
+    short, middle, long = (InstructionExample("w" * 60, "", out, 0) for out in ("a", "b" * 8, "b" * 100))
+    assert fmt.example(short, room)[0] == fmt.example(middle, room)[0] == fmt.example(long, room)[0]
     assert fmt.example(short)[0] != fmt.example(long)[0]  # a training row gives the prompt what the response leaves
-    for ex in (short, long):
-        prompt, response = fmt.example(ex, blind=True)
+    for ex in (short, middle, long):
+        prompt, response = fmt.example(ex, room)
         assert len(prompt) + len(response) <= 60
+
+
+def test_a_test_prompt_gets_the_room_the_clients_training_answers_leave(backbone):
+    tok = backbone.tokenizer
+    train = [InstructionExample("pick one", "", answer, 0) for answer in ("yes", "no")]
+    test = [InstructionExample("w" * 200, "", "yes", 0)]
+    data = encode_instructions(tok, test, 60, answers_like=train)
+    answer = len(tok("yes", add_special_tokens=False)["input_ids"]) + 1  # with EOS
+    assert int(data.prompt_lengths[0]) == 60 - answer  # not cut to half the room: short answers leave more
+    long_answers = [InstructionExample("x", "", "z" * 300, 0)]
+    half = (60 - PromptFormat(tok, 60).scaffold) // 2
+    assert int(encode_instructions(tok, test, 60, answers_like=long_answers).prompt_lengths[0]) == 60 - half
 
 
 def test_a_template_that_leaves_no_room_is_refused(backbone):
@@ -203,3 +216,29 @@ def test_a_killed_instruction_run_resumes_to_the_uninterrupted_results(tiny_caus
     assert metrics == ref_metrics and weights.keys() == ref_weights.keys()
     for name, tensors in weights.items():
         assert all(torch.equal(value, ref_weights[name][key]) for key, value in tensors.items()), name
+
+
+def test_feddpa_weighs_a_test_prompt_without_reading_its_reference(tiny_causal_lm, tmp_path, monkeypatch):
+    import dataclasses
+
+    from fedlease.methods.feddpa import FedDPA
+    from fedlease.runtime.simulation import build_clients
+
+    config = prepare_config(tiny_instruction_config(tiny_causal_lm, tmp_path, method="feddpa", train_samples=8,
+                                                    test_samples=4, tasks=["instruct_sentiment"]))
+    _, clients, infos = build_clients(config, load_partition(config)[1])
+    client, method, store = clients[0], FedDPA(config, infos), {}
+    method.aggregate_train(0, {0: method.client_train(client, method.configure_train(0)[0], 0, store)})
+    method.client_train(client, method.configure_train(1)[0], 1, store)  # now it holds a local adapter
+    mixtures = []
+    monkeypatch.setattr(client, "evaluate", lambda mixture=None: mixtures.append(mixture) or {})
+    test, g = client.test_data, torch.Generator().manual_seed(0)
+    positions = torch.arange(test.input_ids.shape[1])
+    response = (positions >= test.prompt_lengths[:, None]) & (positions < test.lengths[:, None])
+    for _ in range(2):  # the same prompts, each time with other reference answers after them
+        ids = test.input_ids.clone()
+        ids[response] = torch.randint(3, client.tokenizer.vocab_size, (int(response.sum()),), generator=g)
+        client.test_data = dataclasses.replace(test, input_ids=ids)
+        method.client_evaluate(client, method.configure_evaluate(1)[0], 1, store)
+    client.test_data = test
+    torch.testing.assert_close(mixtures[0], mixtures[1])

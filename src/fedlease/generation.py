@@ -79,18 +79,25 @@ class PromptFormat:
         # a chat template writes its own special tokens; a plain frame gets the tokenizer's (BOS)
         return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
 
-    def example(self, ex: InstructionExample, blind: bool = False) -> tuple[list[int], list[int]]:
+    def response_ids(self, ex: InstructionExample) -> list[int]:
+        return self.tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def example(self, ex: InstructionExample, answer_room: int | None = None) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids + EOS), together at most ``max_length``. A response that does not fit keeps
         at least half of the room (all that the prompt leaves), and an instruction that does not fit is cut at
-        its end, inside the template's frame. ``blind`` (test rows): the prompt is cut by its own length alone,
-        to the room a longest response leaves, so what the model is asked never depends on the reference."""
-        tok = self.tokenizer
-        response = tok(ex.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        its end, inside the template's frame. ``answer_room`` (test rows): the prompt is cut by its own length
+        alone, to what an answer of ``answer_room`` tokens leaves (``answer_room``: the longest response of the
+        client's training rows, at most half of the room, as a training row's), so what the model is asked never
+        depends on the reference."""
+        response = self.response_ids(ex)
         text = prompt_text(ex)
         prompt = self.ids(self.render(text))
         half = (self.max_length - self.scaffold) // 2
-        if blind and len(prompt) > self.max_length - half:
-            prompt = self.cut(text, self.max_length - half)
+        if answer_room is not None:  # a test row: the prompt is fixed first; the reference keeps the room left
+            limit = self.max_length - min(answer_room, half)
+            if len(prompt) > limit:
+                prompt = self.cut(text, limit)
+            return prompt, response[: self.max_length - len(prompt)]
         if len(prompt) + len(response) > self.max_length:
             response = response[: max(half, self.max_length - len(prompt))]
             if len(prompt) + len(response) > self.max_length:
@@ -109,10 +116,12 @@ class PromptFormat:
 
 
 def encode_instructions(tokenizer, examples: list[InstructionExample], max_length: int,
-                        blind: bool = False) -> LMEncoded:
-    """Token ids of prompt + response per example (``blind``: test rows, see ``PromptFormat.example``)."""
+                        answers_like: list[InstructionExample] | None = None) -> LMEncoded:
+    """Token ids of prompt + response per example. ``answers_like`` (for test rows: the client's training
+    rows): test prompts get the room their longest response leaves, see ``PromptFormat.example``."""
     fmt = PromptFormat(tokenizer, max_length)
-    rows = [fmt.example(ex, blind) for ex in examples]
+    room = None if answers_like is None else max((len(fmt.response_ids(ex)) for ex in answers_like), default=0)
+    rows = [fmt.example(ex, room) for ex in examples]
     lengths = torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long)
     width = min(round_up(int(lengths.max())), max_length) if rows else 0
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -246,10 +255,16 @@ class GenerationClient(LocalClient):
         metrics["loss"] = self.mean_loss(data, mixture)
         return metrics
 
-    def batch_embedding(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Each example's mean last hidden state over its prompt and response tokens."""
+    def batch_embedding(self, data: LMEncoded, index: torch.Tensor,  # type: ignore[override]
+                        inputs_only: bool = False) -> torch.Tensor:
+        """Each example's mean last hidden state over its prompt and response tokens, or (``inputs_only``) over
+        its prompt tokens alone (causal attention: they never see the response)."""
         batch = lm_batch(data, index, self.settings.device)
-        return masked_mean(self.hidden_states(batch), batch["attention_mask"])
+        mask = batch["attention_mask"]
+        if inputs_only:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            mask = mask * (positions < data.prompt_lengths[index, None].to(mask.device))
+        return masked_mean(self.hidden_states(batch), mask)
 
     def train_loss(self) -> float:
         return self.mean_loss(self.train_data)

@@ -273,20 +273,22 @@ class LocalClient:
         preds, loss = self.predict(self.test_data, mixture)
         return compute_metrics(self.spec, self.test_data.labels.numpy(), preds, loss)
 
-    def batch_embedding(self, data: Encoded, index: torch.Tensor) -> torch.Tensor:
-        """The embeddings of rows ``index`` of ``data`` (called under autocast and inference mode)."""
+    def batch_embedding(self, data: Encoded, index: torch.Tensor, inputs_only: bool = False) -> torch.Tensor:
+        """The embeddings of rows ``index`` of ``data`` (called under autocast and inference mode); a
+        classification row is its input alone, so ``inputs_only`` changes nothing here."""
         return example_embedding(self.adapted.model, make_batch(data, index, self.settings.device))
 
     @torch.inference_mode()
-    def embed(self, data: Encoded) -> torch.Tensor:
+    def embed(self, data: Encoded, inputs_only: bool = False) -> torch.Tensor:
         """Every example's embedding, in data order (N, hidden): the mean-pooled last hidden state, or with a
-        bi-encoder backbone the mean of its texts' sentence embeddings."""
+        bi-encoder backbone the mean of its texts' sentence embeddings. ``inputs_only``: of what the model is
+        given alone, never of a reference answer (an instruction row's response), as a test query needs."""
         settings = self.settings
         self.adapted.model.eval()
         out: torch.Tensor | None = None
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             with settings.autocast():
-                pooled = self.batch_embedding(data, index).float().cpu()
+                pooled = self.batch_embedding(data, index, inputs_only).float().cpu()
             if out is None:
                 out = torch.empty(len(data), pooled.shape[-1])
             out[index] = pooled

@@ -91,8 +91,9 @@ class FedDPA(SharedAdapterMethod):
         self.load(client, Instruction(ExpertLayout(), {**select(ins.state, ("head",)), **local}), {})
         gen = generator(self.config.seed, "feddpa-references", client.client_id)
         picks = torch.randperm(client.num_train, generator=gen)[:REFERENCE_INSTANCES]
-        references = client.embed(client.train_data.subset(picks))
-        queries = client.embed(client.test_data)
+        # inputs only: a test query's embedding must not read its reference answer (an instruction row's response)
+        references = client.embed(client.train_data.subset(picks), inputs_only=True)
+        queries = client.embed(client.test_data, inputs_only=True)
         similarity = F.cosine_similarity(queries.unsqueeze(1), references.unsqueeze(0), dim=-1).mean(1)
         alpha = SIMILARITY_SCALE * similarity
         self.load_mixed(client, ins, local)

@@ -91,7 +91,7 @@ def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings,
         tokenizer, length = backbone.tokenizer, config.max_length
         return GenerationClient(split.client_id, spec, backbone.adapted,
                                 encode_instructions(tokenizer, split.train, length),
-                                encode_instructions(tokenizer, split.test, length, blind=True), settings,
+                                encode_instructions(tokenizer, split.test, length, answers_like=split.train), settings,
                                 tokenizer, config.max_new_tokens)
     separate = backbone.pair_encoding == "separate"
     return LocalClient(split.client_id, spec, backbone.adapted,
