@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_instruction_config, tiny_run_config, write_instruction_folder
 from fedlease.config import RunConfig
-from fedlease.errors import DataError
+from fedlease.errors import ConfigError, DataError
 from fedlease.methods.base import Instruction, Update
 from fedlease.model.experts import ExpertLayout
 from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
@@ -316,8 +316,12 @@ def test_a_server_stopped_before_its_checkpoint_resumes_to_the_uninterrupted_res
     with pytest.raises(KeyboardInterrupt):
         flower_run(flower, node_config=nodes)
     monkeypatch.setattr(Federation, "checkpoint", checkpoint)
+    with pytest.raises(ConfigError, match=r"different configuration: --lr 0\.02 \(the run used 0\.01\)"):
+        flower_run(dataclasses.replace(flower, lr=2e-2), node_config=nodes, resume=True)  # refused, nothing run
     out = flower_run(flower, node_config=nodes, resume=True)  # new node processes: only the state-dirs remain
     assert_same_results(tmp_path / "in-process", out)
+    with pytest.raises(ConfigError, match="made on Flower; continue it there"):
+        run(flower, progress=False, resume=True)  # its clients' stores are on the nodes
 
 
 def test_a_reply_that_misses_the_round_does_not_advance_the_clients_state(tiny_model, tmp_path):

@@ -238,6 +238,9 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is None:
         check_output_dir(config)
+    elif ckpt.info.get("runtime") == "flower":  # its clients' own stores are on the nodes, not in the checkpoint
+        raise ConfigError(f"--resume {out}: this run was made on Flower; continue it there "
+                          f"(flwr run ... --run-config \"resume=true output-dir='{out}'\")")
     _, splits = load_partition(config)
     check_model_source(config)
     resolve_precision(config.precision, resolve_device(config.device))

@@ -10,8 +10,8 @@ draws its own slice, exactly the slice the in-process runner gives that client.
 The client's own store (state that never leaves it, such as FedSA's B) is versioned by the rule of
 ``fedlease.runtime.client_state``: what a training round produces only becomes current once the server has
 accepted that round's update. It lives in ``state-dir`` when the node config names one (it then survives a
-restart of the node), else in the SuperNode's memory (Flower's node state: lost when the node restarts, and
-logged as such).
+restart of the node), else in the SuperNode's memory (Flower's node state: it lasts one ``flwr run``, so it is
+lost when the node restarts and when the run is resumed, which is a new ``flwr run``; logged as such).
 
 The model and the client's data are loaded once per process and run (``session_for``). Flower's own executors
 start a fresh process for every message; ``fedlease.runtime.flower.executor`` keeps one process per node.
@@ -157,7 +157,8 @@ class RecordBackend:
 @functools.cache
 def warn_memory_state(partition_id: int) -> None:
     log.warning("client %d: no state-dir in this node's config; its own state lives in the SuperNode's memory and "
-                "is lost if the node restarts (flower-supernode --node-config \"... state-dir=FOLDER\")", partition_id)
+                "is lost if the node restarts or the run is resumed (flower-supernode --node-config "
+                "\"... state-dir=FOLDER\")", partition_id)
 
 
 def client_state(context: Context, federation: str, partition_id: int) -> ClientState:
