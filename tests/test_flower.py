@@ -236,6 +236,28 @@ def test_an_evaluation_that_fails_on_a_node_costs_no_training(tiny_model, tmp_pa
             "its update of round 3 is used") in log
 
 
+def test_a_training_that_fails_on_a_node_keeps_the_evaluation_that_came_first(tiny_model, tmp_path, monkeypatch):
+    from fedlease.methods.base import FederatedMethod
+
+    train = FederatedMethod.client_train
+
+    def failing(self, client, ins, rnd, store):
+        if client.client_id == 1 and rnd == 2:  # round 3's training, whose message carried round 2's evaluation
+            raise RuntimeError("CUDA out of memory")
+        return train(self, client, ins, rnd, store)
+
+    monkeypatch.setattr(FederatedMethod, "client_train", failing)
+    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
+                             global_rounds=4, warmup_rounds=1)
+    rounds = history(flower_run(config))["rounds"]
+    assert rounds[1]["clients"]["1"]["eval"] is not None  # round 2's score, computed before the failed training
+    assert rounds[2]["clients"]["1"]["train"] is None and rounds[2]["clients"]["1"]["upload_bytes"] == 0
+    assert rounds[3]["clients"]["1"]["train"] is not None  # round 4: it trains again
+    log = (tmp_path / "o" / "training_log.txt").read_text()
+    assert ("client 1 could not train round 3 on its node (RuntimeError: CUDA out of memory); its evaluation of "
+            "round 2 is kept") in log
+
+
 def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back(tiny_model, tmp_path):
     config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli", "snli"],
                              global_rounds=4, warmup_rounds=1)

@@ -50,6 +50,7 @@ from fedlease.runtime.flower.messages import (
     decode_instruction,
     decode_sync,
     encode_evaluation,
+    encode_training_error,
     encode_update,
 )
 from fedlease.runtime.flower.run_config import from_run_config
@@ -226,7 +227,8 @@ def partition(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train a round; first, where the message carries one, run the previous round's evaluation (on the same
     store: training has not touched it yet), as a separate evaluate message would. If that evaluation fails,
-    the client still trains, and the reply carries the update and the evaluation's error."""
+    the client still trains, and the reply carries the update and the evaluation's error; if the training
+    fails, the reply carries the evaluation and the training's error."""
     def handle(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
         current = session(context)
@@ -243,7 +245,15 @@ def train(msg: Message, context: Context) -> Message:
                               current.partition_id, evaluated + 1, rnd + 1)
                 evaluation_error = f"{type(exc).__name__}: {exc}"
             evaluation_seconds = time.perf_counter() - began
-        update = current.method.client_train(current.client, ins, rnd, store)
+        try:
+            update = current.method.client_train(current.client, ins, rnd, store)
+        except Exception as exc:
+            if evaluation is None:
+                raise
+            # the evaluation that came first is still worth its reply, as a separate message's would have been
+            log.exception("client %d: training round %d failed", current.partition_id, rnd + 1)
+            return Message(encode_training_error(current.partition_id, f"{type(exc).__name__}: {exc}", evaluation),
+                           reply_to=msg)
         state.stage(rnd, store)  # current only once the server has accepted this update
         if lost:
             update.metrics[STATE_LOST] = 1.0

@@ -11,7 +11,8 @@ client and round): its instruction as ``evaluate-config`` and ``evaluate-state``
 tensors the training state does not already carry under the same name with the same values (``evaluate-shared``
 names the others; with FedLEASE's experts, or one shared adapter, the two states are equal and travel once). The
 reply then carries the evaluation's metrics as ``evaluation``, or, where the evaluation failed on the node (the
-client trains all the same), its reason as ``evaluation-error``.
+client trains all the same), its reason as ``evaluation-error``; where the training failed after the evaluation,
+the reply holds the evaluation and the reason as ``training-error``, and no update.
 
 A state travels packed: one flat array per dtype (Flower serialises them with numpy, without pickle) and a
 ConfigRecord ``<key>-index`` naming each tensor's dtype, shape and offset. Flower stores and transfers every
@@ -146,6 +147,17 @@ def decode_update(content: RecordDict) -> tuple[int, Update]:
 def decode_update_evaluation(content: RecordDict) -> dict[str, float] | None:
     """The metrics of the evaluation a training reply carries, if any."""
     return {k: float(v) for k, v in content["evaluation"].items()} if "evaluation" in content else None
+
+
+def encode_training_error(partition_id: int, reason: str, evaluation: dict[str, float]) -> RecordDict:
+    """A training message's reply when the evaluation it asked for first succeeded and the training failed."""
+    return RecordDict({"metrics": MetricRecord({"partition-id": partition_id}), "evaluation": MetricRecord(evaluation),
+                       "training-error": ConfigRecord({"reason": reason})})
+
+
+def decode_training_error(content: RecordDict) -> str | None:
+    """Why the training failed on the node, if the reply says so (it then carries no update)."""
+    return str(content["training-error"]["reason"]) if "training-error" in content else None
 
 
 def decode_update_evaluation_error(content: RecordDict) -> str | None:

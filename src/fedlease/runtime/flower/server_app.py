@@ -28,6 +28,7 @@ from fedlease.runtime.clients import client_infos
 from fedlease.runtime.flower.messages import (
     STATE_LOST,
     decode_evaluation,
+    decode_training_error,
     decode_update,
     decode_update_evaluation,
     decode_update_evaluation_error,
@@ -222,6 +223,13 @@ class FlowerTransport:
         results, updates = {}, {}
         first = (evaluated, evaluations) if evaluations else None
         for cid, reply in self.send(rnd, "train", instructions, sync, evaluate_first=first).items():
+            if (reason := decode_training_error(reply.content)) is not None:
+                metrics = decode_update_evaluation(reply.content)
+                if int(reply.content["metrics"]["partition-id"]) == cid and metrics is not None:
+                    results[cid] = Evaluation(metrics)
+                log.info("client %d could not train round %d on its node (%s); its evaluation of round %d is kept",
+                         cid, rnd + 1, reason, evaluated + 1)
+                continue
             sender, update = decode_update(reply.content)
             if sender == cid:
                 self.note_lost_state(cid, update.metrics, sync)
