@@ -214,20 +214,28 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     assert history(out)["final"] is not None
 
 
-def test_an_evaluation_that_fails_on_a_node_costs_no_training(tiny_model, tmp_path, monkeypatch):
+def run_with_client_1_failing(tiny_model, out, monkeypatch, name: str, rnd: int, error: str) -> list[dict]:
+    """A 4-round Flower run whose client 1 raises ``error`` in its method's ``name`` (client_train or
+    client_evaluate) for round index ``rnd``; the history's rounds."""
     from fedlease.methods.base import FederatedMethod
 
-    evaluate = FederatedMethod.client_evaluate
+    original = getattr(FederatedMethod, name)
 
-    def failing(self, client, ins, rnd, store):
-        if client.client_id == 1 and rnd == 1:  # round 2's evaluation, sent with round 3's training message
-            raise RuntimeError("out of memory while generating")
-        return evaluate(self, client, ins, rnd, store)
+    def failing(self, client, ins, r, store):
+        if client.client_id == 1 and r == rnd:
+            raise RuntimeError(error)
+        return original(self, client, ins, r, store)
 
-    monkeypatch.setattr(FederatedMethod, "client_evaluate", failing)
-    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
-                             global_rounds=4, warmup_rounds=1)
-    rounds = history(flower_run(config))["rounds"]
+    monkeypatch.setattr(FederatedMethod, name, failing)
+    config = tiny_run_config(tiny_model, out, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"], global_rounds=4,
+                             warmup_rounds=1)
+    return history(flower_run(config))["rounds"]
+
+
+def test_an_evaluation_that_fails_on_a_node_costs_no_training(tiny_model, tmp_path, monkeypatch):
+    # round 2's evaluation, sent with round 3's training message
+    rounds = run_with_client_1_failing(tiny_model, tmp_path / "o", monkeypatch, "client_evaluate", 1,
+                                       "out of memory while generating")
     assert rounds[1]["clients"]["1"]["eval"] is None and rounds[1]["clients"]["0"]["eval"] is not None
     assert rounds[2]["clients"]["1"]["train"] is not None and rounds[2]["clients"]["1"]["upload_bytes"] > 0
     assert rounds[2]["clients"]["1"]["eval"] is not None
@@ -237,19 +245,9 @@ def test_an_evaluation_that_fails_on_a_node_costs_no_training(tiny_model, tmp_pa
 
 
 def test_a_training_that_fails_on_a_node_keeps_the_evaluation_that_came_first(tiny_model, tmp_path, monkeypatch):
-    from fedlease.methods.base import FederatedMethod
-
-    train = FederatedMethod.client_train
-
-    def failing(self, client, ins, rnd, store):
-        if client.client_id == 1 and rnd == 2:  # round 3's training, whose message carried round 2's evaluation
-            raise RuntimeError("CUDA out of memory")
-        return train(self, client, ins, rnd, store)
-
-    monkeypatch.setattr(FederatedMethod, "client_train", failing)
-    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
-                             global_rounds=4, warmup_rounds=1)
-    rounds = history(flower_run(config))["rounds"]
+    # round 3's training, whose message carried round 2's evaluation
+    rounds = run_with_client_1_failing(tiny_model, tmp_path / "o", monkeypatch, "client_train", 2,
+                                       "CUDA out of memory")
     assert rounds[1]["clients"]["1"]["eval"] is not None  # round 2's score, computed before the failed training
     assert rounds[2]["clients"]["1"]["train"] is None and rounds[2]["clients"]["1"]["upload_bytes"] == 0
     assert rounds[3]["clients"]["1"]["train"] is not None  # round 4: it trains again
