@@ -256,6 +256,18 @@ def test_a_training_that_fails_on_a_node_keeps_the_evaluation_that_came_first(ti
             "round 2 is kept") in log
 
 
+def test_two_live_nodes_of_one_client_do_not_take_turns(tiny_model, tmp_path):
+    # a second SuperNode with partition-id 1 (an overlapping restart, a duplicated node config): the client moves
+    # to one of them once and stays; alternating would lose its own state (FedSA's B) every round
+    config = tiny_run_config(tiny_model, tmp_path / "single", method="fedsa_lora",
+                             tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"], global_rounds=4, warmup_rounds=1)
+    single = flower_run(config)
+    double = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "double")), extra_nodes=[1])
+    assert_same_results(single, double)
+    log = (double / "training_log.txt").read_text()
+    assert log.count("client 1 is now on node") == 1 and "no longer held its own state" not in log
+
+
 def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back(tiny_model, tmp_path):
     config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli", "snli"],
                              global_rounds=4, warmup_rounds=1)

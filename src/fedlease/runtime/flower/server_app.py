@@ -69,6 +69,7 @@ class FlowerTransport:
         self.precision: str | None = None  # the run's precision: the first node's
         self.on_node = on_node or (lambda cid, described: None)
         self.node_of: dict[int, int] = {}  # client (partition) id -> node id
+        self.claims: dict[int, int] = {}  # node id -> the client it reported being; each node is asked once
         self.round_trip: dict[int, float] = {}  # the last exchange: seconds from sending to each reply
         # the clients whose node answered the last round's message (a reply or an error): it reached them
         self.delivered: set[int] = set()
@@ -146,10 +147,17 @@ class FlowerTransport:
         return answered
 
     def discover(self, node_ids: Iterable[int]) -> None:
-        """Ask nodes not seen before which client they are; forget nodes that are gone."""
+        """Ask nodes not seen before which client they are; forget nodes that are gone. Each node is asked once:
+        where two live nodes report one client (a restart that overlaps the old process, a duplicated
+        partition-id), the client moves to the newer once, and back to the other only if the newer leaves."""
         node_ids = set(node_ids)
         self.node_of = {cid: nid for cid, nid in self.node_of.items() if nid in node_ids}
-        new = node_ids - set(self.node_of.values())
+        self.claims = {nid: cid for nid, cid in self.claims.items() if nid in node_ids}
+        for nid, cid in sorted(self.claims.items(), reverse=True):  # a client whose node left: another claimant
+            if cid not in self.node_of:
+                log.info("client %d is now on node %d, which also reported it", cid, nid)
+                self.node_of[cid] = nid
+        new = node_ids - set(self.node_of.values()) - set(self.claims)
         if not new:
             return
         queries = {nid: Message(RecordDict(), dst_node_id=nid, message_type="query.partition") for nid in new}
@@ -163,6 +171,7 @@ class FlowerTransport:
             known = cid in self.nodes
             if not self.accept_node(cid, nid, described):
                 continue
+            self.claims[nid] = cid
             if cid in self.node_of:  # a restarted node: the old one may not be marked offline yet
                 log.info("client %d is now on node %d (was node %d)", cid, nid, self.node_of[cid])
             elif known:
