@@ -352,6 +352,7 @@ def test_a_server_stopped_before_its_checkpoint_resumes_to_the_uninterrupted_res
         flower_run(dataclasses.replace(flower, lr=2e-2), node_config=nodes, resume=True)  # refused, nothing run
     out = flower_run(flower, node_config=nodes, resume=True)  # new node processes: only the state-dirs remain
     assert_same_results(tmp_path / "in-process", out)
+    assert history(out)["resumed"] == [{"after_round": 1, "model_source": tiny_model, "runtime": "flower"}]
     with pytest.raises(ConfigError, match="made on Flower; continue it there"):
         run(flower, progress=False, resume=True)  # its clients' stores are on the nodes
 

@@ -72,6 +72,8 @@ def test_killed_run_resumes_to_identical_results(tiny_model, tmp_path, reference
         for key, value in tensors.items():
             assert torch.equal(value, ref_weights[name][key]), (name, key)
     assert "resuming" in (out / "training_log.txt").read_text()
+    [resumed] = json.loads((out / "training_history.json").read_text())["resumed"]  # where the session ran
+    assert resumed["device"] == "cpu" and 1 <= resumed["after_round"] <= 4
 
 
 @pytest.fixture

@@ -185,6 +185,9 @@ class Federation:
         self.validator.load_state_dict(ckpt.method_state["validator"])
         self.recorder.history = ckpt.history
         self.info["federation"] = ckpt.info.get("federation", self.info["federation"])
+        # where and how each later session ran (device, precision, ...): the history's own keys are the first's
+        resumed = {key: value for key, value in self.info.items() if key != "federation"}
+        self.recorder.history.setdefault("resumed", []).append({"after_round": ckpt.round + 1, **resumed})
         if "accepted" in ckpt.method_state:
             self.accepted = {int(cid): int(r) for cid, r in ckpt.method_state["accepted"].items()}
         else:  # a checkpoint from before accepted rounds were kept: every store was as of the last round

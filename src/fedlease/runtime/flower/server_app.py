@@ -305,9 +305,9 @@ def main(grid: Grid, context: Context) -> None:
         transport = FlowerTransport(grid, config, float(runtime["round-timeout"]),
                                     bool(runtime["allow-mixed-precision"]), recorder.describe_node,
                                     float(runtime["rejoin-timeout"]))
-        transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
         federation = Federation(config, method, transport, recorder, out, info)
-        start = federation.restore(ckpt) if ckpt is not None else 0
+        start = federation.restore(ckpt) if ckpt is not None else 0  # first: the nodes below join its history
+        transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
         if ckpt is not None:
             log.info("resuming after round %d; each client's own state is taken back, on its node, to the last "
                      "update of it this checkpoint accepted", ckpt.round + 1)
