@@ -95,14 +95,14 @@ class RunRecorder:
                      client_map: Mapping[int, list[int]], seconds: float,
                      rejected: Mapping[int, str] | None = None,
                      evaluated_with: Mapping[int, Instruction] | None = None,
-                     delivered: Iterable[int] | None = None) -> dict:
+                     delivered: Iterable[int] = ()) -> dict:
         """``instructions``: what each client was sent to train, counted as downloaded by the clients in
-        ``delivered`` (default: those with an update or metrics); ``evaluated_with`` (the last round): what each
+        ``delivered`` (those the message reached); ``evaluated_with`` (the last round): what each
         downloaded for its separate final evaluation, recorded as ``final_evaluation_download_*``. Earlier
         rounds' evaluations carry the next round's training download (the same tensors: counted there)."""
         number = rnd + 1
         metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
-        delivered = set(metrics) | set(updates) if delivered is None else set(delivered)
+        delivered = set(delivered)
         clients = {}
         # a client that trained but whose evaluation was lost is listed too (its upload counts), with eval None;
         # so is one that received the message and answered with an error (its download counts)
