@@ -23,6 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity  # internal: building a Message needs a task identity
 
+from fedlease.errors import describe
+
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict,
@@ -97,7 +99,7 @@ class InProcessGrid(Grid):
             try:
                 reply = self.client_app(msg, context)
             except Exception as exc:  # as a SuperNode reports a ClientApp exception
-                reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+                reply = Message(Error(code=2, reason=describe(exc)), reply_to=msg)
             if rnd in self.late.get(pid, set()) and msg.metadata.message_type == "train":
                 continue  # the client trained, but its reply came too late: the server never sees it
             self.replies[msg.metadata.message_id] = reply

@@ -21,3 +21,14 @@ class DataError(FedleaseError):
 
 class ModelError(FedleaseError):
     """A model that cannot be found or loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text, for a one-line message; its type's name where it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a remote party reports it: its type and its message."""
+    return f"{type(exc).__name__}: {exc}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedlease.errors import ConfigError, ModelError
+from fedlease.errors import ConfigError, ModelError, first_line
 from fedlease.model.bi_encoder import BiEncoderClassifier, sentence_transformers_pooling
 from fedlease.model.experts import AdaptedModel, inject_experts
 
@@ -176,9 +176,8 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
                 local_files_only=local_only, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"--model_name {model_name}: cannot load a sequence-classification model and "
-                         f"tokenizer ({first})") from None
+                         f"tokenizer ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         model.config.pad_token_id = tokenizer.pad_token_id

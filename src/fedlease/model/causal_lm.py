@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedlease.config import DEFAULT_DECODER
-from fedlease.errors import ConfigError, ModelError
+from fedlease.errors import ConfigError, ModelError, first_line
 from fedlease.model.backbone import (
     Backbone,
     adapt,
@@ -181,8 +181,3 @@ def load_causal_lm(model_name: str, *, rank: int, alpha: float, dropout: float,
              sum(p.numel() for p in model.parameters()), len(sites),
              " ".join(targets), quantization if quant else str(dtype).removeprefix("torch."), torch_device)
     return Backbone(AdaptedModel(model, sites, []), tokenizer, source, torch_device, 0, kind="causal_lm")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -37,7 +37,7 @@ from flwr.clientapp import ClientApp
 from fedlease.config import RunConfig, expand_tasks
 from fedlease.data.instructions import register_instruction_folder, register_remote_tasks
 from fedlease.data.tasks import TASKS
-from fedlease.errors import ConfigError, DataError, FedleaseError
+from fedlease.errors import ConfigError, DataError, FedleaseError, describe
 from fedlease.methods import create_method
 from fedlease.methods.base import FederatedMethod
 from fedlease.model.backbone import resolve_device
@@ -243,7 +243,7 @@ def train(msg: Message, context: Context) -> Message:
             except Exception as exc:  # as with a separate evaluate message, a failed evaluation costs no training
                 log.exception("client %d: the evaluation of round %d failed; it trains round %d all the same",
                               current.partition_id, evaluated + 1, rnd + 1)
-                evaluation_error = f"{type(exc).__name__}: {exc}"
+                evaluation_error = describe(exc)
             evaluation_seconds = time.perf_counter() - began
         try:
             update = current.method.client_train(current.client, ins, rnd, store)
@@ -252,7 +252,7 @@ def train(msg: Message, context: Context) -> Message:
                 raise
             # the evaluation that came first is still worth its reply, as a separate message's would have been
             log.exception("client %d: training round %d failed", current.partition_id, rnd + 1)
-            return Message(encode_training_error(current.partition_id, f"{type(exc).__name__}: {exc}", evaluation),
+            return Message(encode_training_error(current.partition_id, describe(exc), evaluation),
                            reply_to=msg)
         state.stage(rnd, store)  # current only once the server has accepted this update
         if lost:

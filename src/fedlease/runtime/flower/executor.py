@@ -27,6 +27,8 @@ import signal
 import threading
 from types import FrameType
 
+from fedlease.errors import describe
+
 log = logging.getLogger("fedlease")
 
 POLL_SECONDS = 0.05
@@ -100,7 +102,7 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
         details, reply = "aborted: the SuperNode no longer held the task", None
     except Exception as exc:  # noqa: BLE001 -- as flwr-clientapp: the server gets an error reply
         log.exception("ClientApp task raised an exception")
-        details = f"{type(exc).__name__}: {exc}"
+        details = describe(exc)
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:

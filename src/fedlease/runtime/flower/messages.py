@@ -155,14 +155,11 @@ def encode_training_error(partition_id: int, reason: str, evaluation: dict[str, 
                        "training-error": ConfigRecord({"reason": reason})})
 
 
-def decode_training_error(content: RecordDict) -> str | None:
-    """Why the training failed on the node, if the reply says so (it then carries no update)."""
-    return str(content["training-error"]["reason"]) if "training-error" in content else None
-
-
-def decode_update_evaluation_error(content: RecordDict) -> str | None:
-    """Why the evaluation a training message asked for failed on the node, if it did."""
-    return str(content["evaluation-error"]["reason"]) if "evaluation-error" in content else None
+def decode_failure(content: RecordDict, part: str) -> str | None:
+    """Why one part of a training message failed on the node, if the reply says so: ``part`` is
+    ``"training-error"`` (the reply then carries no update) or ``"evaluation-error"`` (the evaluation the message
+    asked for first)."""
+    return str(content[part]["reason"]) if part in content else None
 
 
 def encode_evaluation(evaluation: Evaluation, partition_id: int) -> RecordDict:

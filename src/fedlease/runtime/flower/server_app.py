@@ -28,10 +28,9 @@ from fedlease.runtime.clients import client_infos
 from fedlease.runtime.flower.messages import (
     STATE_LOST,
     decode_evaluation,
-    decode_training_error,
+    decode_failure,
     decode_update,
     decode_update_evaluation,
-    decode_update_evaluation_error,
     encode_instruction,
 )
 from fedlease.runtime.flower.run_config import from_run_config
@@ -232,7 +231,7 @@ class FlowerTransport:
         results, updates = {}, {}
         first = (evaluated, evaluations) if evaluations else None
         for cid, reply in self.send(rnd, "train", instructions, sync, evaluate_first=first).items():
-            if (reason := decode_training_error(reply.content)) is not None:
+            if (reason := decode_failure(reply.content, "training-error")) is not None:
                 metrics = decode_update_evaluation(reply.content)
                 if int(reply.content["metrics"]["partition-id"]) == cid and metrics is not None:
                     results[cid] = Evaluation(metrics)
@@ -246,7 +245,7 @@ class FlowerTransport:
                 updates[cid] = update
                 if (metrics := decode_update_evaluation(reply.content)) is not None:
                     results[cid] = Evaluation(metrics)
-                if (reason := decode_update_evaluation_error(reply.content)) is not None:
+                if (reason := decode_failure(reply.content, "evaluation-error")) is not None:
                     log.info("client %d could not evaluate round %d on its node (%s); its update of round %d is "
                              "used", cid, evaluated + 1, reason, rnd + 1)
         return results, updates
