@@ -34,9 +34,9 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
     upload = "upload_bytes_per_client_round_after_warmup_mean"
     assert float(records["local"][upload]) == 0.0
     assert float(records["fedit:rank=16"][upload]) > float(records["fedit"][upload])
-    assert float(records["fedlease"]["download_bytes_per_client_round_after_warmup_mean"]) > 0
+    assert float(records["fedlease"]["download_bytes_per_client_downloading_round_mean"]) > 0
     assert "oracle_best_average_mean" in records["fedlease"] and records["fedlease"]["oracle_best_round"]
-    assert "oracle best-round avg (picked on test)" in table and "download MB / client / round (after warmup)" in table
+    assert "oracle best-round avg (picked on test)" in table and "download MB / client / downloading round" in table
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
     # every method saw the same partition
     partitions = set()
@@ -53,13 +53,13 @@ def history(phases: list[str], downloads: list[list[int]], uploads: list[list[in
     return {"rounds": rounds, "final": final}
 
 
-def test_traffic_per_round_counts_the_rounds_after_warmup_and_the_total_the_whole_run():
+def test_traffic_per_round_counts_the_rounds_that_move_it_and_the_total_the_whole_run():
     final = {"tasks": {}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.75}, "oracle_best_round": 2}
     result = MethodResult("fedlease")
     # two warmup rounds download nothing; in round 4 one of the two clients failed before uploading
     result.add(1, history(["warmup", "warmup", "adaptive", "adaptive"], [[0, 0], [0, 0], [90, 90], [60, 60]],
                           [[10, 10], [10, 10], [30, 30], [20, 0]], final), 1.0)
-    assert result.download_bytes_per_client_round_after_warmup == [75.0]  # not (0 + 0 + 90 + 60) / 4
+    assert result.download_bytes_per_client_downloading_round == [75.0]  # not (0 + 0 + 90 + 60) / 4
     assert result.upload_bytes_per_client_round_after_warmup == [(30 + 10) / 2]
     assert result.total_bytes_whole_run == [4 * 10 + 60 + 180 + 120 + 20]
     history_with_final = history(["federated"] * 2, [[0, 0], [8, 8]], [[4, 4], [4, 4]], final)
@@ -67,10 +67,59 @@ def test_traffic_per_round_counts_the_rounds_after_warmup_and_the_total_the_whol
     counted = MethodResult("fedit")
     counted.add(1, history_with_final, 1.0)
     assert counted.total_bytes_whole_run == [4 * 4 + 16 + 8]  # the separate final evaluation's download too
+    assert counted.total_counts_final_download == [True] and result.total_counts_final_download == [False]
     assert result.oracle_best_average == [0.75] and result.oracle_best_round == [2]
     baseline = MethodResult("fedit")
     baseline.add(1, history(["federated"] * 2, [[0, 0], [8, 8]], [[4, 4], [4, 4]], final), 1.0)
-    assert baseline.download_bytes_per_client_round_after_warmup == [4.0]  # no warmup: every round
+    # no warmup, and the first round downloads nothing (each client builds the seeded start): 8, not (0 + 8) / 2
+    assert baseline.download_bytes_per_client_downloading_round == [8.0]
+    assert baseline.upload_bytes_per_client_round_after_warmup == [4.0]  # no warmup: every round
+    nothing = MethodResult("local")
+    nothing.add(1, history(["federated"] * 2, [[0, 0], [0, 0]], [[0, 0], [0, 0]], final), 1.0)
+    assert nothing.download_bytes_per_client_downloading_round == [0.0]
+
+
+def test_totals_short_of_the_final_download_and_mixed_precisions_are_said(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.report.comparison import write_comparison
+
+    final = {"tasks": {"snli": {"accuracy": 0.5}}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.5},
+             "oracle_best_round": 1}
+
+    def run(counted: bool, precision: str) -> dict:
+        ran = history(["federated"], [[8]], [[4]], final)
+        if counted:
+            ran["rounds"][-1]["clients"]["0"]["final_evaluation_download_bytes"] = 8
+        return {**ran, "precision": precision}
+
+    old, new = MethodResult("fedit"), MethodResult("fedsa_lora")
+    old.add(1, run(False, "fp32"), 1.0)
+    old.add(2, run(True, "fp32"), 1.0)
+    new.add(1, run(True, "fp32"), 1.0)
+    new.add(2, run(True, "bf16"), 1.0)
+    table = write_comparison(tmp_path, [old, new], RunConfig(tasks=["snli"]))
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.count("|") > 5 and "MB" not in line}
+    assert rows["| fedit"].rstrip(" |").split(" | ")[-2].endswith(" *")  # the total of the row that lacks it
+    assert not rows["| fedsa_lora"].rstrip(" |").split(" | ")[-2].endswith("*")
+    assert "leaves out the final evaluation's download" in table
+    assert "precision mixed: bf16 (fedsa_lora); fp32 (fedit, fedsa_lora)" in table
+    alone = write_comparison(tmp_path, [old], RunConfig(tasks=["snli"]))
+    assert "precision fp32." in alone
+
+
+def test_float_noise_is_a_tie_not_a_lead(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.report.comparison import write_comparison
+
+    results = []
+    for label, average in (("fedsa_lora", 0.73875), ("fedit", 0.7387499999999999)):  # 591 of 800, summed twice
+        final = {"tasks": {"snli": {"accuracy": average}}, "mean": {"accuracy": average},
+                 "oracle_best_mean": {"accuracy": average}, "oracle_best_round": 1}
+        results.append(MethodResult(label))
+        results[-1].add(1, history(["federated"], [[0]], [[4]], final), 1.0)
+    table = write_comparison(tmp_path, results, RunConfig(tasks=["snli"]))
+    assert "| 1 | 73.88 | 73.88 |" in table
+    assert "| fedit | 1 | 0.00 | 0 of 1 (1 tied) |" in table
 
 
 def test_histories_written_before_the_oracle_rename_are_read():
@@ -149,6 +198,15 @@ def test_compare_checks_every_spec_before_running(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_run_listed_twice_is_refused_before_anything_runs(capsys, tmp_path):
+    for extra, match in ((["--methods", "fedit", "--seeds", "1", "1"], "--seeds lists a seed twice"),
+                         (["--methods", "fedit:rank=16,lr=0.001", "fedit:rank=16, lr=0.001"],
+                          "lists a method twice: 'fedit:rank=16,lr=0.001' and 'fedit:rank=16, lr=0.001'")):
+        assert main(["compare", *extra, "--output_dir", str(tmp_path / "o")]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def compare_args(model: str, out, *extra: str) -> list[str]:
     return ["compare", "--model_name", model, "--methods", "fedit", "fedlease", "local",
             "--tasks", "rotten_tomatoes:2", "snli:2", "--global_rounds", "3", "--warmup_rounds", "1",
@@ -192,3 +250,52 @@ def test_comparison_resume_refuses_other_settings(tiny_model, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "lr 0.02 (the run used 0.01)" in err
     assert main(compare_args(tiny_model, tmp_path / "missing", "--resume")) == 2
     assert "holds no comparison to continue" in capsys.readouterr().err
+
+
+def merge(folders, into, *methods: str) -> str | None:
+    """benchmarks/merge_comparison.py run in this process: None when it succeeds, else why it refused."""
+    import importlib.util
+    from pathlib import Path
+    from unittest import mock
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_comparison.py"
+    spec = importlib.util.spec_from_file_location("merge_comparison", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [str(script), *map(str, folders), "--into", str(into), "--methods", *methods]
+    with mock.patch.object(sys, "argv", argv):
+        try:
+            module.main()
+        except SystemExit as refused:
+            return str(refused)
+    return None
+
+
+def test_merging_refuses_runs_of_other_settings_other_methods_and_twice_finished_runs(tmp_path):
+    from fedlease.config import RunConfig
+
+    final = {"tasks": {"snli": {"accuracy": 0.5}}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.5},
+             "oracle_best_round": 1}
+
+    def finished(folder, label: str, seed: int, **settings) -> None:
+        config = RunConfig(**{"tasks": ["snli", "snli"], "seed": seed, "rank": 4, "model_name": "m", **settings})
+        run = tmp_path / folder / label / f"seed_{seed}"
+        run.mkdir(parents=True)
+        ran = {**history(["federated"], [[0]], [[4]], final), "config": config.to_dict(), "precision": "fp32"}
+        ran["rounds"][0]["seconds"] = 60.0
+        (run / "training_history.json").write_text(json.dumps(ran))
+
+    finished("a", "fedit", 1, method="fedit")
+    finished("a", "fedit_rank=16", 1, method="fedit", rank=16)  # the spec's own setting: allowed
+    finished("b", "fedit", 2, method="fedit")
+    assert merge([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "fedit", "fedit:rank=16") is None
+    assert "| fedit (seeds 1 2) |" in (tmp_path / "out" / "comparison.md").read_text()
+    finished("c", "fedit", 3, method="fedit", warmup_rounds=1)  # a setting the merge used to ignore
+    refused = merge([tmp_path / "a", tmp_path / "c"], tmp_path / "out", "fedit")
+    assert "--warmup_rounds 5 (the run used 1)" in refused
+    finished("d", "fedit", 4, method="fedsa_lora")  # another method's run in fedit's folder
+    refused = merge([tmp_path / "d"], tmp_path / "out", "fedit")
+    assert "not a run of fedit (method fedsa_lora)" in refused
+    finished("e", "fedit", 1, method="fedit")  # seed 1 again, in another folder
+    refused = merge([tmp_path / "a", tmp_path / "e"], tmp_path / "out", "fedit")
+    assert "fedit seed 1 finished twice" in refused

@@ -124,3 +124,19 @@ def test_a_new_layernorm_in_the_head_starts_at_one(tmp_path):
     adapted.load_state(state)
     logits = adapted.model(input_ids=torch.tensor([[2, 8, 9, 3], [2, 20, 21, 3]])).logits
     assert not torch.allclose(logits[0], logits[1])  # the head passes the input through
+
+
+def test_f1_of_a_client_whose_test_set_lacks_a_class():
+    import numpy as np
+
+    from fedlease.data.tasks import TASKS
+    from fedlease.train import compute_metrics
+
+    snli, mrpc = TASKS["snli"], TASKS["mrpc"]
+    labels = np.array([0, 0, 1, 1])  # no example of snli's third class (label skew)
+    assert compute_metrics(snli, labels, labels.copy(), 0.0)["macro_f1"] == 1.0  # was 2/3: the absent class as 0
+    assert compute_metrics(snli, labels, np.array([0, 0, 1, 2]), 0.0)["macro_f1"] < 1.0  # predicting it costs
+    negatives = np.zeros(4, dtype=int)  # a client without a positive pair
+    assert compute_metrics(mrpc, negatives, negatives.copy(), 0.0)["f1"] == 1.0
+    assert compute_metrics(mrpc, negatives, np.array([1, 0, 0, 0]), 0.0)["f1"] == 0.0
+    assert compute_metrics(mrpc, np.array([1, 0]), np.array([0, 0]), 0.0)["f1"] == 0.0

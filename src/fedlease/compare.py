@@ -58,10 +58,15 @@ def plan(base: RunConfig, specs: list[str], seeds: list[int],
         raise ConfigError("--methods is empty")
     if not seeds:
         raise ConfigError("--seeds is empty")
+    if len(set(seeds)) != len(seeds):  # a repeated seed would be one run counted twice, a false spread
+        raise ConfigError(f"--seeds lists a seed twice: {' '.join(map(str, seeds))}")
     parsed = [parse_spec(text) for text in specs]
-    labels = [spec.label for spec in parsed]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--methods lists a method twice: {' '.join(labels)}")
+    folders: dict[str, str] = {}
+    for spec in parsed:  # "fedit:rank=16,lr=0.001" and "fedit:rank=16, lr=0.001" are one method in one folder
+        if spec.folder in folders:
+            raise ConfigError(f"--methods lists a method twice: {folders[spec.folder]!r} and {spec.label!r} "
+                              f"(both would run in {spec.folder}/)")
+        folders[spec.folder] = spec.label
     out = Path(base.output_dir)
     runs = []
     for spec in parsed:

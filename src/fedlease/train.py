@@ -168,12 +168,14 @@ class TrainSettings:
 
 
 def compute_metrics(spec: TaskSpec, labels: np.ndarray, preds: np.ndarray, loss: float) -> dict[str, float]:
+    """Accuracy, and the task's F1. A client's test set under label skew may lack a class: macro-F1 averages over
+    the classes that occur in its labels or predictions (a class absent from both is not scored 0), and binary
+    F1 is 1 when the client has no positive example and predicts none (0 when it predicts one)."""
     metrics = {"accuracy": float(np.mean(preds == labels)), "loss": loss}
     if spec.extra_metric == "f1":
-        metrics["f1"] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0))
+        metrics["f1"] = float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=1.0))
     elif spec.extra_metric == "macro_f1":
-        metrics["macro_f1"] = float(f1_score(labels, preds, labels=list(range(spec.num_labels)),
-                                             average="macro", zero_division=0))
+        metrics["macro_f1"] = float(f1_score(labels, preds, average="macro", zero_division=0))
     return metrics
 
 

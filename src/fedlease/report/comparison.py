@@ -3,9 +3,10 @@
 Per method and task: the final round's mean over the task's clients (accuracy, and F1 / macro-F1 where the
 task has one; for instruction tasks ROUGE-1, and ROUGE-L / exact match), the headline; the average over tasks;
 the oracle best round's average (the round is picked on the test split, so the figure is optimistic and only
-labelled as such); communication per client per round after FedLEASE's warmup (which downloads nothing; other
-methods: every round), and in total over the whole run; wall
-time. With several seeds every number is the mean and the sample standard deviation.
+labelled as such); communication per client per round (upload: after FedLEASE's warmup, every round for the other
+methods; download: the rounds in which the server sends anything, i.e. after FedLEASE's warmup and after the
+other methods' first round, whose starting weights every client builds itself), and in total over the whole run;
+wall time. With several seeds every number is the mean and the sample standard deviation.
 
 Seeds share a partition across methods, so methods are also compared seed by seed: a table of each seed's average
 (with the experts FedLEASE chose: K, and the adjusted Rand index of its clusters against the clients' tasks) and
@@ -28,6 +29,13 @@ from fedlease.config import RunConfig
 from fedlease.report.artifacts import METRIC_LABELS, headline
 
 MB = 1e6
+# Per-seed averages are means of 0/1 scores (or ROUGE) computed in different orders: 0.73875 and
+# 0.7387499999999999 are one score, so values are compared and shown after rounding away float noise.
+TIE = 1e-9
+
+
+def denoise(value: float) -> float:
+    return round(value / TIE) * TIE
 
 
 @dataclass
@@ -39,11 +47,15 @@ class MethodResult:
     average: list[float] = field(default_factory=list)
     oracle_best_average: list[float] = field(default_factory=list)  # best round picked on the test split
     oracle_best_round: list[int] = field(default_factory=list)
-    # bytes: the mean over the rounds after warmup of the mean over a round's clients of what each moved
+    # bytes: the mean over rounds (upload: after warmup; download: those that download) of the mean over a
+    # round's clients of what each moved
     upload_bytes_per_client_round_after_warmup: list[float] = field(default_factory=list)
-    download_bytes_per_client_round_after_warmup: list[float] = field(default_factory=list)
+    download_bytes_per_client_downloading_round: list[float] = field(default_factory=list)
     # all clients, all rounds, up + down, and the last round's separate evaluation download
     total_bytes_whole_run: list[float] = field(default_factory=list)
+    # per seed: False for a run recorded before the final evaluation's download was counted (its total is short)
+    total_counts_final_download: list[bool] = field(default_factory=list)
+    precision: list[str] = field(default_factory=list)  # per seed: the resolved autocast precision
     seconds: list[float] = field(default_factory=list)
     allocation: list[str] = field(default_factory=list)  # per seed: the experts chosen ("" for other methods)
 
@@ -60,11 +72,18 @@ class MethodResult:
         self.oracle_best_round.append(final[f"{prefix}_round"])
         after_warmup = [r for r in history["rounds"] if r["phase"] != "warmup" and r["clients"]]
         self.upload_bytes_per_client_round_after_warmup.append(mean_per_client_round(after_warmup, "upload_bytes"))
-        self.download_bytes_per_client_round_after_warmup.append(
-            mean_per_client_round(after_warmup, "download_bytes"))
+        downloading = [r for r in history["rounds"]
+                       if r["clients"] and any(c["download_bytes"] for c in r["clients"].values())]
+        self.download_bytes_per_client_downloading_round.append(
+            mean_per_client_round(downloading, "download_bytes") if downloading else 0.0)
         self.total_bytes_whole_run.append(float(sum(c["upload_bytes"] + c["download_bytes"]
                                                     + c.get("final_evaluation_download_bytes", 0)
                                                     for r in history["rounds"] for c in r["clients"].values())))
+        last = history["rounds"][-1]["clients"].values() if history["rounds"] else []
+        downloads = any(c["download_bytes"] for r in history["rounds"] for c in r["clients"].values())
+        self.total_counts_final_download.append(any("final_evaluation_download_bytes" in c for c in last)
+                                                or not downloads)  # local training: nothing left out
+        self.precision.append(str(history.get("precision", "unrecorded")))
         self.seconds.append(seconds)
         self.allocation.append(describe_allocation(history))
 
@@ -94,8 +113,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "-"  # e.g. a task none of whose clients answered in the last round
-    mean, std = mean_std(values)
-    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(values) > 1 else "")
+    mean, std = (denoise(scale * v) for v in mean_std(values))
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
 
 
 def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) -> str:
@@ -119,24 +138,35 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
                      + f" | {cell(r.average)} |")
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "oracle best-round avg (picked on test) | "
-              "upload MB / client / round (after warmup) | download MB / client / round (after warmup) | "
+              "upload MB / client / round (after warmup) | download MB / client / downloading round | "
               "total MB (whole run) | wall min |",
               "|---|" + "---|" * (len(extra) + 5)]
     for r in results:
         cells = [cell(r.tasks.get(t, {}).get(m, [])) for t, m in extra]
+        short = "" if all(r.total_counts_final_download) else " *"
         cells += [cell(r.oracle_best_average), cell(r.upload_bytes_per_client_round_after_warmup, 1 / MB, 3),
-                  cell(r.download_bytes_per_client_round_after_warmup, 1 / MB, 3),
-                  cell(r.total_bytes_whole_run, 1 / MB, 1), cell(r.seconds, 1 / 60, 1)]
+                  cell(r.download_bytes_per_client_downloading_round, 1 / MB, 3),
+                  cell(r.total_bytes_whole_run, 1 / MB, 1) + short, cell(r.seconds, 1 / 60, 1)]
         lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
     lines += ["", "Oracle best-round avg: the best round's average, the round picked on the test split (optimistic; "
-                  "the headline is the final round). Upload / download per client per round: the mean over the "
-                  "rounds after FedLEASE's warmup (every round for the other methods) of the mean over the round's "
-                  "clients of what each moved; state a client keeps is not counted. Total: every client's upload "
-                  "and download over the whole run, warmup included.",
-              "", f"Setting: {base.num_clients} clients ({' '.join(base.tasks)}), {base.global_rounds} rounds "
+                  "the headline is the final round). Upload per client per round: the mean over the rounds after "
+                  "FedLEASE's warmup (every round for the other methods) of the mean over the round's clients of "
+                  "what each sent. Download per client per downloading round: the same over the rounds in which "
+                  "the server sends anything (none in FedLEASE's warmup or in the other methods' first round, "
+                  "whose starting weights each client builds from the seed). State a client keeps is not counted. "
+                  "Total: every client's upload and download over the whole run, warmup and the final "
+                  "evaluation's download included."]
+    if not all(all(r.total_counts_final_download) for r in results):
+        lines += ["", "\\* The total of one or more of this row's runs leaves out the final evaluation's download "
+                      "(one model per client): they were recorded before it was counted (2026-12-02)."]
+    precisions = sorted({p for r in results for p in r.precision})
+    used = precisions[0] if len(precisions) == 1 else "mixed: " + "; ".join(
+        f"{p} ({', '.join(r.label for r in results if p in r.precision)})" for p in precisions)
+    lines += ["", f"Setting: {base.num_clients} clients ({' '.join(base.tasks)}), {base.global_rounds} rounds "
                   f"({base.warmup_rounds} warmup for fedlease), {base.local_epochs} local epochs, "
                   f"{base.train_samples}/{base.test_samples} train/test examples per client, batch "
-                  f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}."]
+                  f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}, "
+                  f"precision {used}."]
     if len(results) > 1 or any(len(r.seeds) > 1 or any(r.allocation) for r in results):
         lines += ["", *per_seed_lines(results)]
     table = "\n".join(lines)
@@ -158,21 +188,21 @@ def per_seed_lines(results: list[MethodResult]) -> list[str]:
         cells = []
         for runs in by_seed:
             average, allocation = runs.get(seed, (None, ""))
-            cells.append("-" if average is None else f"{100 * average:.2f}" + (f" ({allocation})" if allocation
-                                                                                else ""))
+            cells.append("-" if average is None else f"{denoise(100 * average):.2f}"
+                         + (f" ({allocation})" if allocation else ""))
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     if len(results) < 2:
         return lines
     first = results[0]
     lines += ["", f"Paired by seed: {first.label} minus each method (mean ± std of the per-seed difference of the "
-                  "averages, over the seeds both ran), and the seeds in which it is ahead.", "",
+                  "averages, over the seeds both ran), and the seeds in which it is ahead (and tied).", "",
               "| method | seeds | difference | ahead in |", "|---|---|---|---|"]
     for r, runs in zip(results[1:], by_seed[1:], strict=True):
         shared = [seed for seed in first.seeds if seed in runs]
-        differences = [by_seed[0][seed][0] - runs[seed][0] for seed in shared]
-        ahead = sum(d > 0 for d in differences)
+        differences = [denoise(by_seed[0][seed][0] - runs[seed][0]) for seed in shared]
+        ahead, tied = sum(d > 0 for d in differences), sum(d == 0 for d in differences)
         lines.append(f"| {r.label} | {' '.join(map(str, shared)) or '-'} | {cell(differences)} | "
-                     + (f"{ahead} of {len(shared)}" if shared else "-") + " |")
+                     + (f"{ahead} of {len(shared)}" + (f" ({tied} tied)" if tied else "") if shared else "-") + " |")
     return lines
 
 
@@ -186,11 +216,13 @@ def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None
                     continue
                 row[f"{task}_{metric}_mean"], row[f"{task}_{metric}_std"] = mean_std(values)
         for name in ("average", "oracle_best_average", "upload_bytes_per_client_round_after_warmup",
-                     "download_bytes_per_client_round_after_warmup", "total_bytes_whole_run", "seconds"):
+                     "download_bytes_per_client_downloading_round", "total_bytes_whole_run", "seconds"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(getattr(r, name))
         row["oracle_best_round"] = " ".join(map(str, r.oracle_best_round))
         row["average_per_seed"] = " ".join(f"{value:.4f}" for value in r.average)
         row["allocation_per_seed"] = "; ".join(r.allocation) if any(r.allocation) else ""
+        row["total_counts_final_download_per_seed"] = " ".join(map(str, r.total_counts_final_download))
+        row["precision_per_seed"] = " ".join(r.precision)
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="", encoding="utf-8") as handle:
