@@ -14,6 +14,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each, and their
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses (CLI runs, SuperNodes) inherit it
 
+# The longest tests first (measured with --durations: the real-model tests take minutes, the Flower, resume and
+# comparison tests up to two): xdist hands tests out in this order, so they start on both workers at once and
+# the short tests fill the gaps, instead of a long test starting last and running alone.
+LONGEST_FIRST = ("test_slow_real_model.py", "test_flower.py", "test_compare.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
+
+
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("FEDLEASE_GLUE_DIR", REPO.parent / "shared" / "glue"))
 

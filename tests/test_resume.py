@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,13 +36,18 @@ def outcome(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):
-    refs = {}
+def uninterrupted(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Each method's run of ``args_for``, uninterrupted: its output folder (tests copy it before changing it)."""
+    runs = {}
     for method in ("fedlease", "feddpa"):
-        out = tmp_path_factory.mktemp(f"reference-{method}") / "run"
-        assert main(args_for(tiny_model, out, method)) == 0
-        refs[method] = outcome(out)
-    return refs
+        runs[method] = tmp_path_factory.mktemp(f"reference-{method}") / "run"
+        assert main(args_for(tiny_model, runs[method], method)) == 0
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    return {method: outcome(out) for method, out in uninterrupted.items()}
 
 
 KILL_POINTS = [
@@ -77,10 +83,9 @@ def test_killed_run_resumes_to_identical_results(tiny_model, tmp_path, reference
 
 
 @pytest.fixture
-def finished(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    assert main(args_for(tiny_model, out)) == 0
-    return out
+def finished(uninterrupted, tmp_path):
+    """A finished FedLEASE run of its own (a copy: the run's paths are the folder's, not recorded in it)."""
+    return Path(shutil.copytree(uninterrupted["fedlease"], tmp_path / "run"))
 
 
 def test_resume_refuses_a_different_configuration(capsys, finished):
