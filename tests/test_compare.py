@@ -107,6 +107,23 @@ def test_totals_short_of_the_final_download_and_mixed_precisions_are_said(tmp_pa
     assert "precision fp32." in alone
 
 
+def test_a_run_whose_last_round_lost_a_whole_task_is_marked(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.report.comparison import write_comparison
+
+    results = []
+    for label, tasks in (("fedit", {"snli": {"accuracy": 0.5}, "sst2": {"accuracy": 0.9}}),
+                         ("fedsa_lora", {"sst2": {"accuracy": 0.9}})):  # both snli clients missed the last round
+        final = {"tasks": tasks, "mean": {"accuracy": 0.7}, "oracle_best_mean": {"accuracy": 0.7},
+                 "oracle_best_round": 1}
+        ran = {**history(["federated"], [[0]], [[4]], final), "clients": [{"task": "snli"}, {"task": "sst2"}]}
+        results.append(MethodResult(label))
+        results[-1].add(1, ran, 1.0)
+    table = write_comparison(tmp_path, results, RunConfig(tasks=["snli", "sst2"]))
+    assert "| fedsa_lora | - | 90.00 | 70.00 † |" in table and "| fedit | 50.00 | 90.00 | 70.00 |" in table
+    assert "(fedsa_lora seed 1: snli)" in table
+
+
 def test_float_noise_is_a_tie_not_a_lead(tmp_path):
     from fedlease.config import RunConfig
     from fedlease.report.comparison import write_comparison

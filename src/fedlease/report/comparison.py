@@ -56,6 +56,8 @@ class MethodResult:
     # per seed: False for a run recorded before the final evaluation's download was counted (its total is short)
     total_counts_final_download: list[bool] = field(default_factory=list)
     precision: list[str] = field(default_factory=list)  # per seed: the resolved autocast precision
+    # per seed: the tasks none of whose clients was evaluated in the last round (the average leaves them out)
+    missing_tasks: list[list[str]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     allocation: list[str] = field(default_factory=list)  # per seed: the experts chosen ("" for other methods)
 
@@ -84,6 +86,8 @@ class MethodResult:
         self.total_counts_final_download.append(any("final_evaluation_download_bytes" in c for c in last)
                                                 or not downloads)  # local training: nothing left out
         self.precision.append(str(history.get("precision", "unrecorded")))
+        tasks = dict.fromkeys(client["task"] for client in history.get("clients", []))
+        self.missing_tasks.append([task for task in tasks if task not in final["tasks"]])
         self.seconds.append(seconds)
         self.allocation.append(describe_allocation(history))
 
@@ -134,8 +138,14 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
     lines = [f"Final-round {METRIC_LABELS[key]} (%), mean over each task's clients; {what}.", "",
              "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for r in results:
+        partial = " †" if any(r.missing_tasks) else ""
         lines.append(f"| {label(r)} | " + " | ".join(cell(r.tasks.get(t, {}).get(key, [])) for t in tasks)
-                     + f" | {cell(r.average)} |")
+                     + f" | {cell(r.average)}{partial} |")
+    if any(any(r.missing_tasks) for r in results):
+        lines += ["", "† In one or more of this row's runs no client of a task was evaluated in the last round: "
+                      "that run's average is over the other tasks, and the task's cell over the other runs ("
+                      + "; ".join(f"{r.label} seed {seed}: {' '.join(missing)}" for r in results
+                                  for seed, missing in zip(r.seeds, r.missing_tasks, strict=True) if missing) + ")."]
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "oracle best-round avg (picked on test) | "
               "upload MB / client / round (after warmup) | download MB / client / downloading round | "
