@@ -214,14 +214,18 @@ def config_changes(recorded: RunConfig, wanted: Mapping[str, object]) -> list[st
     return changes
 
 
+def refuse_changes(output_dir: object, recorded: RunConfig, wanted: Mapping[str, object]) -> None:
+    """Refuse to resume the run in ``output_dir`` with a setting that shapes the results changed, naming it."""
+    if changes := config_changes(recorded, wanted):
+        raise ConfigError(f"cannot resume {output_dir} with a different configuration: {', '.join(changes)}")
+
+
 def resume_config(output_dir: str, explicit: Mapping[str, object]) -> RunConfig:
     """The configuration of the run in ``output_dir``, with the flags given again; any difference in a
     setting that shapes the results is refused, naming it."""
     ckpt_config = read_checkpoint_config(Path(output_dir))
     config = RunConfig.from_dict({**ckpt_config, "output_dir": output_dir})
-    changes = config_changes(config, explicit)
-    if changes:
-        raise ConfigError(f"cannot resume {output_dir} with a different configuration: {', '.join(changes)}")
+    refuse_changes(output_dir, config, explicit)
     return replace(config, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE})
 
 

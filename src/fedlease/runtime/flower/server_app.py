@@ -19,7 +19,6 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedlease.config import RunConfig
-from fedlease.errors import ConfigError
 from fedlease.methods import create_method
 from fedlease.methods.base import Instruction, Update
 from fedlease.report.artifacts import RunRecorder
@@ -37,10 +36,10 @@ from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Evaluation, Federation, Sync
 from fedlease.runtime.simulation import (
     check_output_dir,
-    config_changes,
     create_output_dir,
     logging_to,
     prepare_config,
+    refuse_changes,
 )
 
 app = ServerApp()
@@ -289,9 +288,8 @@ def main(grid: Grid, context: Context) -> None:
     if ckpt is None:
         check_output_dir(config)
         create_output_dir(out)
-    elif changes := config_changes(RunConfig.from_dict(ckpt.config), config.to_dict()):
-        # every node would rebuild its data and training from the new settings: not the run being continued
-        raise ConfigError(f"cannot resume {out} with a different configuration: {', '.join(changes)}")
+    else:  # every node would rebuild its data and training from new settings: not the run being continued
+        refuse_changes(out, RunConfig.from_dict(ckpt.config), config.to_dict())
     with logging_to(out / "training_log.txt"):
         log.info("fedlease %s on Flower: %d clients (%s), %d rounds, output %s", config.method, config.num_clients,
                  " ".join(config.tasks), config.global_rounds, out)
