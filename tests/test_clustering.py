@@ -142,3 +142,32 @@ def test_label_mix_separates_clients_of_one_task_and_signatures_of_other_widths_
     other_task = torch.cat([torch.randn(16, generator=g), torch.randn(16, generator=g), torch.randn(16, generator=g)])
     mixed = cluster_clients_by_embedding([signature(0.5), signature(0.5), other_task, other_task * 1.01], 4)
     assert mixed.num_clusters == 2 and mixed.labels[0] == mixed.labels[1] != mixed.labels[2] == mixed.labels[3]
+
+
+def test_tasks_decide_before_label_mixes():
+    """Two tasks, each over four clients with skewed label mixes: the class blocks alone group clients by label
+    mix across the tasks; the two tiers (the mean embedding first) find the tasks. One task: the mean sees no
+    structure, and the class blocks split the label mixes. The same mix everywhere: one expert."""
+    g = torch.Generator().manual_seed(1)
+    DIM = 128  # noqa: N806 -- many dimensions, as sentence embeddings have: noise alone forms no clusters
+    common = 4.0 * torch.randn(DIM, generator=g)  # sentence embeddings share a large component
+    tasks = [common + torch.randn(DIM, generator=g) for _ in range(2)]
+    classes = [[task + 0.2 * torch.randn(DIM, generator=g) for _ in range(2)] for task in tasks]  # within a task: close
+
+    def signature(task: int, share: float) -> torch.Tensor:  # share of class 1
+        noise = [0.05 * torch.randn(DIM, generator=g) for _ in range(2)]
+        return torch.cat([(1 - share) * (classes[task][0] + noise[0]), share * (classes[task][1] + noise[1])])
+
+    shares = (0.95, 0.05, 0.9, 0.1)
+    skewed = [signature(task, p) for task in (0, 1) for p in shares]
+    blocks_only = cluster_clients_by_embedding(skewed, 4)
+    assert blocks_only.labels[:4] != [blocks_only.labels[0]] * 4  # split by label mix, not by task
+    tiers = cluster_clients_by_embedding(skewed, 4, block_size=DIM)
+    assert tiers.labels == [0, 0, 0, 0, 1, 1, 1, 1] and tiers.signature == "embedding_mean"
+    # one task whose label hardly shows in the mean embedding (as QNLI's: the relation of two texts)
+    classes.append([tasks[0] + 0.01 * torch.randn(DIM, generator=g) for _ in range(2)])
+    one_task = cluster_clients_by_embedding([signature(2, p) for p in shares * 2], 4, block_size=DIM)
+    assert one_task.signature == "embedding" and one_task.num_clusters == 2
+    assert one_task.labels == [0, 1, 0, 1, 0, 1, 0, 1]  # the high and the low share of class 1
+    iid = cluster_clients_by_embedding([signature(0, 0.5) for _ in range(8)], 4, block_size=DIM)
+    assert iid.num_clusters == 1

@@ -170,15 +170,18 @@ def test_embedding_allocation_groups_clients_by_their_data_signatures(setup):
     method = FedLease(config, clients)
     # B directions say {0,1} {2,3} {4}; the signatures say {0,2,4} {1,3}: the embedding allocation follows them
     g = torch.Generator().manual_seed(1)
-    signatures = {cid: torch.full((16,), 4.0) + torch.randn(16, generator=g) * 0.1 + (3.0 if cid % 2 else -3.0)
-                  * torch.arange(16.0).sin() for cid in range(5)}
+    means = {cid: torch.full((16,), 4.0) + torch.randn(16, generator=g) * 0.1 + (3.0 if cid % 2 else -3.0)
+             * torch.arange(16.0).sin() for cid in range(5)}
+    # class blocks (one per label of the largest label set) that sum to the mean: here all in class 0's block
+    blocks = method.signature_blocks()
+    signatures = {cid: torch.cat([mean, torch.zeros((blocks - 1) * 16)]) for cid, mean in means.items()}
     for rnd in range(2):
         updates = {}
         for c in clients:
             state = client_state(directions[c.task], 10 * rnd + c.client_id)
             updates[c.client_id] = Update({**state, SIGNATURE: signatures[c.client_id]}, 100)
         report = method.aggregate_train(rnd, updates)
-    assert report.clustering.signature == "embedding"
+    assert report.clustering.signature == "embedding_mean"  # the mean found structure: the blocks were not asked
     assert method.client_map() == {0: [0, 2, 4], 1: [1, 3]}
     assert any(line.startswith("clustering: K=2") and "embedding allocation" in line for line in report.log)
     # the signature is not part of any expert

@@ -73,8 +73,9 @@ class RunConfig:
         "fedlease: how clients are grouped into experts. paper: by the cosine distance of their warmup LoRA B "
         "matrices, K by silhouette over 2..--max_clusters (the paper and its released code). embedding: by the "
         "cosine distance of their data signatures (the frozen encoder's mean-pooled embeddings of the client's "
-        "training examples, averaged per class and weighted by the client's class shares, sent once), K by "
-        "silhouette, and K = 1 when the best silhouette is "
+        "training examples, averaged per class and weighted by the client's class shares, sent once): first by "
+        "their mean, which tells tasks apart, and only where that finds no structure by the class blocks, which "
+        "tell label mixes apart; K by silhouette, and K = 1 when the best silhouette is "
         "below --min_silhouette. embedding finds the tasks where B does not (see README).",
         choices=ALLOCATIONS))
     min_silhouette: float = field(default=0.25, metadata=_opt(

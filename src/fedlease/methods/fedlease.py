@@ -9,7 +9,8 @@ the server clusters on the latest LoRA it received from each client). With ``--a
 also sends with every warmup upload its data signature (computed once): the frozen encoder's mean-pooled
 embeddings of its training examples, averaged class by class and weighted by the client's share of each class
 (``data_signature``). End of round W-1 (allocation): clients are clustered
-by their LoRA B matrices (``paper``) or their data signatures (``embedding``) and K is chosen by silhouette
+by their LoRA B matrices (``paper``) or their data signatures (``embedding``: by the signatures' mean embedding,
+and by their class blocks only where the mean finds one expert) and K is chosen by silhouette
 (``fedlease.clustering``); expert k starts
 as the average of its members' warmup LoRAs (the paper; the released code starts from each client's own LoRA
 instead). Rounds W..R-1 (adaptive): each client holds
@@ -142,10 +143,7 @@ class FedLease(FederatedMethod):
         """Train and keep the client's own LoRA and head; round 0 starts from the shared seeded init, later
         warmup rounds continue what the client keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
-        # the signature's number of class blocks: the largest label set of the federation, so every client's
-        # signature has one shape (update validation fixes a key's shape by the majority of a round's uploads)
-        blocks = max(max(len(c.labels), 1) for c in self.clients)
-        extra = {SEND_SIGNATURE: blocks} if self.config.allocation == "embedding" else {}
+        extra = {SEND_SIGNATURE: self.signature_blocks()} if self.config.allocation == "embedding" else {}
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
 
@@ -193,11 +191,21 @@ class FedLease(FederatedMethod):
                            recipients=[cid for cid in self.assignment if cid not in joiners])  # a joiner keeps its own
         return report
 
+    def signature_blocks(self) -> int:
+        """The data signature's number of class blocks: the largest label set of the federation, so every
+        client's signature has one shape (update validation fixes a key's shape by the majority of a round's
+        uploads)."""
+        return max(max(len(c.labels), 1) for c in self.clients)
+
     def allocation_signature(self, cid: int) -> dict[str, torch.Tensor]:
-        """What the allocation compares of a client: its warmup B matrices, or its data signature."""
+        """What the allocation compared of a client: its warmup B matrices, or its data signature (its mean
+        embedding, the sum of the class blocks, where that tier decided the allocation)."""
         if self.config.allocation == "paper":
             return select(self.warmup_loras[cid], ("lora_B",))
-        return {"embedding": self.signatures[cid]}
+        signature = self.signatures[cid]
+        if self.clustering is not None and self.clustering.signature == "embedding_mean":
+            return {"embedding": signature.reshape(self.signature_blocks(), -1).sum(0)}
+        return {"embedding": signature}
 
     def delivered(self, cid: int) -> bool:
         return cid in self.warmup_loras and (self.config.allocation == "paper" or cid in self.signatures)
@@ -218,8 +226,10 @@ class FedLease(FederatedMethod):
             result = cluster_clients_by_lora_b([self.allocation_signature(cid) for cid in clients],
                                                config.max_clusters, fixed_clusters=config.num_experts)
         else:
-            result = cluster_clients_by_embedding([self.signatures[cid] for cid in clients], config.max_clusters,
-                                                  config.num_experts, config.min_silhouette)
+            signatures = [self.signatures[cid] for cid in clients]
+            result = cluster_clients_by_embedding(signatures, config.max_clusters, config.num_experts,
+                                                  config.min_silhouette,
+                                                  block_size=signatures[0].numel() // self.signature_blocks())
         if missing:
             result.clients = clients
         self.clustering = result

@@ -32,7 +32,8 @@ from fedlease.storage import write_json
 
 log = logging.getLogger("fedlease")
 
-SIGNATURE_NAMES = {"lora_b": "LoRA B", "embedding": "data embedding"}
+SIGNATURE_NAMES = {"lora_b": "LoRA B", "embedding_mean": "mean data embedding",
+                   "embedding": "data embedding, class by class"}
 METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "rouge1": "ROUGE-1",
                  "rougeL": "ROUGE-L", "exact_match": "exact match", "exact_match_cased": "exact match (cased)"}
 # The headline metric of a run's tasks: accuracy for classification, ROUGE-1 for instruction tasks (the paper's).
