@@ -99,7 +99,7 @@ def test_pairs_are_embedded_separately_and_classified_from_u_v_difference_produc
 def test_a_federated_run_on_a_bi_encoder(tiny_sentence_model, tmp_path):
     config = tiny_run_config(tiny_sentence_model, tmp_path / "run", global_rounds=2)
     history = json.loads((run(config, progress=False).output_dir / "training_history.json").read_text())
-    assert len(history["rounds"]) == 2 and history["clustering"]["signature"] == "embedding"
+    assert len(history["rounds"]) == 2 and history["clustering"]["signature"].startswith("embedding")
     prepared = prepare_config(config)
     _, clients, _ = build_clients(prepared, load_partition(prepared)[1])
     assert clients[2].train_data.second is not None  # snli pairs, encoded separately
