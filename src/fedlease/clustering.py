@@ -123,6 +123,11 @@ def cluster_clients_by_lora_b(b_matrices: Sequence[Mapping[str, torch.Tensor]], 
     return cluster_clients(cosine_distances(b_matrices), max_clusters, fixed_clusters, signature="lora_b")
 
 
+def signature_mean(signature: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The mean embedding of a class-block data signature: the sum of its blocks of ``block_size``."""
+    return signature.reshape(-1, block_size).sum(0)
+
+
 def cluster_clients_by_embedding(embeddings: Sequence[torch.Tensor], max_clusters: int,
                                  fixed_clusters: int | None = None, min_silhouette: float = 0.25,
                                  block_size: int | None = None) -> ClusteringResult:
@@ -131,7 +136,7 @@ def cluster_clients_by_embedding(embeddings: Sequence[torch.Tensor], max_cluster
     of the blocks) first, and by the class blocks only where the mean finds one expert (``signature`` says which
     decided: ``embedding_mean`` or ``embedding``)."""
     if block_size is not None:
-        means = [e.reshape(-1, block_size).sum(0) for e in embeddings]
+        means = [signature_mean(e, block_size) for e in embeddings]
         by_mean = cluster_clients(cosine_distances([{"embedding": m} for m in means]), max_clusters,
                                   fixed_clusters, min_silhouette, signature="embedding_mean")
         if by_mean.num_clusters > 1 or fixed_clusters is not None:

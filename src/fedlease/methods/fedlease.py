@@ -37,6 +37,7 @@ from fedlease.clustering import (
     cluster_clients_by_embedding,
     cluster_clients_by_lora_b,
     cosine_distances,
+    signature_mean,
 )
 from fedlease.config import RunConfig
 from fedlease.methods.base import (
@@ -204,8 +205,11 @@ class FedLease(FederatedMethod):
             return select(self.warmup_loras[cid], ("lora_B",))
         signature = self.signatures[cid]
         if self.clustering is not None and self.clustering.signature == "embedding_mean":
-            return {"embedding": signature.reshape(self.signature_blocks(), -1).sum(0)}
+            return {"embedding": signature_mean(signature, self.signature_block_size(signature))}
         return {"embedding": signature}
+
+    def signature_block_size(self, signature: torch.Tensor) -> int:
+        return signature.numel() // self.signature_blocks()
 
     def delivered(self, cid: int) -> bool:
         return cid in self.warmup_loras and (self.config.allocation == "paper" or cid in self.signatures)
@@ -229,7 +233,7 @@ class FedLease(FederatedMethod):
             signatures = [self.signatures[cid] for cid in clients]
             result = cluster_clients_by_embedding(signatures, config.max_clusters, config.num_experts,
                                                   config.min_silhouette,
-                                                  block_size=signatures[0].numel() // self.signature_blocks())
+                                                  block_size=self.signature_block_size(signatures[0]))
         if missing:
             result.clients = clients
         self.clustering = result

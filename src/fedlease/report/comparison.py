@@ -82,9 +82,8 @@ class MethodResult:
                                                     + c.get("final_evaluation_download_bytes", 0)
                                                     for r in history["rounds"] for c in r["clients"].values())))
         last = history["rounds"][-1]["clients"].values() if history["rounds"] else []
-        downloads = any(c["download_bytes"] for r in history["rounds"] for c in r["clients"].values())
         self.total_counts_final_download.append(any("final_evaluation_download_bytes" in c for c in last)
-                                                or not downloads)  # local training: nothing left out
+                                                or not downloading)  # local training: nothing left out
         self.precision.append(str(history.get("precision", "unrecorded")))
         tasks = dict.fromkeys(client["task"] for client in history.get("clients", []))
         self.missing_tasks.append([task for task in tasks if task not in final["tasks"]])
