@@ -1,4 +1,4 @@
-"""The real pretrained encoder on real built-in data (a minute or two on a 2-core CPU)."""
+"""The offline pretrained encoder and decoder on real built-in data (a few minutes each on a 2-core CPU)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def untrained_metrics(config: RunConfig) -> list[dict[str, float]]:
 
 
 def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
-    config = RunConfig(tasks=["rotten_tomatoes:2", "election_tweets:2"], global_rounds=4, warmup_rounds=3,
+    # one warmup round and one adaptive round: the default allocation clusters on the data signature, which no
+    # warmup round changes, and one round already lifts the accuracy well past the margin asserted below
+    config = RunConfig(tasks=["rotten_tomatoes:2", "election_tweets:2"], global_rounds=2, warmup_rounds=1,
                        train_samples=96, test_samples=64, batch_size=16, output_dir=str(tmp_path / "run"))
     result = run(config, progress=False)
     history = json.loads((result.output_dir / "training_history.json").read_text())
@@ -42,8 +44,9 @@ def test_two_tasks_two_clients_each_cluster_by_task_and_learn(tmp_path):
 
 
 def test_the_offline_decoder_learns_instruction_tasks_and_its_signatures_find_them(tmp_path):
+    # one local epoch a round: the loss already falls from 1.75 to 1.11 (2026-12-02), twice the margin asserted
     config = RunConfig(tasks=["instruct_sentiment:2", "instruct_struct2text:2"], global_rounds=2, warmup_rounds=1,
-                       train_samples=8, test_samples=4, batch_size=4, max_length=160, max_new_tokens=24,
+                       local_epochs=1, train_samples=8, test_samples=4, batch_size=4, max_length=160, max_new_tokens=24,
                        output_dir=str(tmp_path / "run"))
     result = run(config, progress=False)
     history = json.loads((result.output_dir / "training_history.json").read_text())
