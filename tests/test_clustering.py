@@ -171,3 +171,11 @@ def test_tasks_decide_before_label_mixes():
     assert one_task.labels == [0, 1, 0, 1, 0, 1, 0, 1]  # the high and the low share of class 1
     iid = cluster_clients_by_embedding([signature(0, 0.5) for _ in range(8)], 4, block_size=DIM)
     assert iid.num_clusters == 1
+    # --num_experts fixes K, not the tier: fixed at the K chosen, every case above gives the same allocation
+    # (before 2026-12-02 a fixed K always used the mean, which splits the one-task clients at random)
+    cases = {"tasks": skewed, "label mixes": [signature(2, p) for p in shares * 2],
+             "iid": [signature(0, 0.5) for _ in range(8)]}
+    for name, signatures in cases.items():
+        chosen = cluster_clients_by_embedding(signatures, 4, block_size=DIM)
+        fixed = cluster_clients_by_embedding(signatures, 4, fixed_clusters=chosen.num_clusters, block_size=DIM)
+        assert (fixed.labels, fixed.signature) == (chosen.labels, chosen.signature), name

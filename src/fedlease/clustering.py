@@ -134,13 +134,15 @@ def cluster_clients_by_embedding(embeddings: Sequence[torch.Tensor], max_cluster
     """Clients compared by their data signatures; K = 1 when the best silhouette is below ``min_silhouette``.
     With ``block_size`` (the width of one class block of class-block signatures): by the mean embedding (the sum
     of the blocks) first, and by the class blocks only where the mean finds one expert (``signature`` says which
-    decided: ``embedding_mean`` or ``embedding``)."""
+    decided: ``embedding_mean`` or ``embedding``). ``fixed_clusters`` fixes K only: the tier is chosen as without
+    it, so fixing K at the K the silhouette would choose reproduces the automatic allocation."""
     if block_size is not None:
         means = [signature_mean(e, block_size) for e in embeddings]
-        by_mean = cluster_clients(cosine_distances([{"embedding": m} for m in means]), max_clusters,
-                                  fixed_clusters, min_silhouette, signature="embedding_mean")
-        if by_mean.num_clusters > 1 or fixed_clusters is not None:
-            return by_mean
+        mean_distances = cosine_distances([{"embedding": m} for m in means])
+        by_mean = cluster_clients(mean_distances, max_clusters, None, min_silhouette, signature="embedding_mean")
+        if by_mean.num_clusters > 1:
+            return by_mean if fixed_clusters is None else cluster_clients(
+                mean_distances, max_clusters, fixed_clusters, min_silhouette, signature="embedding_mean")
     distances = cosine_distances([{"embedding": e} for e in embeddings])
     return cluster_clients(distances, max_clusters, fixed_clusters, min_silhouette, signature="embedding")
 
