@@ -132,18 +132,29 @@ def test_training_teaches_the_response_and_generation_returns_it(tiny_causal_lm,
     assert client.generate(data) == ["ok"] * 8
 
 
-@pytest.mark.parametrize("method", ["fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local"])
-def test_every_method_trains_instruction_tasks(tiny_causal_lm, tmp_path, method):
+ABLATIONS = [("fedlease", {"num_experts": 4}), ("fedlease", {"num_experts": 2, "top_k": 2}),
+             ("fedlease", {"num_experts": 2, "top_k": 1}), ("fedit", {"rank": 16})]
+
+
+@pytest.mark.parametrize(("method", "overrides"), [(m, {}) for m in ("fedlease", "fedit", "ffa_lora", "fedsa_lora",
+                                                                     "feddpa", "ifca", "local")] + ABLATIONS,
+                         ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+def test_every_method_and_ablation_trains_instruction_tasks(tiny_causal_lm, tmp_path, method, overrides):
     config = tiny_instruction_config(tiny_causal_lm, tmp_path / method, method=method, num_clusters=2,
-                                     global_rounds=2, train_samples=8, test_samples=4)
+                                     global_rounds=2, train_samples=8, test_samples=4, **overrides)
     result = run(config, progress=False)
     final = result.final
     assert set(final["tasks"]) == {"instruct_sentiment", "instruct_struct2text"}
     assert set(final["tasks"]["instruct_sentiment"]) == {"rouge1", "rougeL", "exact_match"}
     assert "rouge1" in final["mean"] and "ROUGE-1" in result.table
     history = json.loads((result.output_dir / "training_history.json").read_text())
-    assert history["config"]["rank"] == 8 and history["config"]["model_name"] == tiny_causal_lm
+    assert history["config"]["rank"] == overrides.get("rank", 8) and history["config"]["model_name"] == tiny_causal_lm
     assert (result.output_dir / "rouge1_by_round.png").is_file()
+    if "num_experts" in overrides:  # K fixed, whatever the signatures say
+        assert history["optimal_n_clusters"] == len(set(history["clustering"]["labels"])) == overrides["num_experts"]
+    if "top_k" in overrides:
+        log = (result.output_dir / "training_log.txt").read_text()
+        assert f"routing: fixed top-{overrides['top_k']} of " in log
 
 
 def test_a_users_jsonl_folder_becomes_tasks(tiny_causal_lm, tmp_path):
