@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -648,15 +649,31 @@ def decoder_part(p: dict, device: torch.device, folder: Path, quantization: str,
                                                         "max_length", "max_new_tokens", "rank", "quantization",
                                                         "eval_batch_size")}
     reset_peak(device)
+    logged = CountingHandler()
+    root = logging.getLogger()
+    root.addHandler(logged)  # also keeps a message logged per call out of the console (no last-resort print)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             decoder_steps(p, device, config, folder, result)
         finally:
-            bnb_warnings = [w for w in caught if "MatMul8bitLt" in str(w.message)]
-            result["warnings"] = {"total": len(caught), "MatMul8bitLt_cast": len(bnb_warnings),
-                                  "distinct": sorted({f"{w.category.__name__}: {str(w.message)[:160]}"
-                                                      for w in caught})[:6]}
+            root.removeHandler(logged)
+            messages = [str(w.message) for w in caught] + logged.messages
+            result["warnings"] = {
+                "python_warnings": len(caught), "log_records_warning_or_above": len(logged.messages),
+                "MatMul8bitLt_cast": sum("MatMul8bitLt" in m for m in messages),
+                "distinct": sorted({m[:160] for m in messages})[:6]}
+
+
+class CountingHandler(logging.Handler):
+    """Keeps the messages of log records of WARNING and above (bitsandbytes logs rather than warns)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: dict) -> None:
@@ -781,17 +798,6 @@ def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: d
     client.mean_loss(test)
     result["eval_loss_seconds"] = time.perf_counter() - t0
     result["peak_memory_gib"] = peak_gib(device)
-
-    # op counts per step: one step of each layout (first batch), and per generated token
-    first = train.subset(torch.arange(min(p["batch"], p["train"])))
-    small = GenerationClient(0, client.spec, client.adapted, first, test, settings, tok, p["new_tokens"])
-    result["profile"] = []
-    backbone.adapted.configure(ExpertLayout())
-    guarded(result["profile"], profile_fit, small, ("lora_A", "lora_B"), "warmup (plain LoRA)")
-    backbone.adapted.configure(layout)
-    backbone.adapted.load_state(state)
-    guarded(result["profile"], profile_fit, small, ADAPTIVE_PARTS, f"adaptive ({p['experts']} experts)")
-    guarded(result["profile"], profile_generate, client, test, min(8, p["new_tokens"]))
     steps_per_epoch = math.ceil(p["train"] / p["batch"])
     epochs = p.get("round_epochs", p["epochs"])
     adaptive_fit = result["adaptive_fit"]["seconds_per_step"] * steps_per_epoch * epochs
@@ -803,6 +809,17 @@ def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: d
         "formula": f"{p['clients']} clients x (local training: {epochs} epochs x {steps_per_epoch} steps x the "
                    f"adaptive step time + evaluation: generation of {gen['prompts']} test prompts x {gen['new_tokens']}"
                    f" tokens + the teacher-forced loss); the warmup rounds add the data signature once per client"}
+
+    # op counts per step: one step of each layout (first batch), and per generated token
+    first = train.subset(torch.arange(min(p["batch"], p["train"])))
+    small = GenerationClient(0, client.spec, client.adapted, first, test, settings, tok, p["new_tokens"])
+    result["profile"] = []
+    backbone.adapted.configure(ExpertLayout())
+    guarded(result["profile"], profile_fit, small, ("lora_A", "lora_B"), "warmup (plain LoRA)")
+    backbone.adapted.configure(layout)
+    backbone.adapted.load_state(state)
+    guarded(result["profile"], profile_fit, small, ADAPTIVE_PARTS, f"adaptive ({p['experts']} experts)")
+    guarded(result["profile"], profile_generate, client, test, min(8, p["new_tokens"]))
 
 
 SHAPES_BY_FOLDER: dict[str, dict] = {}
@@ -1054,7 +1071,7 @@ def main() -> None:
                                  "decoder", p["shape"], folder, device, dtype)), p)
             SHAPES_BY_FOLDER[str(folder)] = SHAPES[p["shape"]]
             for quant, name, cap in (("none", "llama7b_bf16", p["cap"]), ("4bit", "llama7b_4bit", p["quant_cap"]),
-                                     ("8bit", "llama7b_8bit", p["quant_cap"])):
+                                     ("8bit", "llama7b_8bit", p["quant_cap"] + 15)):
                 why = None
                 if built["status"] != "ok":
                     why = f"the model folder was not built ({built['status']})"
