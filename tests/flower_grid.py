@@ -8,7 +8,8 @@ config survives, as a folder on a real node does). ``restart`` empties a node's 
 without a missed message; ``late`` drops a node's training reply in given rounds after the client has trained
 (a reply that missed the timeout); ``crash`` kills a node while it trains in given rounds and restarts it at
 once (no reply, a new node id, an empty ``state``). ``fail`` answers "node unavailable" for the whole round.
-``extra_nodes`` adds nodes with other partition ids.
+``extra_nodes`` adds nodes with other partition ids. ``appear`` keeps a node out of the node list until the round
+it connects in (a client that first shows up late).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict,
                  fail: dict[int, set[int]] | None = None, node_config: dict[int, dict] | None = None,
                  extra_nodes: Iterable[int] = (), restart: dict[int, set[int]] | None = None,
-                 late: dict[int, set[int]] | None = None, crash: dict[int, set[int]] | None = None) -> None:
+                 late: dict[int, set[int]] | None = None, crash: dict[int, set[int]] | None = None,
+                 appear: dict[int, int] | None = None) -> None:
         self.client_app = client_app
         self.run_config = dict(run_config)
         self._run = Run.create_empty(run_id=1)
@@ -40,6 +42,8 @@ class InProcessGrid(Grid):
         self.late = late or {}  # partition id -> rounds whose training reply arrives after the round's timeout
         self.crash = {pid: set(r) for pid, r in (crash or {}).items()}  # dies on its training message, restarts
         self.down: dict[int, int] = {}  # node id -> the round it is down for (it answers "node unavailable")
+        self.appear = appear or {}  # partition id -> the round (0-based) from which its node is connected
+        self.round = 0  # the latest round a message was sent for
         self.nodes: dict[int, Context] = {}
         self.next_node_id = 100
         self.replies: dict[str, Message] = {}
@@ -63,7 +67,8 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        return [nid for nid, context in self.nodes.items()
+                if self.appear.get(context.node_config["partition-id"], 0) <= self.round]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -76,6 +81,7 @@ class InProcessGrid(Grid):
             pid = context.node_config["partition-id"]
             group = msg.metadata.group_id
             rnd = int(group) if group.isdigit() else None
+            self.round = max(self.round, rnd or 0)
             if rnd in self.fail.get(pid, set()) and self.down.get(msg.metadata.dst_node_id) != rnd:
                 # the node dies: Flower answers "node unavailable"; it comes back as a new node with an empty
                 # state, which is still down for the rest of this round

@@ -38,6 +38,7 @@ from fedlease.runtime.flower.messages import (
 )
 from fedlease.runtime.flower.run_config import from_run_config, to_run_config
 from fedlease.runtime.loop import Evaluation, Federation
+from fedlease.runtime.participation import Participation
 from fedlease.runtime.simulation import run
 
 pytestmark = pytest.mark.flower
@@ -268,23 +269,48 @@ def test_two_live_nodes_of_one_client_do_not_take_turns(tiny_model, tmp_path):
     assert log.count("client 1 is now on node") == 1 and "no longer held its own state" not in log
 
 
-def test_a_client_that_misses_the_whole_warmup_gets_an_expert_when_it_comes_back(tiny_model, tmp_path):
+def test_a_client_that_misses_the_whole_warmup_is_placed_and_trains_its_expert_when_it_comes_back(tiny_model,
+                                                                                                    tmp_path):
     config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes", "rotten_tomatoes", "snli", "snli"],
-                             global_rounds=4, warmup_rounds=1)
+                             global_rounds=4, warmup_rounds=1, num_experts=2)
     out = flower_run(config, fail={3: {0}})  # client 3 is down for the only warmup round
     h = history(out)
     assert h["clustering"]["clients"] == [0, 1, 2]
     log = (out / "training_log.txt").read_text()
-    assert "allocation without clients [3]" in log and "client 3 joined late: expert" in log
+    assert "allocation over the 3 clients that warmed up; the other 1" in log and "client 3 placed: expert" in log
     rounds = h["rounds"]
     assert rounds[0]["clients"]["3"]["train"] is None  # evaluated (untrained) with its next message only
-    # its joining round trains its own LoRA from nothing downloaded; afterwards it downloads its expert(s)
-    assert rounds[1]["clients"]["3"]["download_params"] == 0 < rounds[1]["clients"]["3"]["upload_params"]
+    # its first round after the allocation downloads every expert, router, head and centroid, places itself and
+    # trains its expert at once; afterwards it downloads what the others do
+    assert rounds[1]["clients"]["3"]["download_params"] > rounds[1]["clients"]["2"]["download_params"] > 0
+    assert rounds[1]["clients"]["3"]["train"]["expert"] in (0, 1)
     assert rounds[2]["clients"]["3"]["download_params"] == rounds[2]["clients"]["2"]["download_params"] > 0
     joined = next(int(k) for k, members in h["lora_client_map"].items() if 3 in members)
+    assert joined == rounds[1]["clients"]["3"]["train"]["expert"]
     layout = json.loads(safe_open_metadata(out / "final" / "client_3.safetensors")["layout"])
-    assert layout["own_expert"] == (joined if layout["num_experts"] > 1 else 0)
+    assert layout["own_expert"] == joined
     assert h["final"] is not None
+
+
+def test_flower_samples_from_the_connected_nodes_and_a_late_node_is_placed(tiny_model, tmp_path):
+    """20 nodes, 5 a round; node 19 connects only after the allocation (during round 3, so it can be sampled from
+    round 4 on); every node's metrics at the end."""
+    config = tiny_run_config(tiny_model, tmp_path / "o", tasks=["rotten_tomatoes"] * 10 + ["snli"] * 10,
+                             global_rounds=5, warmup_rounds=2, clients_per_round=5, num_experts=2, train_samples=8,
+                             test_samples=4, seed=1)
+    sampler = Participation(config)
+    cohorts = [sampler.cohort(rnd, [c for c in range(20) if c != 19 or rnd >= 3]) for rnd in range(5)]
+    assert 19 in cohorts[3], "the seed must sample node 19 as soon as it is connected"
+    out = flower_run(config, appear={19: 2})
+    h = history(out)
+    for rnd, summary in enumerate(h["rounds"]):
+        trained = sorted(int(cid) for cid, c in summary["clients"].items() if c["train"] is not None)
+        assert trained == cohorts[rnd]
+    assert 19 not in h["clustering"]["clients"]
+    assert h["rounds"][3]["clients"]["19"]["train"]["expert"] in (0, 1)  # placed, trained its expert at once
+    final = h["rounds"][-1]["clients"]
+    assert sorted(int(cid) for cid, c in final.items() if c["eval"] is not None) == list(range(20))
+    assert sum(h["final"]["counts"].values()) == 20
 
 
 def safe_open_metadata(path: Path) -> dict:

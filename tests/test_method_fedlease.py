@@ -9,7 +9,7 @@ import torch
 
 from fedlease.config import RunConfig
 from fedlease.methods.base import ClientInfo, Update
-from fedlease.methods.fedlease import PLAIN_LORA, SEND_SIGNATURE, SIGNATURE, FedLease
+from fedlease.methods.fedlease import PLACE, PLACED_B, PLACED_UPLOAD, PLAIN_LORA, SEND_SIGNATURE, SIGNATURE, FedLease
 
 SITES = ("enc.0.query", "enc.0.value")
 D_IN, D_OUT, R = 8, 6, 2
@@ -79,9 +79,9 @@ def test_allocation_clusters_by_b_and_starts_experts_from_member_averages(setup)
     assert method.routers[0][f"{SITES[0]}.router"].shape == (5, D_IN)
     # heads: averaged in the cluster among clients with the same label set only
     head = "head.classifier.weight"
-    torch.testing.assert_close(method.heads[0][head], (updates[0].state[head] + updates[1].state[head]) / 2)
-    torch.testing.assert_close(method.heads[2][head], updates[2].state[head])
-    torch.testing.assert_close(method.heads[3][head], updates[3].state[head])
+    torch.testing.assert_close(method.head_of(0)[head], (updates[0].state[head] + updates[1].state[head]) / 2)
+    torch.testing.assert_close(method.head_of(2)[head], updates[2].state[head])
+    torch.testing.assert_close(method.head_of(3)[head], updates[3].state[head])
 
 
 def test_adaptive_download_sends_every_expert_once_with_own_router_and_head(setup):
@@ -147,11 +147,11 @@ def test_a_member_that_missed_the_round_downloads_its_groups_new_head(setup):
     method, clients, directions = setup
     run_warmup(method, clients, directions)
     head = "head.classifier.weight"
-    kept = method.heads[3][head].clone()
+    kept = method.head_of(3)[head].clone()
     update = Update(client_state(directions["t1"], 200, router_slots=5), 100)
     method.aggregate_train(2, {0: update})  # client 1 (cluster 0, the same label set) did not reply
     torch.testing.assert_close(method.configure_train(3)[1].state[head], update.state[head])
-    assert torch.equal(method.heads[3][head], kept)  # another cluster's head is untouched
+    assert torch.equal(method.head_of(3)[head], kept)  # another cluster's head is untouched
 
 
 def test_one_expert_when_max_clusters_is_one(setup):
@@ -217,34 +217,57 @@ def test_client_sends_the_frozen_encoders_data_signature_with_every_warmup_uploa
     assert SIGNATURE not in paper.client_train(client, paper.configure_train(0)[0], 0, {}).state
 
 
-def test_a_client_that_missed_the_warmup_is_left_out_of_the_allocation_and_joins_the_nearest_expert(setup):
+def test_a_client_that_missed_the_warmup_is_placed_by_its_first_call_b_and_trains_its_expert_at_once(setup):
     method, clients, directions = setup
     for rnd in range(2):  # client 3 (task t2) never answers during the warmup
         updates = {c.client_id: Update(client_state(directions[c.task], 10 * rnd + c.client_id), 100)
                    for c in clients if c.client_id != 3}
         report = method.aggregate_train(rnd, updates)
+        if rnd == 0:
+            first_b = {cid: {k: v for k, v in u.state.items() if k.endswith(".lora_B")} for cid, u in updates.items()}
     assert report.clustering.client_ids() == [0, 1, 2, 4]
     assert method.client_map() == {0: [0, 1], 1: [2], 2: [4]}
-    assert any("allocation without clients [3]" in line for line in report.log)
-    # adaptive phase: client 3 is asked for a warmup round, the others train their experts
+    assert any("allocation over the 4 clients that warmed up; the other 1" in line for line in report.log)
+    # placement compares B after one call: the members' first warmup upload, not their last
+    assert all(torch.equal(method.first_b[cid][k], first_b[cid][k]) for cid in first_b for k in first_b[cid])
     train = method.configure_train(2)
-    assert train[3].layout == PLAIN_LORA and train[3].keep == ("lora_A", "lora_B", "head") and not train[3].state
-    assert train[0].layout.num_experts == 3 and method.configure_evaluate(2)[3].layout == PLAIN_LORA
-    expert_1 = dict(method.experts[1])
-    updates = {3: Update(client_state(directions["t2"], 99), 100)}
-    report = method.aggregate_train(2, updates)
+    ins = train[3]
+    assert ins.extra[PLACE] == "lora_b" and ins.upload == PLACED_UPLOAD and ins.train == ("lora_A", "lora_B",
+                                                                                           "router", "head")
+    assert {f"centroid{k}/{SITES[0]}.lora_B" for k in range(3)} <= set(ins.state)
+    assert {f"cluster{k}/{SITES[0]}.router" for k in range(3)} <= set(ins.state)
+    assert train[0].layout.num_experts == 3 and PLACE not in train[0].extra
+    # the client uploads its first-call B with what it trained; the server places it in cluster 1 (task t2) and,
+    # since the client trained expert 1 too, averages its update into expert 1 (the only one of cluster 1 here)
+    trained = client_state(directions["t2"], 99, router_slots=5)
+    placed_b = {PLACED_B + k.removesuffix(".lora_B"): v + 0.01 for k, v in trained.items() if k.endswith(".lora_B")}
+    report = method.aggregate_train(2, {3: Update({**trained, **placed_b}, 100, {"expert": 1})})
     assert method.cluster_of(3) == 1 and method.client_map() == {0: [0, 1], 1: [2, 3], 2: [4]}
-    assert any(line.startswith("client 3 joined late: expert 1") for line in report.log)
-    for key, value in expert_1.items():  # a joining round trains a plain LoRA: no expert changes
-        assert torch.equal(method.experts[1][key], value)
-    # from the next round on it holds the bank with its new expert as its own, and its own head
+    assert any(line.startswith("client 3 placed: expert 1") for line in report.log)
+    for key in (f"{SITES[0]}.lora_A", f"{SITES[1]}.lora_B"):
+        torch.testing.assert_close(method.experts[1][key], trained[key])
+    assert not any(key.startswith(PLACED_B) for key in method.experts[1])
+    # from the next round on it holds the bank with its expert as its own
     ins = method.configure_train(3)[3]
-    assert ins.layout.own_expert == 1 and ins.layout.num_experts == 3
-    torch.testing.assert_close(ins.state["head.classifier.weight"], updates[3].state["head.classifier.weight"])
+    assert ins.layout.own_expert == 1 and PLACE not in ins.extra
+    torch.testing.assert_close(ins.state["head.classifier.weight"], method.head_of(3)["head.classifier.weight"])
     # and the assignment survives a checkpoint
     restored = FedLease(method.config, clients)
     restored.load_server_state(method.server_state())
     assert restored.client_map() == method.client_map()
+
+
+def test_a_placed_update_that_trained_another_expert_than_the_server_computes_is_left_out(setup):
+    method, clients, directions = setup
+    for rnd in range(2):
+        method.aggregate_train(rnd, {c.client_id: Update(client_state(directions[c.task], 10 * rnd + c.client_id),
+                                                         100) for c in clients if c.client_id != 3})
+    before = {k: dict(e) for k, e in enumerate(method.experts)}
+    trained = client_state(directions["t2"], 99, router_slots=5)
+    placed_b = {PLACED_B + k.removesuffix(".lora_B"): v for k, v in trained.items() if k.endswith(".lora_B")}
+    report = method.aggregate_train(2, {3: Update({**trained, **placed_b}, 100, {"expert": 0})})
+    assert method.cluster_of(3) == 1 and any("left out this round" in line for line in report.log)
+    assert all(torch.equal(method.experts[k][key], before[k][key]) for k in before for key in before[k])
 
 
 def test_allocation_waits_while_no_warmup_upload_has_arrived(setup):

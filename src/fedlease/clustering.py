@@ -97,6 +97,36 @@ def cosine_distances(signatures: Sequence[Mapping[str, torch.Tensor]]) -> np.nda
     return (distances + distances.T) / 2  # exact symmetry for the precomputed-metric estimators
 
 
+def unit_centroid(signatures: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per named tensor, the mean of the members' unit-normalised flattened tensors. For a unit vector u,
+    1 - u . centroid is the mean of 1 - cos(u, member) over the members: the mean distance average linkage uses,
+    computed from one vector per cluster instead of every member's signature."""
+    centroid = {}
+    for site in sorted(signatures[0]):
+        flat = torch.stack([s[site].reshape(-1).double() for s in signatures])
+        centroid[site] = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(0)
+    return centroid
+
+
+def distances_to_centroids(signature: Mapping[str, torch.Tensor], centroids: Sequence[Mapping[str, torch.Tensor]]
+                           ) -> list[float]:
+    """The mean cosine distance (as ``cosine_distances``) of ``signature`` to each cluster's members, from the
+    clusters' ``unit_centroid``s."""
+    distances = []
+    for centroid in centroids:
+        total = 0.0
+        for site, center in centroid.items():
+            flat = signature[site].reshape(-1).double()
+            total += 1.0 - float(flat @ center) / max(float(flat.norm()), 1e-12)
+        distances.append(max(total / len(centroid), 0.0))
+    return distances
+
+
+def nearest_cluster(distances: Sequence[float]) -> int:
+    """The cluster at the smallest distance; a tie goes to the lower number."""
+    return min(range(len(distances)), key=lambda k: (distances[k], k))
+
+
 def canonical_labels(labels: Sequence[int]) -> list[int]:
     """Renumber clusters in order of their first client, so the numbering does not depend on the estimator."""
     order: dict[int, int] = {}

@@ -125,6 +125,18 @@ class RunConfig:
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
     max_update_norm: float | None = field(default=None, metadata=_opt(
         "Reject a client update whose L2 norm (over all its tensors) exceeds this bound (default: no bound)."))
+    clients_per_round: int = field(default=0, metadata=_opt(
+        "Clients sampled each round, uniformly without replacement (seeded by --seed and the round); 0 = every "
+        "client every round, the closed federation of the paper."))
+    sample_rate: float | None = field(default=None, metadata=_opt(
+        "Poisson sampling instead: each client takes part in a round independently with this probability, in "
+        "(0, 1] (the scheme privacy accounting assumes). A round that samples nobody is skipped."))
+    unseen_clients: int = field(default=0, metadata=_opt(
+        "Hold this many clients out of training (spread over the tasks, seeded): they never train and are "
+        "evaluated at the end with what their method gives a newcomer (see README), reported apart."))
+    eval_every: int = field(default=0, metadata=_opt(
+        "With sampling, every round evaluates the round's participants; every this many rounds (and always "
+        "after the last) every client is evaluated. 0 = every client only after the last round."))
     overwrite: bool = field(default=False, metadata=_opt(
         "Replace the results of an earlier run in --output_dir."))
 
@@ -158,6 +170,17 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
+        for name in ("clients_per_round", "unseen_clients", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be zero or positive, got {getattr(self, name)}")
+        if self.sample_rate is not None:
+            if self.sample_rate == 0:
+                raise ConfigError("--sample_rate 0 samples nobody; give a rate in (0, 1], or leave it out to "
+                                  "train every client every round")
+            if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+                raise ConfigError(f"--sample_rate must be in (0, 1], got {self.sample_rate}")
+            if self.clients_per_round:
+                raise ConfigError("--clients_per_round and --sample_rate are two ways of sampling a round: pass one")
         if not (math.isfinite(self.min_silhouette) and -1 <= self.min_silhouette <= 1):
             raise ConfigError(f"--min_silhouette must be in [-1, 1], got {self.min_silhouette}")
         if self.partition == "dirichlet" and not (math.isfinite(self.alpha) and self.alpha > 0):

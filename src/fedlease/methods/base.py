@@ -11,6 +11,7 @@ State moves as flat ``name -> tensor`` mappings (see ``fedlease.model.experts``)
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,17 +89,23 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 def average_groups(states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
-                   group_of: Callable[[int], Hashable], parts: Iterable[str], recipients: Iterable[int] = ()
-                   ) -> dict[int, dict[str, torch.Tensor]]:
-    """Average ``parts`` of the clients' ``states`` within groups. Every client that replied gets its group's
-    average, and so does every client of ``recipients`` whose group has one: a client that missed the round
-    downloads its group's current average next, as FedAvg sends the current model to every client."""
+                   group_of: Callable[[int], Hashable], parts: Iterable[str]
+                   ) -> dict[Hashable, dict[str, torch.Tensor]]:
+    """Average ``parts`` of the clients' ``states`` within groups: group -> its average, for every group with a
+    client in ``states``. The server keeps one copy per group, which every member downloads next (a client that
+    missed the round too, as FedAvg sends the current model to every client)."""
     groups: dict[Hashable, list[int]] = {}
     for cid in states:
         groups.setdefault(group_of(cid), []).append(cid)
-    means = {group: average_states([select(states[c], parts) for c in members], [weights[c] for c in members])
-             for group, members in groups.items()}
-    return {cid: means[group_of(cid)] for cid in sorted({*states, *recipients}) if group_of(cid) in means}
+    return {group: average_states([select(states[c], parts) for c in members], [weights[c] for c in members])
+            for group, members in groups.items()}
+
+
+def label_set_key(labels: Sequence[str], cluster: int | None = None) -> str:
+    """The server's key of a head shared by the clients of one label set (and one cluster): a string, so that
+    checkpoints keep it as JSON."""
+    key = json.dumps(list(labels))
+    return key if cluster is None else f"{cluster}/{key}"
 
 
 def select(state: Mapping[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -118,17 +125,30 @@ class FederatedMethod(ABC):
         self.clients = list(clients)
 
     # -- server half --------------------------------------------------------------------------------------
+    # ``cohort``: the clients the runtime sampled for the round (None: every client). A method never samples; it
+    # must only be correct when a client is absent, for one round or for all of them so far.
+    def ids(self, cohort: Iterable[int] | None) -> list[int]:
+        return [c.client_id for c in self.clients] if cohort is None else sorted(cohort)
+
     @abstractmethod
-    def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        """What every client downloads and trains in round ``rnd`` (0-based)."""
+    def configure_train(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        """What each client of ``cohort`` downloads and trains in round ``rnd`` (0-based)."""
 
     @abstractmethod
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
-        """Combine the uploads of round ``rnd``; clients missing from ``updates`` did not reply."""
+        """Combine the uploads of round ``rnd``; clients missing from ``updates`` were not sampled or did not
+        reply, and their state on the server stays as it was."""
 
     @abstractmethod
-    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
-        """The model each client is evaluated with after round ``rnd``: what it would download next."""
+    def configure_evaluate(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        """The model each client of ``cohort`` is evaluated with after round ``rnd``: what it would download
+        next."""
+
+    def configure_newcomers(self, rnd: int, cohort: Iterable[int]) -> dict[int, Instruction]:
+        """What each client of ``cohort``, which never trained (``--unseen_clients``), is evaluated with after the
+        last round ``rnd``: what the method gives a newcomer. Default: what any client without state of its own
+        would download; a method that places clients overrides it."""
+        return self.configure_evaluate(rnd, cohort)
 
     @abstractmethod
     def client_map(self) -> dict[int, list[int]]:

@@ -18,16 +18,24 @@ all K experts, trains its own expert, its cluster's router and its head; the ser
 cluster k, routers within a cluster, and heads among clients of one cluster that share a label set (the
 released code never trains the head; a head with no such peer stays the client's own).
 
-A client that misses rounds never stops the run. Allocation clusters the clients whose warmup upload arrived
-(it waits a round if none did). A client without an expert is asked, whenever it next answers, for one warmup
-round (its own LoRA, and its data signature); the server then gives it the expert of the nearest cluster, by
-the mean allocation distance (B cosine or signature cosine) to the cluster's members, the criterion average
-linkage used to form the clusters, and it trains that expert from the next round on.
+Open federations (a cohort sampled each round, clients that first appear late, newcomers that never train):
+allocation clusters the clients whose warmup upload arrived (it waits a round if none did). A client without an
+expert after the allocation is *placed*: it receives every expert, every cluster's router and head for its label
+set, and one centroid per cluster (the mean of the members' unit-normalised allocation signatures), computes its
+own signature locally (its data signature; with ``--allocation paper`` the B of one local warmup call, compared
+with the members' B after their first warmup call, so equal training is compared), takes the cluster at the
+smallest mean distance (1 - cosine against the centroid, which is the mean distance to the members, the criterion
+average linkage used to form the clusters) and, when it is sampled to train, trains that expert, router and head
+at once and uploads its signature with them. The server recomputes the placement from the signature against the
+same centroids before it averages the update into the expert. An expert none of whose members was sampled stays
+as it was. A newcomer that never trains (``--unseen_clients``) is placed the same way and evaluated with its
+cluster's experts and router. With K = 1 every client holds the one expert and nothing is placed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,8 +44,10 @@ from fedlease.clustering import (
     ClusteringResult,
     cluster_clients_by_embedding,
     cluster_clients_by_lora_b,
-    cosine_distances,
+    distances_to_centroids,
+    nearest_cluster,
     signature_mean,
+    unit_centroid,
 )
 from fedlease.config import RunConfig
 from fedlease.methods.base import (
@@ -49,9 +59,11 @@ from fedlease.methods.base import (
     Update,
     average_groups,
     average_states,
+    label_set_key,
     select,
 )
 from fedlease.model.experts import ExpertLayout, init_router
+from fedlease.seeding import derive_seed
 from fedlease.train import LocalClient
 
 PLAIN_LORA = ExpertLayout()
@@ -59,6 +71,10 @@ WARMUP_PARTS = ("lora_A", "lora_B", "head")
 ADAPTIVE_PARTS = ("lora_A", "lora_B", "router", "head")
 SIGNATURE = "signature.embedding"  # the data signature's name in a warmup upload
 SEND_SIGNATURE = "signature"  # Instruction.extra flag: upload the data signature with this update
+PLACE = "place"  # Instruction.extra: the client chooses its cluster (the value names the allocation signature)
+PLACED_B = "signature.lora_b."  # + site: a placed client's B after one local warmup call (--allocation paper);
+# no ".lora_B" suffix, so that no part selection takes it for a LoRA
+PLACED_UPLOAD = (*ADAPTIVE_PARTS, "signature")
 
 
 class FedLease(FederatedMethod):
@@ -67,37 +83,46 @@ class FedLease(FederatedMethod):
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         super().__init__(config, clients)
         self.warmup_loras: dict[int, dict[str, torch.Tensor]] = {}  # latest warmup upload of each client
+        self.first_b: dict[int, dict[str, torch.Tensor]] = {}  # --allocation paper: B after a client's first call
         self.signatures: dict[int, torch.Tensor] = {}  # --allocation embedding: each client's data signature
         self.clustering: ClusteringResult | None = None
-        self.assignment: dict[int, int] = {}  # client -> expert, for clustered clients and late joiners
+        self.assignment: dict[int, int] = {}  # client -> expert, for clustered and placed clients
         self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
         self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
-        self.heads: dict[int, dict[str, torch.Tensor]] = {}  # adaptive phase: each client's head
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # label_set_key(labels, cluster) -> head
 
     # -- who shares what ----------------------------------------------------------------------------------
     def in_warmup(self, rnd: int) -> bool:
         """Warmup lasts ``--warmup_rounds`` rounds, and longer only if no client's warmup upload arrived."""
         return rnd < self.config.warmup_rounds or self.clustering is None
 
+    @property
+    def num_experts(self) -> int:
+        assert self.clustering is not None
+        return self.clustering.num_clusters
+
     def cluster_of(self, cid: int) -> int:
-        return self.assignment[cid]
+        return 0 if self.num_experts == 1 else self.assignment[cid]
 
     def has_expert(self, cid: int) -> bool:
-        return cid in self.assignment
+        return cid in self.assignment or self.num_experts == 1
 
-    def head_group(self, cid: int) -> tuple[int, tuple[str, ...]]:
+    def head_key(self, cid: int, k: int | None = None) -> str:
         """Heads are averaged among clients of one cluster that share a label set."""
-        return self.cluster_of(cid), self.clients[cid].labels
+        return label_set_key(self.clients[cid].labels, self.cluster_of(cid) if k is None else k)
 
-    def layout(self, cid: int) -> ExpertLayout:
-        assert self.clustering is not None
-        k = self.clustering.num_clusters
-        if k == 1:
+    def head_of(self, cid: int) -> dict[str, torch.Tensor]:
+        """The head a placed client downloads: its cluster's for its label set (empty while there is none)."""
+        return dict(self.heads.get(self.head_key(cid), {}))
+
+    def layout(self, k: int) -> ExpertLayout:
+        """The layout of a client whose own expert is ``k``."""
+        if self.num_experts == 1:
             return PLAIN_LORA
         if self.config.top_k is not None:  # ablation: fixed top-k over K slots
-            return ExpertLayout(num_experts=k, own_expert=self.cluster_of(cid), routing="topk",
-                                top_k=min(self.config.top_k, k))
-        return ExpertLayout(num_experts=k, own_expert=self.cluster_of(cid), routing="adaptive")
+            return ExpertLayout(num_experts=self.num_experts, own_expert=k, routing="topk",
+                                top_k=min(self.config.top_k, self.num_experts))
+        return ExpertLayout(num_experts=self.num_experts, own_expert=k, routing="adaptive")
 
     def client_map(self) -> dict[int, list[int]]:
         if self.clustering is None:
@@ -112,56 +137,104 @@ class FedLease(FederatedMethod):
         return groups
 
     def server_state(self) -> dict[str, Any]:
-        return {"warmup_loras": self.warmup_loras, "signatures": self.signatures, "experts": self.experts,
-                "routers": self.routers, "heads": self.heads,
+        return {"warmup_loras": self.warmup_loras, "first_b": self.first_b, "signatures": self.signatures,
+                "experts": self.experts, "routers": self.routers, "heads": self.heads,
                 "clustering": None if self.clustering is None else self.clustering.to_dict(),
                 "assignment": {str(cid): k for cid, k in self.assignment.items()}}
 
     def load_server_state(self, state: Mapping[str, Any]) -> None:
-        self.warmup_loras = dict(state["warmup_loras"])
+        self.warmup_loras = {int(cid): lora for cid, lora in state["warmup_loras"].items()}
         self.signatures = {int(cid): value for cid, value in state.get("signatures", {}).items()}
-        self.experts, self.routers, self.heads = list(state["experts"]), list(state["routers"]), dict(state["heads"])
+        self.experts, self.routers = list(state["experts"]), list(state["routers"])
         self.clustering = None if state["clustering"] is None else ClusteringResult.from_dict(state["clustering"])
         if "assignment" in state:
             self.assignment = {int(cid): int(k) for cid, k in state["assignment"].items()}
         elif self.clustering is not None:  # a checkpoint from before late joiners: every client was clustered
             self.assignment = dict(zip(self.clustering.client_ids(), self.clustering.labels, strict=True))
+        # checkpoints from before first_b (the warmup B stands in) and before heads were kept per group
+        self.first_b = {int(cid): b for cid, b in state.get("first_b", {}).items()} or {
+            cid: select(lora, ("lora_B",)) for cid, lora in self.warmup_loras.items()}
+        self.heads = {}
+        for key, head in state["heads"].items():
+            if isinstance(key, str) and not key.isdigit():
+                self.heads[key] = head
+            elif self.clustering is not None and int(key) in self.assignment:
+                self.heads.setdefault(self.head_key(int(key)), head)
 
     # -- server half --------------------------------------------------------------------------------------
-    def download(self, cid: int) -> Instruction:
-        layout, own = self.layout(cid), self.cluster_of(cid)
-        state = dict(self.heads[cid])
+    def bank(self) -> dict[str, torch.Tensor]:
+        """All K experts as one bank per site (the own expert travels once, in its slot: own_expert_from_bank)."""
+        sites = [key.removesuffix(".lora_A") for key in self.experts[0] if key.endswith(".lora_A")]
+        return {f"{site}.experts_{p}": torch.stack([e[f"{site}.lora_{p}"] for e in self.experts])
+                for site in sites for p in "AB"}
+
+    def download(self, cid: int, bank: Mapping[str, torch.Tensor] | None = None) -> Instruction:
+        own = self.cluster_of(cid)
+        layout = self.layout(own)
+        state = self.head_of(cid)
         if layout.routing == "none":
             state.update(self.experts[own])
-        else:  # all K experts as one bank: the own expert travels once, in its slot (own_expert_from_bank)
+        else:
             state.update(self.routers[own])
-            for site in (key.removesuffix(".lora_A") for key in self.experts[own] if key.endswith(".lora_A")):
-                state[f"{site}.experts_A"] = torch.stack([e[f"{site}.lora_A"] for e in self.experts])
-                state[f"{site}.experts_B"] = torch.stack([e[f"{site}.lora_B"] for e in self.experts])
+            state.update(self.bank() if bank is None else bank)
         return Instruction(layout, state, train=ADAPTIVE_PARTS, upload=ADAPTIVE_PARTS)
 
+    def centroids(self) -> list[dict[str, torch.Tensor]]:
+        """Per cluster, the unit centroid of its members' placement signatures (``placement_signature``)."""
+        return [unit_centroid([self.placement_signature(cid) for cid in group]) for group in self.members().values()]
+
+    def placement(self, cid: int, train: bool, bank: Mapping[str, torch.Tensor],
+                  centroids: Sequence[Mapping[str, torch.Tensor]]) -> Instruction:
+        """For a client without an expert: every expert, every cluster's router and head for its label set, and
+        the centroids it places itself by (``client_place``); to train that expert at once, or to be evaluated."""
+        state = dict(bank)
+        for k in range(self.num_experts):
+            cluster = {**self.routers[k], **self.heads.get(self.head_key(cid, k), {})}
+            state.update({f"cluster{k}/{key}": value for key, value in cluster.items()})
+            state.update({f"centroid{k}/{key}": value for key, value in centroids[k].items()})
+        extra: dict = {PLACE: self.placement_kind()}
+        if self.config.allocation == "embedding":
+            extra[SEND_SIGNATURE] = self.signature_blocks()
+        # its upload carries its signature: another set of keys than the members' (update validation groups by it)
+        return Instruction(self.layout(0), state, train=ADAPTIVE_PARTS if train else (),
+                           upload=PLACED_UPLOAD if train else (), extra=extra)
+
+    def placement_kind(self) -> str:
+        """What a placed client compares: its B after one warmup call, or its data signature in the tier (the mean
+        embedding or the class blocks) that decided the allocation."""
+        return "lora_b" if self.config.allocation == "paper" else self.clustering.signature
+
     def warmup_instruction(self) -> Instruction:
-        """Train and keep the client's own LoRA and head; round 0 starts from the shared seeded init, later
-        warmup rounds continue what the client keeps. With ``--allocation embedding`` the update carries the
+        """Train and keep the client's own LoRA and head; a client's first warmup round starts from the shared
+        seeded init, later ones continue what it keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
         extra = {SEND_SIGNATURE: self.signature_blocks()} if self.config.allocation == "embedding" else {}
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
 
-    def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        warmup = self.in_warmup(rnd)
-        return {c.client_id: self.warmup_instruction() if warmup or not self.has_expert(c.client_id)
-                else self.download(c.client_id) for c in self.clients}
+    def adaptive_instructions(self, cohort: Iterable[int] | None, train: bool) -> dict[int, Instruction]:
+        bank = self.bank() if self.num_experts > 1 else {}  # stacked once for the whole cohort
+        unplaced = [cid for cid in self.ids(cohort) if not self.has_expert(cid)]
+        centroids = self.centroids() if unplaced else []
+        return {cid: self.download(cid, bank) if self.has_expert(cid) else self.placement(cid, train, bank, centroids)
+                for cid in self.ids(cohort)}
 
-    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
-        warmup = self.in_warmup(rnd)
-        return {c.client_id: Instruction(PLAIN_LORA, restore=WARMUP_PARTS)
-                if warmup or not self.has_expert(c.client_id) else self.download(c.client_id) for c in self.clients}
+    def configure_train(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        if self.in_warmup(rnd):
+            return {cid: self.warmup_instruction() for cid in self.ids(cohort)}
+        return self.adaptive_instructions(cohort, train=True)
+
+    def configure_evaluate(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        if self.in_warmup(rnd):
+            return {cid: Instruction(PLAIN_LORA, restore=WARMUP_PARTS) for cid in self.ids(cohort)}
+        return self.adaptive_instructions(cohort, train=False)
 
     def keep_warmup_upload(self, cid: int, update: Update) -> None:
         if SIGNATURE in update.state:
             self.signatures[cid] = update.state[SIGNATURE]
         self.warmup_loras[cid] = {k: v for k, v in update.state.items() if k != SIGNATURE}
+        if self.config.allocation == "paper":
+            self.first_b.setdefault(cid, select(self.warmup_loras[cid], ("lora_B",)))
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         if self.in_warmup(rnd):
@@ -172,15 +245,18 @@ class FedLease(FederatedMethod):
                 self.allocate(report)
             return report
         report = RoundReport("adaptive")
-        joiners = {cid: u for cid, u in updates.items() if not self.has_expert(cid)}
-        updates = {cid: u for cid, u in updates.items() if cid not in joiners}
-        for cid, update in sorted(joiners.items()):
-            self.keep_warmup_upload(cid, update)
-            self.join(cid, report)
+        updates = dict(updates)
+        if self.num_experts == 1:
+            self.assignment.update(dict.fromkeys(updates, 0))
+        placed = self.place({cid: u for cid, u in updates.items() if cid not in self.assignment}, report)
+        for cid in placed:
+            if placed[cid] is None:
+                del updates[cid]
         for k, members in self.members().items():
             replied = [cid for cid in members if cid in updates]
             if not replied:
-                report.log.append(f"expert {k}: no member replied, kept as it was")
+                report.log.append(f"expert {k}: no member replied (none was sampled, or none answered), kept as "
+                                  f"it was")
                 continue
             states = [updates[cid].state for cid in replied]
             weights = [updates[cid].num_examples for cid in replied]
@@ -188,9 +264,36 @@ class FedLease(FederatedMethod):
             if self.routers:
                 self.routers[k] = average_states([select(s, ("router",)) for s in states], weights)
         self.average_heads({cid: u.state for cid, u in updates.items()},
-                           {cid: u.num_examples for cid, u in updates.items()},
-                           recipients=[cid for cid in self.assignment if cid not in joiners])  # a joiner keeps its own
+                           {cid: u.num_examples for cid, u in updates.items()})
         return report
+
+    def place(self, joiners: Mapping[int, Update], report: RoundReport) -> dict[int, int | None]:
+        """Assign each client that placed itself this round, by the signature it uploaded against the centroids it
+        was sent (those of the members before this round's placements). Returns client -> its expert, or None
+        where the client trained another expert than the server computes (its update is then left out)."""
+        if not joiners:
+            return {}
+        centroids = self.centroids()
+        placed: dict[int, int | None] = {}
+        for cid, update in sorted(joiners.items()):
+            signature = self.uploaded_signature(cid, update.state)
+            distance = distances_to_centroids(signature, centroids)
+            k = nearest_cluster(distance)
+            self.assignment[cid] = k
+            trained = update.metrics.get("expert")
+            placed[cid] = k if trained == k else None
+            note = "" if trained == k else f"; it trained expert {trained}, so its update is left out this round"
+            report.log.append(f"client {cid} placed: expert {k} (mean {self.placement_kind()} distance "
+                              f"{distance[k]:.4f} to its members){note}")
+        return placed
+
+    def uploaded_signature(self, cid: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Take a placed client's signature out of its upload, keep it, and return it in placement form."""
+        if self.config.allocation == "paper":
+            self.first_b[cid] = {f"{site}.lora_B": b for site, b in prefixed(state, PLACED_B).items()}
+        else:
+            self.signatures[cid] = state[SIGNATURE]
+        return self.placement_signature(cid)
 
     def signature_blocks(self) -> int:
         """The data signature's number of class blocks: the largest label set of the federation, so every
@@ -203,28 +306,31 @@ class FedLease(FederatedMethod):
         embedding, the sum of the class blocks, where that tier decided the allocation)."""
         if self.config.allocation == "paper":
             return select(self.warmup_loras[cid], ("lora_B",))
-        signature = self.signatures[cid]
-        if self.clustering is not None and self.clustering.signature == "embedding_mean":
-            return {"embedding": signature_mean(signature, self.signature_block_size(signature))}
-        return {"embedding": signature}
+        return {"embedding": placement_form(self.signatures[cid], self.clustering_kind(), self.signature_blocks())}
 
-    def signature_block_size(self, signature: torch.Tensor) -> int:
-        return signature.numel() // self.signature_blocks()
+    def placement_signature(self, cid: int) -> dict[str, torch.Tensor]:
+        """What placement compares: the data signature as the allocation did, or B after the first warmup call."""
+        if self.config.allocation == "paper":
+            return self.first_b[cid]
+        return self.allocation_signature(cid)
+
+    def clustering_kind(self) -> str:
+        return "embedding" if self.clustering is None else self.clustering.signature
 
     def delivered(self, cid: int) -> bool:
         return cid in self.warmup_loras and (self.config.allocation == "paper" or cid in self.signatures)
 
     def allocate(self, report: RoundReport) -> None:
         """Cluster the clients whose warmup upload arrived, pick K, and build experts, routers and heads from
-        the members. Clients that never delivered one get an expert when they next answer (``join``)."""
-        clients = [c.client_id for c in self.clients if self.delivered(c.client_id)]
-        missing = [c.client_id for c in self.clients if not self.delivered(c.client_id)]
+        the members. The others are placed when they are next sampled (``placement``)."""
+        clients = [cid for cid in sorted(self.warmup_loras) if self.delivered(cid)]
         if not clients:
             report.log.append("allocation postponed: no client has delivered a warmup upload yet; warmup goes on")
             return
+        missing = len(self.clients) - len(clients)
         if missing:
-            report.log.append(f"allocation without clients {missing}: they never delivered a warmup upload; each "
-                              f"gets the nearest expert when it next answers")
+            report.log.append(f"allocation over the {len(clients)} clients that warmed up; the other {missing} "
+                              f"are placed by their signature when they are next sampled")
         config = self.config
         if config.allocation == "paper":
             result = cluster_clients_by_lora_b([self.allocation_signature(cid) for cid in clients],
@@ -233,7 +339,7 @@ class FedLease(FederatedMethod):
             signatures = [self.signatures[cid] for cid in clients]
             result = cluster_clients_by_embedding(signatures, config.max_clusters, config.num_experts,
                                                   config.min_silhouette,
-                                                  block_size=self.signature_block_size(signatures[0]))
+                                                  block_size=signatures[0].numel() // self.signature_blocks())
         if missing:
             result.clients = clients
         self.clustering = result
@@ -254,7 +360,7 @@ class FedLease(FederatedMethod):
                                        [1.0] * len(members)) for members in result.members().values()]
         self.routers = []
         if result.num_clusters > 1:
-            slots = self.layout(clients[0]).num_slots
+            slots = self.layout(0).num_slots
             router = {}
             for key, value in self.experts[0].items():
                 if key.endswith(".lora_A"):
@@ -263,37 +369,66 @@ class FedLease(FederatedMethod):
             self.routers = [dict(router) for _ in range(result.num_clusters)]
         self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
 
-    def join(self, cid: int, report: RoundReport) -> None:
-        """Give a client that missed the allocation the expert of the nearest cluster (mean allocation distance to
-        the cluster's members); its head is its own until it is averaged with its peers'."""
-        members = {k: group for k, group in self.members().items() if group}
-        others = [m for group in members.values() for m in group]
-        row = cosine_distances([self.allocation_signature(c) for c in (cid, *others)])[0, 1:]
-        to = dict(zip(others, row, strict=True))
-        distance = {k: float(sum(to[m] for m in group) / len(group)) for k, group in members.items()}
-        k = min(distance, key=lambda j: (distance[j], j))
-        self.assignment[cid] = k
-        self.average_heads({cid: self.warmup_loras[cid]}, {cid: 1.0})
-        report.log.append(f"client {cid} joined late: expert {k} (mean {self.config.allocation} allocation distance "
-                          f"{distance[k]:.4f} to its members {members[k]})")
+    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
+        self.heads.update(average_groups(states, weights, self.head_key, ("head",)))
 
     # -- client half --------------------------------------------------------------------------------------
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
                      store: dict[str, torch.Tensor]) -> Update:
         """With the embedding allocation, every warmup upload carries the client's data signature, computed once
-        and kept in the client's store (a client that missed rounds still delivers it)."""
+        and kept in the client's store (a client that missed rounds still delivers it). A client without an
+        expert places itself first and uploads its signature with what it trained."""
+        if PLACE in ins.extra:
+            k, signature = self.client_place(client, ins, rnd, store)
+            metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
+            return Update({**client.state(ins.train), **signature}, client.num_train, {**metrics, "expert": k})
         blocks = int(ins.extra.get(SEND_SIGNATURE, 0))
-        wanted = blocks > 0
-        if wanted and SIGNATURE not in store:
+        if blocks and SIGNATURE not in store:
             store[SIGNATURE] = data_signature(client, self.config.seed, blocks)
         update = super().client_train(client, ins, rnd, store)
-        if wanted:
+        if blocks:
             update.state[SIGNATURE] = store[SIGNATURE]
         return update
 
-    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
-                      recipients: Iterable[int] = ()) -> None:
-        self.heads.update(average_groups(states, weights, self.head_group, ("head",), recipients))
+    def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int,
+                        store: dict[str, torch.Tensor]) -> dict[str, float]:
+        if PLACE in ins.extra:
+            k, _ = self.client_place(client, ins, rnd, store)
+            return {**client.evaluate(), "expert": k}
+        return super().client_evaluate(client, ins, rnd, store)
+
+    def client_place(self, client: LocalClient, ins: Instruction, rnd: int, store: dict[str, torch.Tensor]
+                     ) -> tuple[int, dict[str, torch.Tensor]]:
+        """Choose the nearest cluster by the client's own signature (computed here; nothing leaves but what the
+        upload carries), and load that cluster's model. Returns the cluster and the signature to upload."""
+        kind = str(ins.extra[PLACE])
+        if kind == "lora_b":  # one local warmup call from the shared init, as the members' first call was
+            client.apply(PLAIN_LORA, client.adapted.initial_state(self.config.seed))
+            client.fit(WARMUP_PARTS, seed=derive_seed(self.config.seed, "placement", client.client_id))
+            compared = client.state(("lora_B",))
+            upload = {PLACED_B + key.removesuffix(".lora_B"): value for key, value in compared.items()}
+        else:
+            blocks = int(ins.extra[SEND_SIGNATURE])
+            if SIGNATURE not in store:
+                store[SIGNATURE] = data_signature(client, self.config.seed, blocks)
+            upload = {SIGNATURE: store[SIGNATURE]}
+            compared = {"embedding": placement_form(store[SIGNATURE], kind, blocks)}
+        centroids = [prefixed(ins.state, f"centroid{j}/") for j in range(ins.layout.num_experts)]
+        k = nearest_cluster(distances_to_centroids(compared, centroids))
+        chosen = {**{key: v for key, v in ins.state.items() if "/" not in key}, **prefixed(ins.state, f"cluster{k}/")}
+        self.load(client, Instruction(replace(ins.layout, own_expert=k), chosen), store)
+        return k, upload
+
+
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, without it."""
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
+def placement_form(signature: torch.Tensor, kind: str, blocks: int) -> torch.Tensor:
+    """The data signature as the allocation compared it: the mean embedding (the sum of its class blocks) where
+    that tier decided, else the class blocks."""
+    return signature_mean(signature, signature.numel() // blocks) if kind == "embedding_mean" else signature
 
 
 def data_signature(client: LocalClient, seed: int, blocks: int = 1) -> torch.Tensor:

@@ -12,6 +12,11 @@ client receives every cluster's head for its label set with the cluster LoRAs, a
 own head (the client's seeded head where cluster k has none for its label set yet). Scoring every cluster with
 the head trained in the client's previous cluster would favour staying there.
 
+Under sampling a client chooses its cluster whenever it is sampled; a cluster no sampled client chose is kept.
+A client the server has not placed yet (never sampled, or a newcomer held out of training) is evaluated as IFCA
+places any client: it receives all K cluster models and takes the one with the lowest loss on its own training
+data, without training.
+
 The cluster LoRAs start from K different seeded initialisations. With B = 0 (the LoRA standard) they all
 compute the same function at first, so every loss ties: ties are broken by a seeded random draw per client
 and round, which gives IFCA's random initial assignment.
@@ -19,8 +24,7 @@ and round, which gives IFCA's random initial assignment.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from fedlease.methods.base import (
     RoundReport,
     Update,
     average_states,
+    label_set_key,
     select,
 )
 from fedlease.model.experts import ExpertLayout
@@ -42,15 +47,11 @@ from fedlease.train import LocalClient
 
 PARTS = ("lora_A", "lora_B", "head")
 TIE_TOLERANCE = 1e-6
+NEWCOMER = "newcomer"  # Instruction.extra flag: choose the cluster by loss, then evaluate
 
 
 def cluster_key(k: int, key: str) -> str:
     return f"cluster{k}/{key}"
-
-
-def head_key(k: int, labels: Sequence[str]) -> str:
-    """The server's key of cluster k's head for one label set (a string: checkpoints keep it as JSON)."""
-    return f"{k}/{json.dumps(list(labels))}"
 
 
 class IFCA(FederatedMethod):
@@ -61,25 +62,32 @@ class IFCA(FederatedMethod):
         self.num_clusters = config.num_clusters
         self.clusters: dict[int, dict[str, torch.Tensor]] = {}  # trained cluster LoRAs (others: still at init)
         self.assignment: dict[int, int] = {}
-        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # head_key(cluster, label set) -> head
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # label_set_key(label set, cluster) -> head
 
     def cluster_model(self, k: int, cid: int) -> dict[str, torch.Tensor]:
         """Cluster k's LoRA and its head for the client's label set, as far as the server has them."""
-        state = {**self.clusters.get(k, {}), **self.heads.get(head_key(k, self.clients[cid].labels), {})}
+        state = {**self.clusters.get(k, {}), **self.heads.get(label_set_key(self.clients[cid].labels, k), {})}
         return {cluster_key(k, key): value for key, value in state.items()}
 
-    def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        return {c.client_id: Instruction(ExpertLayout(), {key: value for k in range(self.num_clusters)
-                                                          for key, value in self.cluster_model(k, c.client_id).items()},
-                                         train=PARTS, upload=PARTS) for c in self.clients}
+    def all_clusters(self, cid: int) -> dict[str, torch.Tensor]:
+        return {key: value for k in range(self.num_clusters) for key, value in self.cluster_model(k, cid).items()}
 
-    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
+    def configure_train(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        return {cid: Instruction(ExpertLayout(), self.all_clusters(cid), train=PARTS, upload=PARTS)
+                for cid in self.ids(cohort)}
+
+    def configure_evaluate(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
         instructions = {}
-        for c in self.clients:
-            k = self.assignment.get(c.client_id, 0)
-            instructions[c.client_id] = Instruction(ExpertLayout(), self.cluster_model(k, c.client_id),
-                                                    extra={"cluster": k})
+        for cid in self.ids(cohort):
+            if cid not in self.assignment:  # never placed: it chooses as a newcomer does
+                instructions.update(self.configure_newcomers(rnd, [cid]))
+                continue
+            k = self.assignment[cid]
+            instructions[cid] = Instruction(ExpertLayout(), self.cluster_model(k, cid), extra={"cluster": k})
         return instructions
+
+    def configure_newcomers(self, rnd: int, cohort: Iterable[int]) -> dict[int, Instruction]:
+        return {cid: Instruction(ExpertLayout(), self.all_clusters(cid), extra={NEWCOMER: 1}) for cid in cohort}
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         report = RoundReport("federated")
@@ -100,7 +108,7 @@ class IFCA(FederatedMethod):
             report.log.append(f"cluster {k}: clients {members}" + ("" if members else " (kept)"))
         groups: dict[str, list[int]] = {}
         for cid in updates:
-            groups.setdefault(head_key(self.assignment[cid], self.clients[cid].labels), []).append(cid)
+            groups.setdefault(label_set_key(self.clients[cid].labels, self.assignment[cid]), []).append(cid)
         for key, members in groups.items():
             self.heads[key] = average_states([select(updates[c].state, ("head",)) for c in members],
                                              [updates[c].num_examples for c in members])
@@ -118,7 +126,7 @@ class IFCA(FederatedMethod):
     def load_server_state(self, state: Mapping[str, Any]) -> None:
         self.clusters, self.assignment, self.heads = (dict(state[k]) for k in ("clusters", "assignment", "heads"))
         if any(isinstance(key, int) for key in self.heads):  # a checkpoint from before heads were kept per cluster
-            self.heads = {head_key(self.assignment[cid], self.clients[cid].labels): head
+            self.heads = {label_set_key(self.clients[cid].labels, self.assignment[cid]): head
                           for cid, head in sorted(self.heads.items()) if cid in self.assignment}
 
     # -- client half --------------------------------------------------------------------------------------
@@ -131,8 +139,10 @@ class IFCA(FederatedMethod):
             client.adapted.initial_state(derive_seed(self.config.seed, "ifca-cluster", k)), LORA_PARTS)
         return Instruction(ExpertLayout(), {**lora, **select(downloaded, ("head",))})
 
-    def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
-                     store: dict[str, torch.Tensor]) -> Update:
+    def choose(self, client: LocalClient, ins: Instruction, rnd: int, store: dict[str, torch.Tensor]
+               ) -> tuple[int, list[float]]:
+        """Cluster identity estimation: the cluster whose model has the lowest loss on the client's training data
+        (ties drawn, seeded by client and round); the chosen model is left loaded."""
         losses = []
         for k in range(self.num_clusters):
             self.load(client, self.candidate(client, ins, k), store)
@@ -142,11 +152,19 @@ class IFCA(FederatedMethod):
         draw = torch.randint(len(tied), (1,), generator=generator(self.config.seed, "ifca-tie", rnd, client.client_id))
         chosen = int(tied[draw])
         self.load(client, self.candidate(client, ins, chosen), store)
+        return chosen, losses
+
+    def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
+                     store: dict[str, torch.Tensor]) -> Update:
+        chosen, losses = self.choose(client, ins, rnd, store)
         metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
         metrics.update({"cluster": chosen, **{f"loss_cluster_{k}": loss for k, loss in enumerate(losses)}})
         return Update(client.state(ins.upload), client.num_train, metrics)
 
     def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int,
                         store: dict[str, torch.Tensor]) -> dict[str, float]:
+        if ins.extra.get(NEWCOMER):
+            chosen, _ = self.choose(client, ins, rnd, store)
+            return {**client.evaluate(), "cluster": chosen}
         self.load(client, self.candidate(client, ins, int(ins.extra.get("cluster", 0))), store)
         return client.evaluate()

@@ -1,15 +1,19 @@
 """The server half shared by the methods that average one adapter over all clients.
 
 FedIT averages A and B, FFA-LoRA only B, FedSA-LoRA only A (B stays on each client), FedDPA its global
-adapter. Each keeps the example-weighted mean of its shared parts over the clients that replied, and one head
-per label set (a head is shared by the clients whose label sets match, including those that missed the round).
+adapter. Each keeps the example-weighted mean of its shared parts over the clients that were sampled and replied,
+and one head per label set (a head is shared by the clients whose label sets match, including those that missed
+the round). A client that was absent downloads the current adapter and its label set's head when it is next
+sampled; its personal parts (FedSA-LoRA's B, FedDPA's local adapter) wait in its own store. A newcomer gets the
+adapter and its label set's head, with personal parts at their initialisation (B = 0 for FedSA-LoRA, so the
+shared A has no effect there; FedDPA without a local adapter evaluates the global one alone).
 A method module only says which parts are shared, trained, uploaded and kept by the client; FedDPA adds its own
 client half.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +27,7 @@ from fedlease.methods.base import (
     Update,
     average_groups,
     average_states,
+    label_set_key,
     select,
 )
 from fedlease.model.experts import ExpertLayout
@@ -37,20 +42,19 @@ class SharedAdapterMethod(FederatedMethod):
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         super().__init__(config, clients)
         self.state: dict[str, torch.Tensor] = {}
-        self.heads: dict[int, dict[str, torch.Tensor]] = {}
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # label_set_key -> head
 
     def download(self, cid: int) -> dict[str, torch.Tensor]:
         # Round 0 downloads nothing: every client starts from the shared seeded init.
-        return {**self.state, **self.heads.get(cid, {})}
+        return {**self.state, **self.heads.get(label_set_key(self.clients[cid].labels), {})}
 
-    def configure_train(self, rnd: int) -> dict[int, Instruction]:
-        return {c.client_id: Instruction(ExpertLayout(), self.download(c.client_id), train=self.trained,
-                                         upload=self.uploaded, restore=self.personal, keep=self.personal)
-                for c in self.clients}
+    def configure_train(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        return {cid: Instruction(ExpertLayout(), self.download(cid), train=self.trained, upload=self.uploaded,
+                                 restore=self.personal, keep=self.personal) for cid in self.ids(cohort)}
 
-    def configure_evaluate(self, rnd: int) -> dict[int, Instruction]:
-        return {c.client_id: Instruction(ExpertLayout(), self.download(c.client_id), restore=self.personal)
-                for c in self.clients}
+    def configure_evaluate(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
+        return {cid: Instruction(ExpertLayout(), self.download(cid), restore=self.personal)
+                for cid in self.ids(cohort)}
 
     def aggregate_train(self, rnd: int, updates: Mapping[int, Update]) -> RoundReport:
         if not updates:
@@ -58,8 +62,8 @@ class SharedAdapterMethod(FederatedMethod):
         states = {cid: u.state for cid, u in updates.items()}
         weights = {cid: float(u.num_examples) for cid, u in updates.items()}
         self.state = average_states([select(s, self.shared) for s in states.values()], list(weights.values()))
-        self.heads.update(average_groups(states, weights, lambda cid: self.clients[cid].labels, ("head",),
-                                         recipients=[c.client_id for c in self.clients]))
+        self.heads.update(average_groups(states, weights, lambda cid: label_set_key(self.clients[cid].labels),
+                                         ("head",)))
         return RoundReport("federated", [f"FedAvg of {'/'.join(self.shared)} over {len(updates)} clients; "
                                          f"heads per label set"])
 
@@ -70,4 +74,7 @@ class SharedAdapterMethod(FederatedMethod):
         return {"state": self.state, "heads": self.heads}
 
     def load_server_state(self, state: Mapping[str, Any]) -> None:
-        self.state, self.heads = dict(state["state"]), dict(state["heads"])
+        self.state = dict(state["state"])
+        # a checkpoint from before heads were kept per label set holds one per client (equal within a label set)
+        self.heads = {key if isinstance(key, str) and not key.isdigit()
+                      else label_set_key(self.clients[int(key)].labels): head for key, head in state["heads"].items()}

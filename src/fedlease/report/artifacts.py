@@ -47,16 +47,21 @@ def state_size(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     return sum(t.numel() for t in state.values()), sum(t.numel() * t.element_size() for t in state.values())
 
 
+# Per-client values that are not metrics to average: which expert or cluster a client chose for itself.
+NOT_AVERAGED = ("loss", "expert", "cluster")
+
+
 def summarize(metrics: Mapping[int, Mapping[str, float]], clients: Sequence[ClientInfo]) -> dict:
-    """Per-task means over the task's clients, and the mean over tasks (the paper's 'avg' column)."""
+    """Per-task means over the task's evaluated clients (``counts``: how many), and the mean over tasks (the
+    paper's 'avg' column)."""
     by_task: dict[str, list[Mapping[str, float]]] = {}
     for cid, values in metrics.items():
         by_task.setdefault(clients[cid].task, []).append(values)
-    tasks = {task: {name: float(np.mean([v[name] for v in rows])) for name in rows[0] if name != "loss"}
+    tasks = {task: {name: float(np.mean([v[name] for v in rows])) for name in rows[0] if name not in NOT_AVERAGED}
              for task, rows in by_task.items()}
     key = headline(next(iter(tasks.values()))) if tasks else None
     mean = {key: float(np.mean([t[key] for t in tasks.values()]))} if key else {}
-    return {"tasks": tasks, "mean": mean}
+    return {"tasks": tasks, "mean": mean, "counts": {task: len(rows) for task, rows in by_task.items()}}
 
 
 def headline(values: Mapping[str, float]) -> str:
@@ -67,10 +72,12 @@ def headline(values: Mapping[str, float]) -> str:
 class RunRecorder:
     """Writes the artifacts of one run into ``out_dir``."""
 
-    def __init__(self, out_dir: Path, config: RunConfig, clients: Sequence[ClientInfo], info: Mapping) -> None:
+    def __init__(self, out_dir: Path, config: RunConfig, clients: Sequence[ClientInfo], info: Mapping,
+                 unseen: Iterable[int] = ()) -> None:
         self.out_dir = out_dir
         self.config = config
         self.clients = list(clients)
+        self.unseen = set(unseen)  # held out of training: summarised apart
         self.history: dict = {
             "fedlease_version": __version__,
             "config": config.to_dict(),
@@ -82,6 +89,7 @@ class RunRecorder:
             "lora_client_map": None,
             "clustering": None,
             "final": None,
+            "unseen_clients": sorted(self.unseen),
         }
 
     def describe_clients(self, rows: Sequence[Mapping]) -> None:
@@ -103,6 +111,8 @@ class RunRecorder:
         rounds' evaluations carry the next round's training download (the same tensors: counted there)."""
         number = rnd + 1
         metrics = {cid: metrics[cid] for cid in sorted(metrics)}  # replies may arrive in any order
+        seen = {cid: values for cid, values in metrics.items() if cid not in self.unseen}
+        unseen = {cid: values for cid, values in metrics.items() if cid in self.unseen}
         delivered = set(delivered)
         clients = {}
         # a client that trained but whose evaluation was lost is listed too (its upload counts), with eval None;
@@ -113,6 +123,7 @@ class RunRecorder:
             up_params, up_bytes = state_size(update.state) if update else (0, 0)
             clients[str(cid)] = {
                 "task": self.clients[cid].task,
+                **({"unseen": True} if cid in self.unseen else {}),
                 "eval": dict(values) if values is not None else None,
                 "train": dict(update.metrics) if update else None,
                 "download_params": down_params, "download_bytes": down_bytes,
@@ -129,7 +140,8 @@ class RunRecorder:
             "phase": report.phase,
             "seconds": round(seconds, 3),
             "num_adapters": len(client_map),
-            **summarize(metrics, self.clients),
+            **summarize(seen, self.clients),
+            **({"unseen": summarize(unseen, self.clients)} if unseen else {}),
             "clients": clients,
             "rejected_updates": {str(cid): reason for cid, reason in (rejected or {}).items()},
             "log": report.log,
@@ -192,32 +204,53 @@ class RunRecorder:
         test split, so its mean is recorded only as an oracle (optimistic) figure, named so."""
         rounds = self.history["rounds"]
         last = rounds[-1]
-        best = max(rounds, key=lambda r: r["mean"].get(headline(r["mean"]), float("-inf")))
+        # with sampling, only rounds that evaluated as many clients as the last (every one) are comparable
+        full = [r for r in rounds if evaluated(r) >= evaluated(last)]
+        best = max(full, key=lambda r: r["mean"].get(headline(r["mean"]), float("-inf")))
         final = {"round": last["round"], "tasks": last["tasks"], "mean": last["mean"],
-                 "oracle_best_round": best["round"], "oracle_best_mean": best["mean"]}
+                 "counts": last.get("counts", {}), "oracle_best_round": best["round"],
+                 "oracle_best_mean": best["mean"], **({"unseen": last["unseen"]} if "unseen" in last else {})}
         self.history["final"] = final
         write_json(self.out_dir / "training_history.json", self.history)
         (self.out_dir / "results.md").write_text(format_table(final, self.clients) + "\n", encoding="utf-8")
         return final
 
 
+def evaluated(summary: Mapping) -> int:
+    """How many (seen) clients a round summary's means cover."""
+    counts = summary.get("counts")
+    return sum(counts.values()) if counts is not None else len(summary.get("clients", {}))
+
+
 def format_table(final: Mapping, clients: Sequence[ClientInfo]) -> str:
-    """A Markdown table of the final round: one row per task, then the mean over tasks (percent)."""
-    counts: dict[str, int] = {}
-    for c in clients:
-        counts[c.task] = counts.get(c.task, 0) + 1
+    """A Markdown table of the final round: one row per task with the clients its mean covers, then the mean
+    over tasks (percent); the clients held out of training (newcomers) in a table of their own."""
+    lines = task_rows(final, clients, final.get("unseen") and "clients that trained")
+    if not final["mean"]:
+        return "\n".join(lines)
     key = headline(final["mean"])
-    extra = [m for m in METRIC_LABELS if m != key and any(m in v for v in final["tasks"].values())]
-    header = ["task", "clients", METRIC_LABELS[key], *[METRIC_LABELS[m] for m in extra]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task, values in final["tasks"].items():
-        cells = [task, str(counts[task]), f"{100 * values[key]:.2f}"]
-        cells += [f"{100 * values[m]:.2f}" if m in values else "-" for m in extra]
-        lines.append("| " + " | ".join(cells) + " |")
-    mean = final["mean"].get(key)
-    lines.append("| mean over tasks | " + str(len(clients)) + f" | {100 * mean:.2f} |" + " |" * len(extra))
     lines.append("")
     lines.append(f"Round {final['round']} (final): the result. Oracle best round (picked on test, so optimistic): "
                  f"mean {METRIC_LABELS[key]} {100 * final['oracle_best_mean'][key]:.2f} in round "
                  f"{final['oracle_best_round']}.")
+    if final.get("unseen"):
+        lines += ["", *task_rows(final["unseen"], clients, "newcomers (held out of training, --unseen_clients)")]
     return "\n".join(lines)
+
+
+def task_rows(summary: Mapping, clients: Sequence[ClientInfo], title: str | None) -> list[str]:
+    counts = summary.get("counts") or {task: sum(c.task == task for c in clients) for task in summary["tasks"]}
+    if not summary["mean"]:
+        return [f"No client's evaluation arrived{f' ({title})' if title else ''}: no result."]
+    key = headline(summary["mean"])
+    extra = [m for m in METRIC_LABELS if m != key and any(m in v for v in summary["tasks"].values())]
+    header = ["task", "clients", METRIC_LABELS[key], *[METRIC_LABELS[m] for m in extra]]
+    lines = [f"{title[0].upper()}{title[1:]}:", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, values in summary["tasks"].items():
+        cells = [task, str(counts[task]), f"{100 * values[key]:.2f}"]
+        cells += [f"{100 * values[m]:.2f}" if m in values else "-" for m in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"| mean over tasks | {sum(counts.values())} | {100 * summary['mean'][key]:.2f} |"
+                 + " |" * len(extra))
+    return lines

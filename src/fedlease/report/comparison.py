@@ -8,6 +8,9 @@ methods; download: the rounds in which the server sends anything, i.e. after Fed
 other methods' first round, whose starting weights every client builds itself), and in total over the whole run;
 wall time. With several seeds every number is the mean and the sample standard deviation.
 
+With ``--unseen_clients``, the headline covers the clients that trained, and the newcomers held out of training
+(evaluated after the last round with what each method gives a newcomer) get a table of their own.
+
 Seeds share a partition across methods, so methods are also compared seed by seed: a table of each seed's average
 (with the experts FedLEASE chose: K, and the adjusted Rand index of its clusters against the clients' tasks) and
 the paired difference between the first row and every other row over the seeds both ran, whose spread is the
@@ -60,6 +63,10 @@ class MethodResult:
     missing_tasks: list[list[str]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     allocation: list[str] = field(default_factory=list)  # per seed: the experts chosen ("" for other methods)
+    # newcomers held out of training: task -> headline per seed, and the average over tasks per seed
+    unseen_tasks: dict[str, list[float]] = field(default_factory=dict)
+    unseen_average: list[float] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # per seed: rounds run (for bytes per round)
 
     def add(self, seed: int, history: Mapping, seconds: float) -> None:
         final = history["final"]
@@ -89,6 +96,16 @@ class MethodResult:
         self.missing_tasks.append([task for task in tasks if task not in final["tasks"]])
         self.seconds.append(seconds)
         self.allocation.append(describe_allocation(history))
+        self.rounds.append(len(history["rounds"]))
+        if final.get("unseen"):
+            for task, metrics in final["unseen"]["tasks"].items():
+                self.unseen_tasks.setdefault(task, []).append(metrics[self.metric])
+            self.unseen_average.append(final["unseen"]["mean"][self.metric])
+
+    @property
+    def bytes_per_round(self) -> list[float]:
+        """Per seed: every client's upload and download over the run, per round (the server's traffic)."""
+        return [total / max(rounds, 1) for total, rounds in zip(self.total_bytes_whole_run, self.rounds, strict=True)]
 
 
 def describe_allocation(history: Mapping) -> str:
@@ -98,9 +115,13 @@ def describe_allocation(history: Mapping) -> str:
     if not clustering:
         return ""
     text = f"K = {clustering['num_clusters']}"
-    tasks = [client["task"] for client in history.get("clients", [])]
-    if len(set(tasks)) > 1 and len(tasks) == len(clustering["labels"]):
+    task_of = {client.get("client_id", i): client["task"] for i, client in enumerate(history.get("clients", []))}
+    clustered = clustering.get("clients") or list(range(len(clustering["labels"])))  # who warmed up
+    tasks = [task_of.get(cid) for cid in clustered]
+    if len(set(tasks)) > 1 and None not in tasks:
         text += f", ARI {adjusted_rand_score(tasks, clustering['labels']):.2f}"
+    if len(clustered) < len(task_of):
+        text += f", over {len(clustered)} of {len(task_of)} clients"
     return text
 
 
@@ -134,7 +155,9 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
 
     what = (f"{len(seeds)} seed(s): {' '.join(map(str, seeds))}" if same_seeds
             else "the seeds each row names (mean ± std over them)")
-    lines = [f"Final-round {METRIC_LABELS[key]} (%), mean over each task's clients; {what}.", "",
+    newcomers = any(r.unseen_average for r in results)
+    whose = "clients that trained (newcomers below)" if newcomers else "clients"
+    lines = [f"Final-round {METRIC_LABELS[key]} (%), mean over each task's {whose}; {what}.", "",
              "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for r in results:
         partial = " †" if any(r.missing_tasks) else ""
@@ -145,17 +168,26 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
                       "that run's average is over the other tasks, and the task's cell over the other runs ("
                       + "; ".join(f"{r.label} seed {seed}: {' '.join(missing)}" for r in results
                                   for seed, missing in zip(r.seeds, r.missing_tasks, strict=True) if missing) + ")."]
+    if newcomers:
+        unseen_tasks = list(dict.fromkeys(task for r in results for task in r.unseen_tasks))
+        lines += ["", f"Newcomers (clients held out of training, evaluated after the last round with what each "
+                      f"method gives a newcomer): final {METRIC_LABELS[key]} (%).", "",
+                  "| method | " + " | ".join(unseen_tasks) + " | avg |", "|---|" + "---|" * (len(unseen_tasks) + 1)]
+        for r in results:
+            lines.append(f"| {label(r)} | " + " | ".join(cell(r.unseen_tasks.get(t, [])) for t in unseen_tasks)
+                         + f" | {cell(r.unseen_average)} |")
     lines += ["", "| method | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in extra)
               + (" | " if extra else "") + "oracle best-round avg (picked on test) | "
               "upload MB / client / round (after warmup) | download MB / client / downloading round | "
-              "total MB (whole run) | wall min |",
-              "|---|" + "---|" * (len(extra) + 5)]
+              "total MB (whole run) | MB / round | wall min |",
+              "|---|" + "---|" * (len(extra) + 6)]
     for r in results:
         cells = [cell(r.tasks.get(t, {}).get(m, [])) for t, m in extra]
         short = "" if all(r.total_counts_final_download) else " *"
         cells += [cell(r.oracle_best_average), cell(r.upload_bytes_per_client_round_after_warmup, 1 / MB, 3),
                   cell(r.download_bytes_per_client_downloading_round, 1 / MB, 3),
-                  cell(r.total_bytes_whole_run, 1 / MB, 1) + short, cell(r.seconds, 1 / 60, 1)]
+                  cell(r.total_bytes_whole_run, 1 / MB, 1) + short, cell(r.bytes_per_round, 1 / MB, 2),
+                  cell(r.seconds, 1 / 60, 1)]
         lines.append(f"| {label(r)} | " + " | ".join(cells) + " |")
     lines += ["", "Oracle best-round avg: the best round's average, the round picked on the test split (optimistic; "
                   "the headline is the final round). Upload per client per round: the mean over the rounds after "
@@ -164,7 +196,7 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
                   "the server sends anything (none in FedLEASE's warmup or in the other methods' first round, "
                   "whose starting weights each client builds from the seed). State a client keeps is not counted. "
                   "Total: every client's upload and download over the whole run, warmup and the final "
-                  "evaluation's download included."]
+                  "evaluation's download included; MB / round: that total over the rounds."]
     if not all(all(r.total_counts_final_download) for r in results):
         lines += ["", "\\* The total of one or more of this row's runs leaves out the final evaluation's download "
                       "(one model per client): they were recorded before it was counted (2026-12-02)."]
@@ -175,7 +207,7 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
                   f"({base.warmup_rounds} warmup for fedlease), {base.local_epochs} local epochs, "
                   f"{base.train_samples}/{base.test_samples} train/test examples per client, batch "
                   f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}, "
-                  f"precision {used}."]
+                  f"precision {used}{participation_text(base)}."]
     if len(results) > 1 or any(len(r.seeds) > 1 or any(r.allocation) for r in results):
         lines += ["", *per_seed_lines(results)]
     table = "\n".join(lines)
@@ -183,6 +215,20 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
     write_csv(out / "comparison.csv", results, tasks)
     plot_comparison(out / "comparison.png", results, tasks, key)
     return table
+
+
+def participation_text(base: RunConfig) -> str:
+    """The setting's partition and sampling, where they differ from the paper's closed, balanced federation."""
+    parts = []
+    if base.partition == "dirichlet":
+        parts.append(f"Dirichlet({base.alpha:g}) label skew")
+    if base.clients_per_round:
+        parts.append(f"{base.clients_per_round} clients sampled a round")
+    if base.sample_rate is not None:
+        parts.append(f"each client sampled with probability {base.sample_rate:g} a round")
+    if base.unseen_clients:
+        parts.append(f"{base.unseen_clients} clients held out as newcomers")
+    return "".join(f", {part}" for part in parts)
 
 
 def per_seed_lines(results: list[MethodResult]) -> list[str]:
@@ -225,8 +271,13 @@ def write_csv(path: Path, results: list[MethodResult], tasks: list[str]) -> None
                     continue
                 row[f"{task}_{metric}_mean"], row[f"{task}_{metric}_std"] = mean_std(values)
         for name in ("average", "oracle_best_average", "upload_bytes_per_client_round_after_warmup",
-                     "download_bytes_per_client_downloading_round", "total_bytes_whole_run", "seconds"):
+                     "download_bytes_per_client_downloading_round", "total_bytes_whole_run", "bytes_per_round",
+                     "seconds"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(getattr(r, name))
+        if r.unseen_average:
+            for task, values in r.unseen_tasks.items():
+                row[f"unseen_{task}_mean"], row[f"unseen_{task}_std"] = mean_std(values)
+            row["unseen_average_mean"], row["unseen_average_std"] = mean_std(r.unseen_average)
         row["oracle_best_round"] = " ".join(map(str, r.oracle_best_round))
         row["average_per_seed"] = " ".join(f"{value:.4f}" for value in r.average)
         row["allocation_per_seed"] = "; ".join(r.allocation) if any(r.allocation) else ""

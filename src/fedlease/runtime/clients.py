@@ -7,6 +7,8 @@ tasks a causal LM and ``GenerationClient``s. Methods, runtimes and reports do no
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from fedlease.config import AUTO_MODEL, DEFAULT_DECODER, DEFAULT_MODEL, RANK_BY_KIND, RunConfig
@@ -97,3 +99,32 @@ def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings,
     return LocalClient(split.client_id, spec, backbone.adapted,
                        encode(backbone.tokenizer, split.train, config.max_length, separate),
                        encode(backbone.tokenizer, split.test, config.max_length, separate), settings)
+
+
+class ClientPool:
+    """The clients of this process, each tokenised when it is first needed and bound to the shared backbone.
+    At most ``capacity`` stay tokenised (the least recently used is dropped first), so that the memory a run needs
+    follows the clients sampled in a round, not the whole federation; None keeps every client once built."""
+
+    def __init__(self, config: RunConfig, backbone: Backbone, settings: TrainSettings, splits: Sequence[ClientSplit],
+                 capacity: int | None = None) -> None:
+        self.config, self.backbone, self.settings = config, backbone, settings
+        self.splits = {split.client_id: split for split in splits}
+        self.capacity = capacity
+        self.built: OrderedDict[int, LocalClient] = OrderedDict()
+
+    def __getitem__(self, cid: int) -> LocalClient:
+        if cid in self.built:
+            self.built.move_to_end(cid)
+            return self.built[cid]
+        client = local_client(self.config, self.backbone, self.settings, self.splits[cid])
+        self.built[cid] = client
+        if self.capacity is not None and len(self.built) > self.capacity:
+            self.built.popitem(last=False)
+        return client
+
+    def __len__(self) -> int:
+        return len(self.splits)
+
+    def __iter__(self) -> Iterator[LocalClient]:
+        return (self[cid] for cid in sorted(self.splits))

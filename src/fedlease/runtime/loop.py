@@ -1,16 +1,21 @@
 """The round loop every runtime shares; runtimes differ only in how messages reach the clients.
 
-A round: the method configures what each client trains; the transport runs the clients (in this process, or
-on Flower SuperNodes) and returns their updates; every update is validated; the method aggregates the valid
-ones; the transport evaluates each client with what the method says; the recorder writes the round's
-artifacts; a checkpoint is saved. Clients that fail, time out or send a rejected update are left out of that
-round and logged, and the run goes on.
+A round: the sampler (``fedlease.runtime.participation``) draws the round's cohort, from the clients the
+transport can reach; the method configures what each of them trains; the transport runs them (in this process,
+or on Flower SuperNodes) and returns their updates; every update is validated; the method aggregates the valid
+ones; the transport evaluates the cohort (every client after the last round and every ``--eval_every`` rounds)
+with what the method says; the recorder writes the round's artifacts; a checkpoint is saved. Clients that fail,
+time out or send a rejected update are left out of that round and logged, and the run goes on. A round whose
+cohort is empty (Poisson sampling can draw nobody) is skipped and logged. After the last round, the clients held
+out of training (``--unseen_clients``) are evaluated with what the method gives a newcomer.
 
 Every message also carries a :class:`Sync`: the run's id and the last round whose update of the client the
 server accepted, so that a client's own state only ever advances with what the server accepted
 (``fedlease.runtime.client_state``). Both are saved with each checkpoint.
 
-A transport with ``fuses_evaluation`` (Flower) evaluates a round with the next round's training messages: one
+A transport with ``fuses_evaluation`` (Flower), in a closed federation, evaluates a round with the next round's
+training messages (with sampling, the next cohort is another set of clients, so each round is evaluated on its
+own): one
 message per client and round instead of two (each message after a node's first waits for Flower's idle poll).
 The client evaluates first, with exactly what it would have been sent alone, then trains, so the results are
 those of separate messages. The round is recorded and checkpointed when those replies arrive, before the next
@@ -37,6 +42,7 @@ from fedlease.model.experts import ExpertLayout
 from fedlease.report.artifacts import METRIC_LABELS, RunRecorder, headline
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
 from fedlease.runtime.client_state import NO_ROUND
+from fedlease.runtime.participation import Participation
 from fedlease.runtime.validation import UpdateValidator
 
 log = logging.getLogger("fedlease")
@@ -76,7 +82,11 @@ class Transport(Protocol):
         """With ``fuses_evaluation``: one message per client evaluates round ``evaluated`` and trains ``rnd``."""
 
     def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]] | None:
-        """The clients' committed stores, where the runtime holds them (for checkpoints), else None."""
+        """The clients' committed stores, where the checkpoint must hold them, else None (they are kept where
+        the clients are: a Flower node's state, a folder per client in process)."""
+
+    def available(self) -> list[int] | None:
+        """The clients that can be reached for a round now (None: every client)."""
 
 
 @dataclass
@@ -108,6 +118,10 @@ class Federation:
             self.validator = UpdateValidator(self.config.max_update_norm)
         self.info.setdefault("federation", uuid.uuid4().hex)
         self.accepted: dict[int, int] = {}
+        self.participation = Participation(self.config)
+        # one message per client and round: a round's evaluation rides on the next round's training messages,
+        # which only reach the same clients when every client trains every round
+        self.fuse = getattr(self.transport, "fuses_evaluation", False) and not self.participation.partial
 
     def sync(self) -> Sync:
         return Sync(self.info["federation"], dict(self.accepted))
@@ -124,8 +138,12 @@ class Federation:
         config, method = self.config, self.method
         last = rnd == config.global_rounds - 1
         start = time.perf_counter()
-        log.info("round %d/%d", rnd + 1, config.global_rounds)
-        instructions = method.configure_train(rnd)
+        cohort = self.participation.cohort(rnd, self.transport.available())
+        log.info("round %d/%d%s", rnd + 1, config.global_rounds,
+                 f": {len(cohort)} clients sampled" if self.participation.partial else "")
+        if not cohort:
+            return self.skip(rnd, start)
+        instructions = method.configure_train(rnd, cohort)
         if waiting is None:
             updates = self.transport.train(rnd, instructions, self.sync())
         else:
@@ -146,12 +164,31 @@ class Federation:
         # a transport that can lose messages says which arrived (a reply came back); in process, all of them
         delivered = getattr(self.transport, "delivered", None)
         trained = Trained(rnd, report, instructions, accepted, rejected, time.perf_counter() - start,
-                          method.configure_evaluate(rnd), set(instructions if delivered is None else delivered))
-        if getattr(self.transport, "fuses_evaluation", False) and not last:
+                          self.evaluations(rnd, cohort), set(instructions if delivered is None else delivered))
+        if self.fuse and not last:
             return trained
         self.finish(trained, self.transport.evaluate(rnd, trained.evaluate, last, self.sync()),
                     time.perf_counter() - start)
         return None
+
+    def evaluations(self, rnd: int, cohort: list[int]) -> dict[int, Instruction]:
+        """What each client evaluated after round ``rnd`` is evaluated with; after the last round, the newcomers
+        too."""
+        evaluate = self.method.configure_evaluate(rnd, self.participation.evaluated(rnd, cohort))
+        if rnd == self.config.global_rounds - 1 and self.participation.unseen:
+            evaluate.update(self.method.configure_newcomers(rnd, self.participation.unseen))
+        return evaluate
+
+    def skip(self, rnd: int, start: float) -> None:
+        """A round whose sample is empty: nothing is trained or aggregated; the clients due for evaluation (after
+        the last round, every client) are evaluated all the same."""
+        report = RoundReport("skipped", [f"round {rnd + 1}: sampling drew no client; the round is skipped"])
+        log.info("%s", report.log[0])
+        evaluate = self.evaluations(rnd, [])
+        trained = Trained(rnd, report, {}, {}, {}, time.perf_counter() - start, evaluate, set())
+        evaluations = self.transport.evaluate(rnd, evaluate, rnd == self.config.global_rounds - 1, self.sync()) \
+            if evaluate else {}
+        self.finish(trained, evaluations, time.perf_counter() - start)
 
     def finish(self, trained: Trained, evaluations: Mapping[int, Evaluation], seconds: float) -> dict:
         """Record an evaluated round (and, after the last, the final models) and checkpoint it."""

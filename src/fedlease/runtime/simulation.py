@@ -2,13 +2,17 @@
 
 The runner only moves messages: it asks the method what each client gets, runs the method's client half on
 each client, hands the uploads back to the method, and records what happened. Clients run one after another
-on the same model; their state is swapped in and out with in-place copies.
+on the same model; their state is swapped in and out with in-place copies. A client's data is tokenised when it
+is first sampled (``ClientPool``), and its own store lives in ``<output_dir>/clients/<id>/`` under the same
+commit rule as a Flower node's state folder, so memory and checkpoints follow the round's cohort, not the
+federation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -29,19 +33,20 @@ from fedlease.model.experts import PARTS
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
-from fedlease.runtime.client_state import ClientState, MemoryBackend, Owner
+from fedlease.runtime.client_state import Backend, ClientState, FolderBackend, MemoryBackend, Owner
 from fedlease.runtime.clients import (
+    ClientPool,
     check_model_source,
     client_infos,
     load_partition,
     load_shared_backbone,
-    local_client,
     register_user_tasks,
     resolve_defaults,
     train_settings,
 )
 from fedlease.runtime.loop import Evaluation, Federation, Sync
-from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
+from fedlease.runtime.participation import Participation, check_participation
+from fedlease.train import TrainingDiverged, resolve_precision
 
 log = logging.getLogger("fedlease")
 CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training_log.txt only
@@ -52,6 +57,7 @@ RESUME_MAY_CHANGE = frozenset({"device", "precision", "eval_batch_size", "overwr
 # Files a run writes at the top of its output directory; --overwrite removes exactly these (and final/).
 OWNED_PATTERNS = ("training_log.txt", "training_history.json", "results.md", "lora_client_map_round_*.json",
                   "round_summary_*.json", *PLOT_FILES)
+CLIENT_STATE_FOLDER = "clients"  # <output_dir>/clients/<id>/: each client's own store (in process)
 
 
 @dataclass
@@ -74,6 +80,7 @@ def prepare_config(config: RunConfig) -> RunConfig:
                           f"({config.global_rounds}), so that rounds remain after clustering")
     if config.method == "fedlease" and config.warmup_rounds < 1:
         raise ConfigError("fedlease clusters clients on their warmup LoRAs: --warmup_rounds must be at least 1")
+    check_participation(config)
     return config
 
 
@@ -98,6 +105,7 @@ def remove_run_files(out: Path) -> None:
             path.unlink()
     for path in (*(out / "final").glob("client_*.safetensors"), *(out / CHECKPOINT_FOLDER).glob("*")):
         path.unlink()
+    shutil.rmtree(out / CLIENT_STATE_FOLDER, ignore_errors=True)
 
 
 def create_output_dir(out: Path) -> bool:
@@ -130,8 +138,20 @@ def logging_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def build_clients(config: RunConfig, splits: list[ClientSplit]) -> tuple[Backbone, list[LocalClient], list[ClientInfo]]:
-    """Load the model once and tokenise every client's splits once."""
+def pool_capacity(config: RunConfig) -> int | None:
+    """How many clients stay tokenised: all of them in a closed federation (each is used every round), else
+    enough for two rounds' cohorts."""
+    participation = Participation(config)
+    if not participation.partial:
+        return None
+    per_round = config.clients_per_round or math.ceil(config.sample_rate * config.num_clients)
+    return max(2 * per_round, 32)
+
+
+def build_clients(config: RunConfig, splits: list[ClientSplit], capacity: int | None = None
+                  ) -> tuple[Backbone, ClientPool, list[ClientInfo]]:
+    """Load the model once; each client's splits are tokenised once, when it is first used (``capacity``: how
+    many stay tokenised, None for all)."""
     for split in splits:
         if split.reused:
             log.info("client %d (%s): %d examples reused from other clients' slices (--allow_overlap)",
@@ -139,27 +159,33 @@ def build_clients(config: RunConfig, splits: list[ClientSplit]) -> tuple[Backbon
     backbone = load_shared_backbone(config)
     settings = train_settings(config, backbone)
     log.info("precision: %s", "fp32" if settings.amp_dtype is None else f"autocast {settings.amp_dtype}")
-    clients = [local_client(config, backbone, settings, split) for split in splits]
-    return backbone, clients, client_infos(config)
+    return backbone, ClientPool(config, backbone, settings, splits, capacity), client_infos(config)
 
 
 class InProcessTransport:
     """Every client in this process: the method's client half runs directly on the shared model. Each client's own
-    store is a :class:`ClientState` in memory, committed by the same rule as on a Flower node."""
+    store is a :class:`ClientState`, committed by the same rule as on a Flower node, in a folder per client under
+    ``state_dir`` (in memory without one)."""
 
     fuses_evaluation = False  # no messages to save: a round is evaluated, recorded and checkpointed at once
 
-    def __init__(self, method: FederatedMethod, clients: list[LocalClient], progress: bool, total_rounds: int) -> None:
+    def __init__(self, method: FederatedMethod, clients: ClientPool, progress: bool, total_rounds: int,
+                 state_dir: Path | None = None) -> None:
         self.method = method
         self.clients = clients
         self.states: dict[int, ClientState] = {}
         self.progress = progress
         self.total_rounds = total_rounds
+        self.state_dir = state_dir
 
     def state(self, cid: int, sync: Sync) -> ClientState:
         if cid not in self.states:
-            self.states[cid] = ClientState(MemoryBackend(), Owner(sync.federation, cid))
+            backend: Backend = MemoryBackend() if self.state_dir is None else FolderBackend(self.state_dir / str(cid))
+            self.states[cid] = ClientState(backend, Owner(sync.federation, cid))
         return self.states[cid]
+
+    def available(self) -> None:
+        return None  # every client is in this process
 
     def store(self, cid: int, sync: Sync) -> dict[str, torch.Tensor]:
         store = self.state(cid, sync).current(sync.of(cid))
@@ -195,7 +221,9 @@ class InProcessTransport:
             evaluations[cid] = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
         return evaluations
 
-    def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]]:
+    def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]] | None:
+        if self.state_dir is not None:
+            return None  # in their folders, which keep the version of every accepted round a checkpoint names
         return {cid: self.store(cid, sync) for cid in self.states}
 
 
@@ -258,16 +286,17 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                          out)
             else:
                 log.info("resuming %s after round %d of %d", out, ckpt.round + 1, config.global_rounds)
-            backbone, clients, infos = build_clients(config, splits)
+            backbone, clients, infos = build_clients(config, splits, pool_capacity(config))
             method = create_method(config, infos)
             info = {"model_source": backbone.source, "device": str(backbone.device),
-                    "precision": str(clients[0].settings.amp_dtype or "fp32")}
-            recorder = RunRecorder(out, config, infos, info)
+                    "precision": str(clients.settings.amp_dtype or "fp32")}
+            recorder = RunRecorder(out, config, infos, info, Participation(config).unseen)
             recorder.describe_clients([
                 {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),
                  "train_examples": len(s.train), "test_examples": len(s.test), "reused_examples": s.reused}
                 for s in splits])
-            transport = InProcessTransport(method, clients, progress, config.global_rounds)
+            transport = InProcessTransport(method, clients, progress, config.global_rounds,
+                                           out / CLIENT_STATE_FOLDER)
             federation = Federation(config, method, transport, recorder, out, info)
             start = 0
             if ckpt is not None:

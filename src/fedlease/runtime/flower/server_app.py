@@ -5,6 +5,11 @@ in-process runner; only the transport differs. Clients are identified by their p
 SuperNode reports when asked (node ids change whenever a node restarts), so a node that comes back rejoins
 as the same client. A node that fails or does not answer within ``round-timeout`` is left out of the round
 and logged; a cluster with no reply keeps its expert; the run goes on.
+
+With sampling (``clients-per-round``, ``sample-rate``) the server does not wait for every node: it starts once
+as many nodes as a round asks for have connected (or after ``wait-nodes-timeout``), and each round's cohort is
+drawn from the nodes connected at that moment, so a node that joins later (after the allocation, say) is sampled
+from then on, and placed by its signature when it first trains.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from fedlease.runtime.flower.messages import (
 )
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Evaluation, Federation, Sync
+from fedlease.runtime.participation import Participation
 from fedlease.runtime.simulation import (
     check_output_dir,
     create_output_dir,
@@ -60,6 +66,7 @@ class FlowerTransport:
                  on_node=None, rejoin_timeout: float = 60.0) -> None:
         self.grid = grid
         self.config = config
+        self.participation = Participation(config)
         self.round_timeout = round_timeout
         self.rejoin_timeout = rejoin_timeout
         self.allow_mixed_precision = allow_mixed_precision
@@ -193,15 +200,27 @@ class FlowerTransport:
         return True
 
     def wait_for_clients(self, timeout: float) -> None:
+        """Wait for every client's node, or with sampling for as many trainable clients as a round asks for (all of
+        them with --sample_rate, whose cohort is drawn from every trainable client)."""
         deadline = time.monotonic() + timeout
+        wanted = self.config.clients_per_round or self.config.num_clients
         while True:
             self.discover(self.grid.get_node_ids())
-            if len(self.node_of) == self.config.num_clients or time.monotonic() > deadline:
+            if len(self.node_of) >= wanted or time.monotonic() > deadline:
                 break
             time.sleep(DISCOVERY_SECONDS)
         missing = sorted(set(range(self.config.num_clients)) - set(self.node_of))
         if missing:
-            log.info("starting without clients %s: no SuperNode reported them within %.0fs", missing, timeout)
+            log.info("starting without clients %s: no SuperNode reported them%s", missing,
+                     " yet" if self.participation.partial else f" within {timeout:.0f}s")
+
+    def available(self) -> list[int] | None:
+        """With sampling, the clients whose node is connected now (each round's cohort is drawn from them); in a
+        closed federation every client (an absent one is logged as not replying)."""
+        if not self.participation.partial:
+            return None
+        self.discover(self.grid.get_node_ids())
+        return sorted(self.node_of)
 
     def send(self, rnd: int, message_type: str, instructions: Mapping[int, Instruction], sync: Sync,
              final: bool = False, evaluate_first: tuple[int, Mapping[int, Instruction]] | None = None
@@ -296,7 +315,7 @@ def main(grid: Grid, context: Context) -> None:
         infos = client_infos(config)
         method = create_method(config, infos)
         info = {"model_source": config.model_name, "runtime": "flower"}
-        recorder = RunRecorder(out, config, infos, info)
+        recorder = RunRecorder(out, config, infos, info, Participation(config).unseen)
         recorder.describe_clients([{"client_id": c.client_id, "task": c.task, "labels": list(c.labels)}
                                    for c in infos])
         transport = FlowerTransport(grid, config, float(runtime["round-timeout"]),
