@@ -204,3 +204,43 @@ def test_compare_reports_clients_that_trained_and_newcomers_apart(tiny_model, tm
         mean = 100 * history["final"]["unseen"]["mean"]["accuracy"]
         assert f"| {method} |" in newcomer_table and f"{mean:.2f} |" in newcomer_table.split(f"| {method} |")[1]
     assert rows
+
+
+def test_fedsa_b_waits_on_the_client_through_the_rounds_it_is_not_sampled(tiny_clients):
+    from fedlease.methods.fedsa import FedSALoRA
+
+    config, clients, infos = tiny_clients
+    method = FedSALoRA(config, infos)
+    stores = {cid: {} for cid in range(4)}
+
+    def train(rnd, cohort):
+        ins = method.configure_train(rnd, cohort)
+        assert set(ins) == set(cohort)
+        method.aggregate_train(rnd, {cid: method.client_train(clients[cid], i, rnd, stores[cid])
+                                     for cid, i in ins.items()})
+
+    train(0, [0, 1])
+    b_of_1 = {k: v.clone() for k, v in stores[1].items()}
+    train(1, [0])  # client 1 is absent: the shared A and the label set's head move on without it
+    head = method.configure_evaluate(1, [1])[1].state["head.classifier.weight"]
+    torch.testing.assert_close(head, method.configure_evaluate(1, [0])[0].state["head.classifier.weight"])
+    ins = method.configure_train(2, [1])[1]
+    method.load(clients[1], ins, stores[1])  # sampled again: its own B comes back from its store
+    for key, value in clients[1].state(("lora_B",)).items():
+        assert torch.equal(value, b_of_1[key])
+    assert all(torch.equal(v, method.state[k]) for k, v in clients[1].state(("lora_A",)).items())
+
+
+def test_paper_allocation_places_late_clients_and_newcomers_by_one_local_warmup_call(tiny_model, tmp_path):
+    from fedlease.runtime.simulation import run
+
+    config = sampled_config(tiny_model, tmp_path / "run", "fedlease", allocation="paper", num_experts=2,
+                            global_rounds=5, warmup_rounds=1)
+    run(config, progress=False)
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    log = (tmp_path / "run" / "training_log.txt").read_text()
+    assert "placed: expert" in log and "mean lora_b distance" in log
+    placed = [c for r in history["rounds"][1:] for c in r["clients"].values() if c["train"] and "expert" in c["train"]]
+    assert placed and all(c["train"]["expert"] in (0, 1) for c in placed)
+    final = history["rounds"][-1]["clients"]
+    assert all(final[str(cid)]["eval"]["expert"] in (0, 1) for cid in history["unseen_clients"])

@@ -19,8 +19,13 @@ from fedlease.runtime.checkpoint import FOLDER, MANIFEST
 HARNESS = Path(__file__).with_name("kill_harness.py")
 
 
+SAMPLED = "fedlease-sampled"  # FedLEASE in an open federation: 2 of 4 clients a round, 2 newcomers held out
+
+
 def args_for(model: str, out: Path, method: str = "fedlease") -> list[str]:
-    return ["run", "--model_name", model, "--method", method, "--tasks", "rotten_tomatoes:2", "snli:2",
+    tasks = ["rotten_tomatoes:3", "snli:3", "--clients_per_round", "2", "--unseen_clients", "2"] \
+        if method == SAMPLED else ["rotten_tomatoes:2", "snli:2"]
+    return ["run", "--model_name", model, "--method", method.removesuffix("-sampled"), "--tasks", *tasks,
             "--global_rounds", "4", "--warmup_rounds", "2", "--train_samples", "24", "--test_samples", "12",
             "--batch_size", "8", "--max_length", "24", "--lr", "0.01", "--seed", "11", "--output_dir", str(out),
             "--no_progress"]
@@ -39,7 +44,7 @@ def outcome(out: Path) -> tuple[dict, dict]:
 def uninterrupted(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Each method's run of ``args_for``, uninterrupted: its output folder (tests copy it before changing it)."""
     runs = {}
-    for method in ("fedlease", "feddpa"):
+    for method in ("fedlease", "feddpa", SAMPLED):
         runs[method] = tmp_path_factory.mktemp(f"reference-{method}") / "run"
         assert main(args_for(tiny_model, runs[method], method)) == 0
     return runs
@@ -58,6 +63,8 @@ KILL_POINTS = [
     ("fedlease", "checkpoint-write:6"),  # round 3's manifest written but not renamed
     ("fedlease", "round:4"),  # the last round recorded and its final weights about to be saved
     ("feddpa", "fit:10"),  # FedDPA keeps a local adapter in each client's store: it must survive
+    (SAMPLED, "fit:6"),  # round 3, after the allocation: a client absent so far is placed and trains
+    (SAMPLED, "round:4"),  # the newcomers evaluated, the final weights about to be saved
 ]
 
 
@@ -72,7 +79,7 @@ def test_killed_run_resumes_to_identical_results(tiny_model, tmp_path, reference
     metrics, weights = outcome(out)
     ref_metrics, ref_weights = reference[method]
     assert metrics == ref_metrics
-    assert weights.keys() == ref_weights.keys() and len(weights) == 4
+    assert weights.keys() == ref_weights.keys() and len(weights) == (6 if method == SAMPLED else 4)
     for name, tensors in weights.items():
         assert tensors.keys() == ref_weights[name].keys()
         for key, value in tensors.items():

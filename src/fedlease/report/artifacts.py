@@ -184,20 +184,19 @@ class RunRecorder:
                 plots.plot_metric_by_round([r["round"] for r in rounds], series, METRIC_LABELS[metric],
                                            self.config.warmup_rounds, self.out_dir / f"{metric}_by_round.png")
 
-    def save_final_models(self, models: Mapping[int, tuple[ExpertLayout, Mapping[str, torch.Tensor]]],
-                          model_source: str) -> None:
-        """``final/client_<id>.safetensors``: the state each client was last evaluated with, and its layout."""
+    def save_final_model(self, cid: int, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
+                         model_source: str) -> None:
+        """``final/client_<id>.safetensors``: the state the client was last evaluated with, and its layout."""
         folder = self.out_dir / "final"
         folder.mkdir(exist_ok=True)
-        for cid, (layout, state) in models.items():
-            info = self.clients[cid]
-            metadata = {
-                "method": self.config.method, "model": model_source, "task": info.task,
-                "labels": json.dumps(list(info.labels)), "layout": json.dumps(layout.to_config()),
-                "rank": str(self.config.rank), "lora_alpha": str(self.config.lora_alpha),
-            }
-            tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
-            save_file(tensors, str(folder / f"client_{cid}.safetensors"), metadata=metadata)
+        info = self.clients[cid]
+        metadata = {
+            "method": self.config.method, "model": model_source, "task": info.task,
+            "labels": json.dumps(list(info.labels)), "layout": json.dumps(layout.to_config()),
+            "rank": str(self.config.rank), "lora_alpha": str(self.config.lora_alpha),
+        }
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+        save_file(tensors, str(folder / f"client_{cid}.safetensors"), metadata=metadata)
 
     def finish(self) -> dict:
         """Final per-task table (the last round, the headline) and results.md. The best round is picked on the

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -55,6 +55,11 @@ class Evaluation:
     final: tuple[ExpertLayout, dict[str, torch.Tensor]] | None = None
 
 
+# Takes a client's final model as its evaluation arrives (client, layout, state): saved at once, never held for
+# the whole federation.
+FinalSink = Callable[[int, ExpertLayout, Mapping[str, torch.Tensor]], None]
+
+
 @dataclass(frozen=True)
 class Sync:
     """What every message tells a client besides the method's instruction."""
@@ -72,9 +77,9 @@ class Transport(Protocol):
     def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
         """Run the method's client half for each instruction; clients that fail are absent from the result."""
 
-    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: FinalSink | None, sync: Sync
                  ) -> dict[int, Evaluation]:
-        """Evaluate each client; with ``final``, also return the model it was evaluated with."""
+        """Evaluate each client; with ``final``, hand it the model each client was evaluated with."""
 
     def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
                             instructions: Mapping[int, Instruction], sync: Sync
@@ -167,9 +172,16 @@ class Federation:
                           self.evaluations(rnd, cohort), set(instructions if delivered is None else delivered))
         if self.fuse and not last:
             return trained
-        self.finish(trained, self.transport.evaluate(rnd, trained.evaluate, last, self.sync()),
+        self.finish(trained, self.transport.evaluate(rnd, trained.evaluate, self.final_sink(rnd), self.sync()),
                     time.perf_counter() - start)
         return None
+
+    def final_sink(self, rnd: int) -> FinalSink | None:
+        """After the last round: save each client's final model as its evaluation arrives."""
+        if rnd != self.config.global_rounds - 1:
+            return None
+        source = self.info.get("model_source", self.config.model_name)
+        return lambda cid, layout, state: self.recorder.save_final_model(cid, layout, state, source)
 
     def evaluations(self, rnd: int, cohort: list[int]) -> dict[int, Instruction]:
         """What each client evaluated after round ``rnd`` is evaluated with; after the last round, the newcomers
@@ -186,12 +198,11 @@ class Federation:
         log.info("%s", report.log[0])
         evaluate = self.evaluations(rnd, [])
         trained = Trained(rnd, report, {}, {}, {}, time.perf_counter() - start, evaluate, set())
-        evaluations = self.transport.evaluate(rnd, evaluate, rnd == self.config.global_rounds - 1, self.sync()) \
-            if evaluate else {}
+        evaluations = self.transport.evaluate(rnd, evaluate, self.final_sink(rnd), self.sync()) if evaluate else {}
         self.finish(trained, evaluations, time.perf_counter() - start)
 
     def finish(self, trained: Trained, evaluations: Mapping[int, Evaluation], seconds: float) -> dict:
-        """Record an evaluated round (and, after the last, the final models) and checkpoint it."""
+        """Record an evaluated round and checkpoint it (the last round's final models are saved as they arrive)."""
         rnd, report = trained.rnd, trained.report
         metrics = {cid: e.metrics for cid, e in evaluations.items()}
         last = rnd == self.config.global_rounds - 1
@@ -199,9 +210,6 @@ class Federation:
                                              self.method.client_map(), seconds, rejected=trained.rejected,
                                              evaluated_with=trained.evaluate if last else None,
                                              delivered=trained.delivered)
-        if last:
-            self.recorder.save_final_models({cid: e.final for cid, e in evaluations.items() if e.final},
-                                            self.info.get("model_source", self.config.model_name))
         self.checkpoint(rnd)
         key = headline(summary["mean"])
         per_task = "  ".join(f"{task} {100 * v[key]:.2f}" for task, v in summary["tasks"].items())

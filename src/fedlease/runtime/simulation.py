@@ -44,7 +44,7 @@ from fedlease.runtime.clients import (
     resolve_defaults,
     train_settings,
 )
-from fedlease.runtime.loop import Evaluation, Federation, Sync
+from fedlease.runtime.loop import Evaluation, Federation, FinalSink, Sync
 from fedlease.runtime.participation import Participation, check_participation
 from fedlease.train import TrainingDiverged, resolve_precision
 
@@ -212,13 +212,15 @@ class InProcessTransport:
             self.states[cid].stage(rnd, store)
         return updates
 
-    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: FinalSink | None, sync: Sync
                  ) -> dict[int, Evaluation]:
         evaluations = {}
         for cid, ins in self.bar(instructions.items(), rnd, "evaluate"):
             metrics = self.method.client_evaluate(self.clients[cid], ins, rnd, self.store(cid, sync))
             adapted = self.clients[cid].adapted
-            evaluations[cid] = Evaluation(metrics, (adapted.layout, adapted.state(PARTS)) if final else None)
+            evaluations[cid] = Evaluation(metrics)
+            if final is not None:
+                final(cid, adapted.layout, adapted.state(PARTS))
         return evaluations
 
     def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]] | None:

@@ -38,7 +38,7 @@ from fedlease.runtime.flower.messages import (
     encode_instruction,
 )
 from fedlease.runtime.flower.run_config import from_run_config
-from fedlease.runtime.loop import Evaluation, Federation, Sync
+from fedlease.runtime.loop import Evaluation, Federation, FinalSink, Sync
 from fedlease.runtime.participation import Participation
 from fedlease.runtime.simulation import (
     check_output_dir,
@@ -268,13 +268,15 @@ class FlowerTransport:
                              "used", cid, evaluated + 1, reason, rnd + 1)
         return results, updates
 
-    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: bool, sync: Sync
+    def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: FinalSink | None, sync: Sync
                  ) -> dict[int, Evaluation]:
         evaluations = {}
-        for cid, reply in self.send(rnd, "evaluate", instructions, sync, final).items():
+        for cid, reply in self.send(rnd, "evaluate", instructions, sync, final is not None).items():
             sender, evaluation = decode_evaluation(reply.content)
             if sender == cid:
-                evaluations[cid] = evaluation
+                if final is not None and evaluation.final is not None:
+                    final(cid, *evaluation.final)
+                evaluations[cid] = Evaluation(evaluation.metrics)
         return evaluations
 
     def client_stores(self, sync: Sync) -> None:
