@@ -75,11 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small sizes, few rounds (the test suite)")
     parser.add_argument("--model_name", default=None, help="model to run (default: the offline MiniLM encoder)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="federation sizes to run, smallest first (default: 20 200 1000; quick: 8 40)")
     args = parser.parse_args()
     if args.quick:
         sizes, per_round, rounds, warmup, samples, allocation_clients = (8, 40), 4, 3, 1, 8, 200
     else:
         sizes, per_round, rounds, warmup, samples, allocation_clients = (20, 200, 1000), 10, 8, 2, 20, 1000
+    sizes = args.sizes or sizes
     result: dict = {"benchmark": "open_federation", "samples_per_client": samples, "local_epochs": 1,
                     "rounds": rounds, "warmup_rounds": warmup, "runs": []}
     for clients in sizes:

@@ -248,3 +248,14 @@ def expand_tasks(specs: list[str]) -> list[str]:
         else:
             tasks.append(name)
     return tasks
+
+
+def compress_tasks(tasks: list[str]) -> str:
+    """['a', 'a', 'b'] -> 'a:2 b' (what --tasks accepts)."""
+    runs: list[list] = []
+    for task in tasks:
+        if runs and runs[-1][0] == task:
+            runs[-1][1] += 1
+        else:
+            runs.append([task, 1])
+    return " ".join(task if n == 1 else f"{task}:{n}" for task, n in runs)

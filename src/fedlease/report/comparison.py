@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import adjusted_rand_score
 
-from fedlease.config import RunConfig
+from fedlease.config import RunConfig, compress_tasks
 from fedlease.report.artifacts import METRIC_LABELS, headline
 
 MB = 1e6
@@ -203,7 +203,7 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
     precisions = sorted({p for r in results for p in r.precision})
     used = precisions[0] if len(precisions) == 1 else "mixed: " + "; ".join(
         f"{p} ({', '.join(r.label for r in results if p in r.precision)})" for p in precisions)
-    lines += ["", f"Setting: {base.num_clients} clients ({' '.join(base.tasks)}), {base.global_rounds} rounds "
+    lines += ["", f"Setting: {base.num_clients} clients ({compress_tasks(base.tasks)}), {base.global_rounds} rounds "
                   f"({base.warmup_rounds} warmup for fedlease), {base.local_epochs} local epochs, "
                   f"{base.train_samples}/{base.test_samples} train/test examples per client, batch "
                   f"{base.batch_size}, lr {base.lr:g}, rank {base.rank}, model {base.model_name}, "

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from fedlease.config import RunConfig, field_type
+from fedlease.config import RunConfig, compress_tasks, field_type
 from fedlease.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -38,17 +38,6 @@ def is_list(name: str) -> bool:
 def unset(name: str) -> Scalar:
     kind = field_type(name)
     return "" if kind is str else kind(0)
-
-
-def compress_tasks(tasks: list[str]) -> str:
-    """['a', 'a', 'b'] -> 'a:2 b' (what --tasks accepts)."""
-    runs: list[list] = []
-    for task in tasks:
-        if runs and runs[-1][0] == task:
-            runs[-1][1] += 1
-        else:
-            runs.append([task, 1])
-    return " ".join(task if n == 1 else f"{task}:{n}" for task, n in runs)
 
 
 def to_run_config(config: RunConfig) -> dict[str, Scalar]:
