@@ -301,21 +301,12 @@ class FedLease(FederatedMethod):
         uploads)."""
         return max(max(len(c.labels), 1) for c in self.clients)
 
-    def allocation_signature(self, cid: int) -> dict[str, torch.Tensor]:
-        """What the allocation compared of a client: its warmup B matrices, or its data signature (its mean
-        embedding, the sum of the class blocks, where that tier decided the allocation)."""
-        if self.config.allocation == "paper":
-            return select(self.warmup_loras[cid], ("lora_B",))
-        return {"embedding": placement_form(self.signatures[cid], self.clustering_kind(), self.signature_blocks())}
-
     def placement_signature(self, cid: int) -> dict[str, torch.Tensor]:
-        """What placement compares: the data signature as the allocation did, or B after the first warmup call."""
+        """What placement compares: B after the client's first warmup call, or its data signature as the
+        allocation compared it (its mean embedding, the sum of the class blocks, where that tier decided)."""
         if self.config.allocation == "paper":
             return self.first_b[cid]
-        return self.allocation_signature(cid)
-
-    def clustering_kind(self) -> str:
-        return "embedding" if self.clustering is None else self.clustering.signature
+        return {"embedding": placement_form(self.signatures[cid], self.placement_kind(), self.signature_blocks())}
 
     def delivered(self, cid: int) -> bool:
         return cid in self.warmup_loras and (self.config.allocation == "paper" or cid in self.signatures)
@@ -333,7 +324,7 @@ class FedLease(FederatedMethod):
                               f"are placed by their signature when they are next sampled")
         config = self.config
         if config.allocation == "paper":
-            result = cluster_clients_by_lora_b([self.allocation_signature(cid) for cid in clients],
+            result = cluster_clients_by_lora_b([select(self.warmup_loras[cid], ("lora_B",)) for cid in clients],
                                                config.max_clusters, fixed_clusters=config.num_experts)
         else:
             signatures = [self.signatures[cid] for cid in clients]

@@ -37,6 +37,7 @@ from fedlease.methods.base import (
     Instruction,
     RoundReport,
     Update,
+    average_groups,
     average_states,
     label_set_key,
     select,
@@ -106,12 +107,10 @@ class IFCA(FederatedMethod):
                 self.clusters[k] = average_states([select(updates[c].state, LORA_PARTS) for c in members],
                                                   [updates[c].num_examples for c in members])
             report.log.append(f"cluster {k}: clients {members}" + ("" if members else " (kept)"))
-        groups: dict[str, list[int]] = {}
-        for cid in updates:
-            groups.setdefault(label_set_key(self.clients[cid].labels, self.assignment[cid]), []).append(cid)
-        for key, members in groups.items():
-            self.heads[key] = average_states([select(updates[c].state, ("head",)) for c in members],
-                                             [updates[c].num_examples for c in members])
+        self.heads.update(average_groups({cid: u.state for cid, u in updates.items()},
+                                         {cid: u.num_examples for cid, u in updates.items()},
+                                         lambda cid: label_set_key(self.clients[cid].labels, self.assignment[cid]),
+                                         ("head",)))
         return report
 
     def client_map(self) -> dict[int, list[int]]:
