@@ -527,3 +527,41 @@ def test_a_killed_supernode_restarted_mid_run_ends_as_an_uninterrupted_run(tiny_
     assert history(out)["final"] is not None, streamed[-4000:]
     assert re.search(r"client 2 (is now on|rejoined on) node", (out / "training_log.txt").read_text())
     assert_same_results(tmp_path / "in-process", out)
+
+
+def test_twenty_real_supernodes_five_a_round_and_a_node_that_joins_after_the_allocation(tiny_model, tmp_path):
+    """20 SuperNode processes on loopback, 5 sampled a round; node 19 starts only once the allocation is written, so
+    it is placed by its signature, never clustered; the run ends with every node's metrics."""
+    from fedlease.runtime.flower.deploy import LoopbackDeployment
+
+    out = tmp_path / "flower"
+    config = deployment_config(tiny_model, out, tasks=["rotten_tomatoes:10", "snli:10"], global_rounds=5,
+                               warmup_rounds=2, clients_per_round=5, num_experts=2, train_samples=8, test_samples=4,
+                               seed=1)
+    with LoopbackDeployment(tmp_path / "work", 20, log=lambda _: None, late=[19]) as deployment:
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(
+            proc=deployment.submit(config, round_timeout=240, stream_to=subprocess.PIPE)))
+        runner.start()
+        deadline = time.monotonic() + 600
+        while not (out / "round_summary_2.json").exists() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (out / "round_summary_2.json").exists(), "the warmup did not end"
+        deployment.start_node(19)
+        runner.join(timeout=600)
+        assert not runner.is_alive(), "the run did not finish"
+    streamed = result["proc"].stdout.decode(errors="replace")
+    h = history(out)
+    assert h["final"] is not None, streamed[-4000:]
+    assert 19 not in h["clustering"]["clients"]
+    sampler = Participation(config)
+    for rnd, summary in enumerate(h["rounds"]):
+        trained = sorted(int(cid) for cid, c in summary["clients"].items() if c["train"] is not None)
+        # node 19 is reachable from round 3 or 4 on (when it connected is the machine's timing, not the seed's)
+        allowed = [sampler.cohort(rnd, [c for c in range(20) if c != 19 or rnd >= first]) for first in (2, 3)]
+        assert trained in allowed if rnd >= 2 else trained == allowed[0], (rnd, trained, allowed)
+        if 19 in trained:
+            assert summary["clients"]["19"]["train"]["expert"] in (0, 1)  # placed on its first round
+    final = h["rounds"][-1]["clients"]
+    assert sorted(int(cid) for cid, c in final.items() if c["eval"] is not None) == list(range(20))
+    assert sum(h["final"]["counts"].values()) == 20

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedlease.config import RunConfig
@@ -124,7 +125,7 @@ class LoopbackDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1, each in its own process group, stopped on exit."""
 
     def __init__(self, workdir: Path, num_nodes: int, tls: bool = False, log=print, executor: str = "fedlease",
-                 node_config: dict[int, dict[str, object]] | None = None) -> None:
+                 node_config: dict[int, dict[str, object]] | None = None, late: Iterable[int] = ()) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
         self.workdir = workdir.resolve()
@@ -132,6 +133,7 @@ class LoopbackDeployment:
         self.tls = tls
         self.executor = executor
         self.node_config = node_config or {}  # extra node config per partition id (tests: a bad state-dir, ...)
+        self.late = set(late)  # partition ids that start() leaves out: the caller starts them later (start_node)
         self.log = log
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, **ENV, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -181,7 +183,8 @@ class LoopbackDeployment:
         self.wait_healthy("superlink", self.port)
         self.log(f"SuperLink on 127.0.0.1:{self.port} ({'TLS' if self.tls else 'insecure'})")
         for pid in range(self.num_nodes):
-            self.start_node(pid)
+            if pid not in self.late:
+                self.start_node(pid)
         self.write_connection()
 
     def state_dir(self, partition_id: int) -> Path:
@@ -265,9 +268,11 @@ def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = 
 
     Everything that can be checked here (flags, tasks, data, model location, output directory) is checked
     before any process starts: inside the run an error would only surface in the streamed log."""
+    from fedlease.runtime.flower.server_app import refuse_privacy_on_flower
     from fedlease.runtime.simulation import check_model_source, check_output_dir, load_partition, prepare_config
 
     config = prepare_config(dataclasses.replace(config, output_dir=str(Path(config.output_dir).expanduser().resolve())))
+    refuse_privacy_on_flower(config)
     check_output_dir(config)
     load_partition(config)
     check_model_source(config)
