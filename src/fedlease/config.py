@@ -137,6 +137,17 @@ class RunConfig:
     eval_every: int = field(default=0, metadata=_opt(
         "With sampling, every round evaluates the round's participants; every this many rounds (and always "
         "after the last) every client is evaluated. 0 = every client only after the last round."))
+    dp_clip: float | None = field(default=None, metadata=_opt(
+        "Client-level differential privacy (DP-FedAvg): each client clips the change of its whole upload to this "
+        "L2 norm, and the server adds Gaussian noise to every aggregate's sum (see README, Privacy). Off by "
+        "default."))
+    dp_noise: float | None = field(default=None, metadata=_opt(
+        "With --dp_clip: the noise multiplier sigma (each sum gets noise of standard deviation sigma x clip)."))
+    dp_epsilon: float | None = field(default=None, metadata=_opt(
+        "With --dp_clip and --dp_delta: calibrate the noise multiplier before round 1 so that the whole run "
+        "spends this epsilon (instead of --dp_noise)."))
+    dp_delta: float | None = field(default=None, metadata=_opt(
+        "The delta of the (epsilon, delta) guarantee; default with --dp_noise: 1 / (10 x clients)."))
     overwrite: bool = field(default=False, metadata=_opt(
         "Replace the results of an earlier run in --output_dir."))
 

@@ -12,6 +12,7 @@ State moves as flat ``name -> tensor`` mappings (see ``fedlease.model.experts``)
 from __future__ import annotations
 
 import json
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +23,17 @@ import torch
 from fedlease.clustering import ClusteringResult
 from fedlease.config import RunConfig
 from fedlease.model.experts import ExpertLayout, own_expert_from_bank
+from fedlease.privacy import LOCAL_NOISE, expected_contributors, noise_multiplier
+from fedlease.privacy.accounting import Release
+from fedlease.privacy.mechanism import NoisyMean, add_noise, clip_change
 from fedlease.seeding import derive_seed
 from fedlease.train import LocalClient
 
 Scalar = int | float | str | bool
 
 LORA_PARTS = ("lora_A", "lora_B")
+SECRET = "privacy.secret"  # a client's store: the seed of the noise it adds itself
+SIZE_METRICS = ("examples", "steps", "seconds")  # training metrics that tell how much data a client holds
 PART_SUFFIXES = {"lora_A": (".lora_A",), "lora_B": (".lora_B",), "router": (".router",),
                  "experts": (".experts_A", ".experts_B")}
 
@@ -101,6 +107,13 @@ def average_groups(states: Mapping[int, Mapping[str, torch.Tensor]], weights: Ma
             for group, members in groups.items()}
 
 
+def client_secret(store: dict[str, torch.Tensor]) -> int:
+    """A seed only this client knows, drawn once and kept in its store: the noise of its own releases."""
+    if SECRET not in store:
+        store[SECRET] = torch.tensor(secrets.randbits(62), dtype=torch.int64)
+    return int(store[SECRET])
+
+
 def label_set_key(labels: Sequence[str], cluster: int | None = None) -> str:
     """The server's key of a head shared by the clients of one label set (and one cluster): a string, so that
     checkpoints keep it as JSON."""
@@ -123,6 +136,53 @@ class FederatedMethod(ABC):
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         self.config = config
         self.clients = list(clients)
+        # differential privacy (--dp_clip), set by the runtime: the server's noised mean, and the seeded initial
+        # state (seed -> LoRA and head) that is the reference of an aggregate no client downloaded yet
+        self.noisy: NoisyMean | None = None
+        self.initial: Callable[[int], dict[str, torch.Tensor]] | None = None
+        self.initial_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.reference: dict[str, torch.Tensor] = {}  # client half: the public state the last load started from
+
+    # -- differential privacy -------------------------------------------------------------------------------
+    @classmethod
+    def privacy_plan(cls, config: RunConfig) -> list[Release]:
+        """What the method releases under DP, round by round: by default one aggregate release per round."""
+        from fedlease.privacy import accounting_rate
+
+        return [Release("round", rnd, accounting_rate(config)) for rnd in range(config.global_rounds)]
+
+    def initial_parts(self, parts: Iterable[str], seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``parts`` of the seeded initial state (the server's reference for an aggregate not yet formed)."""
+        seed = self.config.seed if seed is None else seed
+        if seed not in self.initial_cache:
+            assert self.initial is not None, "a DP run's server needs the seeded initial state"
+            self.initial_cache[seed] = self.initial(seed)
+        return select(self.initial_cache[seed], parts)
+
+    def mean(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+             reference: Callable[[], Mapping[str, torch.Tensor]], members: Iterable[int], name: str,
+             share: float = 1.0) -> dict[str, torch.Tensor]:
+        """The aggregate of ``states``: their example-weighted mean, or under DP the noised mean change against
+        ``reference()`` (what the clients started from), divided by the contributors expected among
+        ``members`` (the group's clients; ``share`` of them where membership is chosen each round)."""
+        if self.noisy is None:
+            return average_states(states, weights)
+        return self.noisy.mean(states, reference(), share * expected_contributors(self.config, members), name)
+
+    def mean_groups(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
+                    group_of: Callable[[int], Hashable], parts: Iterable[str],
+                    reference_of: Callable[[Hashable], Mapping[str, torch.Tensor]],
+                    members_of: Callable[[Hashable], Iterable[int]], share: float = 1.0
+                    ) -> dict[Hashable, dict[str, torch.Tensor]]:
+        """``average_groups``, or under DP each group's noised mean (``mean``)."""
+        if self.noisy is None:
+            return average_groups(states, weights, group_of, parts)
+        groups: dict[Hashable, list[int]] = {}
+        for cid in states:
+            groups.setdefault(group_of(cid), []).append(cid)
+        return {group: self.mean([select(states[c], parts) for c in cids], [], lambda g=group: reference_of(g),
+                                 members_of(group), f"group {group}", share)
+                for group, cids in groups.items()}
 
     # -- server half --------------------------------------------------------------------------------------
     # ``cohort``: the clients the runtime sampled for the round (None: every client). A method never samples; it
@@ -169,10 +229,29 @@ class FederatedMethod(ABC):
     def load(self, client: LocalClient, ins: Instruction, store: Mapping[str, torch.Tensor]) -> None:
         client.adapted.configure(ins.layout)
         state = client.adapted.initial_state(self.config.seed)
+        own = own_expert_from_bank(ins.state, ins.layout)
+        self.reference = {**state, **ins.state, **own}  # all but the client's own kept state: public
         state.update(select(store, ins.restore))
         state.update(ins.state)
-        state.update(own_expert_from_bank(ins.state, ins.layout))
+        state.update(own)
         client.apply(ins.layout, state)
+
+    def client_update(self, client: LocalClient, ins: Instruction, rnd: int,
+                      store: dict[str, torch.Tensor]) -> Update:
+        """``client_train``, and under DP the upload's change against what the client started from clipped to
+        --dp_clip (and noised here where the instruction makes the upload a release of this client alone)."""
+        update = self.client_train(client, ins, rnd, store)
+        if self.config.dp_clip is None:
+            return update
+        update.state, _ = clip_change(update.state, self.reference, self.config.dp_clip)
+        if ins.extra.get(LOCAL_NOISE):
+            std = noise_multiplier(self.config, self.privacy_plan(self.config)) * self.config.dp_clip
+            update.state = add_noise(update.state, [k for k in update.state if k in self.reference], std,
+                                     derive_seed(client_secret(store), "dp-upload", rnd))
+        # equal weights: the server needs no example count, so none leaves the client, nor what implies one
+        update.num_examples = 1
+        update.metrics = {k: v for k, v in update.metrics.items() if k not in SIZE_METRICS}
+        return update
 
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
                      store: dict[str, torch.Tensor]) -> Update:

@@ -59,10 +59,14 @@ from fedlease.methods.base import (
     Update,
     average_groups,
     average_states,
+    client_secret,
     label_set_key,
     select,
 )
 from fedlease.model.experts import ExpertLayout, init_router
+from fedlease.privacy import LOCAL_NOISE, accounting_rate, noise_multiplier
+from fedlease.privacy.accounting import Release
+from fedlease.privacy.mechanism import add_noise, clip_change
 from fedlease.seeding import derive_seed
 from fedlease.train import LocalClient
 
@@ -90,6 +94,17 @@ class FedLease(FederatedMethod):
         self.experts: list[dict[str, torch.Tensor]] = []  # expert k: <site>.lora_A / .lora_B
         self.routers: list[dict[str, torch.Tensor]] = []  # router of cluster k: <site>.router
         self.heads: dict[str, dict[str, torch.Tensor]] = {}  # label_set_key(labels, cluster) -> head
+
+    @classmethod
+    def privacy_plan(cls, config: RunConfig) -> list[Release]:
+        """Under DP: each warmup round, every sampled client's clipped warmup upload, noised by the client itself
+        (the allocation needs each client's own LoRA); with the embedding allocation, once, each client's data
+        signature, noised by the client; then one aggregate release per adaptive round."""
+        rate = accounting_rate(config)
+        plan = [Release("warmup", rnd, rate) for rnd in range(config.warmup_rounds)]
+        if config.allocation == "embedding":
+            plan.insert(0, Release("signature", 0, 1.0))
+        return plan + [Release("round", rnd, rate) for rnd in range(config.warmup_rounds, config.global_rounds)]
 
     # -- who shares what ----------------------------------------------------------------------------------
     def in_warmup(self, rnd: int) -> bool:
@@ -209,6 +224,8 @@ class FedLease(FederatedMethod):
         seeded init, later ones continue what it keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
         extra = {SEND_SIGNATURE: self.signature_blocks()} if self.config.allocation == "embedding" else {}
+        if self.config.dp_clip is not None:
+            extra[LOCAL_NOISE] = 1
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
 
@@ -260,11 +277,16 @@ class FedLease(FederatedMethod):
                 continue
             states = [updates[cid].state for cid in replied]
             weights = [updates[cid].num_examples for cid in replied]
-            self.experts[k] = average_states([select(s, LORA_PARTS) for s in states], weights)
+            self.experts[k] = self.mean([select(s, LORA_PARTS) for s in states], weights,
+                                        lambda k=k: self.experts[k], members, f"expert {k}")
             if self.routers:
-                self.routers[k] = average_states([select(s, ("router",)) for s in states], weights)
-        self.average_heads({cid: u.state for cid, u in updates.items()},
-                           {cid: u.num_examples for cid, u in updates.items()})
+                self.routers[k] = self.mean([select(s, ("router",)) for s in states], weights,
+                                            lambda k=k: self.routers[k], members, f"router {k}")
+        groups = self.members()
+        self.heads.update(self.mean_groups(
+            {cid: u.state for cid, u in updates.items()}, {cid: u.num_examples for cid, u in updates.items()},
+            self.head_key, ("head",), lambda key: self.heads.get(key) or self.initial_parts(("head",)),
+            lambda key: [cid for cid in groups[int(key.partition("/")[0])] if self.head_key(cid) == key]))
         return report
 
     def place(self, joiners: Mapping[int, Update], report: RoundReport) -> dict[int, int | None]:
@@ -358,10 +380,9 @@ class FedLease(FederatedMethod):
                     site = key.removesuffix(".lora_A")
                     router[f"{site}.router"] = init_router(value.shape[1], slots, self.config.seed, site)
             self.routers = [dict(router) for _ in range(result.num_clusters)]
-        self.average_heads({cid: self.warmup_loras[cid] for cid in clients}, dict.fromkeys(clients, 1.0))
-
-    def average_heads(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> None:
-        self.heads.update(average_groups(states, weights, self.head_key, ("head",)))
+        # under DP the warmup uploads were noised by each client: their averages need no more noise
+        self.heads.update(average_groups({cid: self.warmup_loras[cid] for cid in clients},
+                                         dict.fromkeys(clients, 1.0), self.head_key, ("head",)))
 
     # -- client half --------------------------------------------------------------------------------------
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
@@ -374,8 +395,8 @@ class FedLease(FederatedMethod):
             metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
             return Update({**client.state(ins.train), **signature}, client.num_train, {**metrics, "expert": k})
         blocks = int(ins.extra.get(SEND_SIGNATURE, 0))
-        if blocks and SIGNATURE not in store:
-            store[SIGNATURE] = data_signature(client, self.config.seed, blocks)
+        if blocks:
+            self.keep_signature(client, store, blocks)
         update = super().client_train(client, ins, rnd, store)
         if blocks:
             update.state[SIGNATURE] = store[SIGNATURE]
@@ -397,11 +418,13 @@ class FedLease(FederatedMethod):
             client.apply(PLAIN_LORA, client.adapted.initial_state(self.config.seed))
             client.fit(WARMUP_PARTS, seed=derive_seed(self.config.seed, "placement", client.client_id))
             compared = client.state(("lora_B",))
+            if self.config.dp_clip is not None:  # a release of this client alone, as its warmup upload would be
+                compared = self.noised(compared, select(client.adapted.initial_state(self.config.seed),
+                                                        ("lora_B",)), store, "dp-placement")
             upload = {PLACED_B + key.removesuffix(".lora_B"): value for key, value in compared.items()}
         else:
             blocks = int(ins.extra[SEND_SIGNATURE])
-            if SIGNATURE not in store:
-                store[SIGNATURE] = data_signature(client, self.config.seed, blocks)
+            self.keep_signature(client, store, blocks)
             upload = {SIGNATURE: store[SIGNATURE]}
             compared = {"embedding": placement_form(store[SIGNATURE], kind, blocks)}
         centroids = [prefixed(ins.state, f"centroid{j}/") for j in range(ins.layout.num_experts)]
@@ -409,6 +432,31 @@ class FedLease(FederatedMethod):
         chosen = {**{key: v for key, v in ins.state.items() if "/" not in key}, **prefixed(ins.state, f"cluster{k}/")}
         self.load(client, Instruction(replace(ins.layout, own_expert=k), chosen), store)
         return k, upload
+
+
+    def keep_signature(self, client: LocalClient, store: dict[str, torch.Tensor], blocks: int) -> None:
+        """Compute the client's data signature once and keep it in its store. Under DP every example's embedding
+        is clipped to norm 1 first, so the signature (a mean of them) has norm at most 1, and Gaussian noise of
+        standard deviation sigma is added once: what the store keeps, and every upload repeats, is that release."""
+        if SIGNATURE in store:
+            return
+        private = self.config.dp_clip is not None
+        signature = data_signature(client, self.config.seed, blocks, clip_examples=private)
+        if private:
+            signature = self.noised({"s": signature}, {}, store, "dp-signature", sensitivity=1.0)["s"]
+        store[SIGNATURE] = signature
+
+    def noised(self, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+               store: dict[str, torch.Tensor], purpose: str, sensitivity: float | None = None
+               ) -> dict[str, torch.Tensor]:
+        """A client's own release under DP: its change against ``reference`` clipped to --dp_clip (a state with no
+        reference: its norm is already at most ``sensitivity``) plus Gaussian noise of standard deviation
+        sigma x that bound, from the client's own secret seed."""
+        bound = sensitivity if sensitivity is not None else self.config.dp_clip
+        if reference:
+            state, _ = clip_change(state, reference, bound)
+        std = noise_multiplier(self.config, self.privacy_plan(self.config)) * bound
+        return add_noise(state, list(state), std, derive_seed(client_secret(store), purpose))
 
 
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -422,7 +470,7 @@ def placement_form(signature: torch.Tensor, kind: str, blocks: int) -> torch.Ten
     return signature_mean(signature, signature.numel() // blocks) if kind == "embedding_mean" else signature
 
 
-def data_signature(client: LocalClient, seed: int, blocks: int = 1) -> torch.Tensor:
+def data_signature(client: LocalClient, seed: int, blocks: int = 1, clip_examples: bool = False) -> torch.Tensor:
     """The client's data, class by class, in the frozen encoder's embedding (``LocalClient.embed``; a sentence
     embedding with a bi-encoder): block c is the client's share of class c times the mean embedding of its examples
     of class c, the blocks flattened into one vector (``blocks`` x hidden, zero blocks beyond the client's classes;
@@ -432,6 +480,8 @@ def data_signature(client: LocalClient, seed: int, blocks: int = 1) -> torch.Ten
     LoRA has B = 0, so with it loaded the model is the frozen encoder."""
     client.apply(PLAIN_LORA, client.adapted.initial_state(seed))
     embeddings = client.embed(client.train_data)
+    if clip_examples:  # each example's embedding to L2 norm at most 1 (differential privacy's per-example bound)
+        embeddings = embeddings / embeddings.norm(dim=1, keepdim=True).clamp(min=1.0)
     labels = client.train_data.labels
     signature = torch.zeros(max(blocks, client.spec.num_classes), embeddings.shape[1])
     for c in labels.unique().tolist():

@@ -37,8 +37,6 @@ from fedlease.methods.base import (
     Instruction,
     RoundReport,
     Update,
-    average_groups,
-    average_states,
     label_set_key,
     select,
 )
@@ -104,13 +102,20 @@ class IFCA(FederatedMethod):
         for k in range(self.num_clusters):
             members = [cid for cid in updates if self.assignment[cid] == k]
             if members:
-                self.clusters[k] = average_states([select(updates[c].state, LORA_PARTS) for c in members],
-                                                  [updates[c].num_examples for c in members])
+                # under DP a cluster's expected contributors are a K-th of the federation's: who chooses a
+                # cluster is decided by the clients' data, so it cannot fix the divisor
+                self.clusters[k] = self.mean([select(updates[c].state, LORA_PARTS) for c in members],
+                                             [updates[c].num_examples for c in members],
+                                             lambda k=k: self.clusters.get(k) or self.initial_parts(
+                                                 LORA_PARTS, derive_seed(self.config.seed, "ifca-cluster", k)),
+                                             self.ids(None), f"cluster {k}", 1 / self.num_clusters)
             report.log.append(f"cluster {k}: clients {members}" + ("" if members else " (kept)"))
-        self.heads.update(average_groups({cid: u.state for cid, u in updates.items()},
-                                         {cid: u.num_examples for cid, u in updates.items()},
-                                         lambda cid: label_set_key(self.clients[cid].labels, self.assignment[cid]),
-                                         ("head",)))
+        self.heads.update(self.mean_groups(
+            {cid: u.state for cid, u in updates.items()}, {cid: u.num_examples for cid, u in updates.items()},
+            lambda cid: label_set_key(self.clients[cid].labels, self.assignment[cid]), ("head",),
+            lambda key: self.heads.get(key) or self.initial_parts(("head",)),
+            lambda key: [c.client_id for c in self.clients if label_set_key(c.labels) == key.partition("/")[2]],
+            1 / self.num_clusters))
         return report
 
     def client_map(self) -> dict[int, list[int]]:

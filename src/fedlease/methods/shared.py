@@ -25,8 +25,6 @@ from fedlease.methods.base import (
     Instruction,
     RoundReport,
     Update,
-    average_groups,
-    average_states,
     label_set_key,
     select,
 )
@@ -44,9 +42,12 @@ class SharedAdapterMethod(FederatedMethod):
         self.state: dict[str, torch.Tensor] = {}
         self.heads: dict[str, dict[str, torch.Tensor]] = {}  # label_set_key -> head
 
+    def head_key(self, cid: int) -> str:
+        return label_set_key(self.clients[cid].labels)
+
     def download(self, cid: int) -> dict[str, torch.Tensor]:
         # Round 0 downloads nothing: every client starts from the shared seeded init.
-        return {**self.state, **self.heads.get(label_set_key(self.clients[cid].labels), {})}
+        return {**self.state, **self.heads.get(self.head_key(cid), {})}
 
     def configure_train(self, rnd: int, cohort: Iterable[int] | None = None) -> dict[int, Instruction]:
         return {cid: Instruction(ExpertLayout(), self.download(cid), train=self.trained, upload=self.uploaded,
@@ -61,9 +62,13 @@ class SharedAdapterMethod(FederatedMethod):
             return RoundReport("federated", ["no client replied; the shared adapter is unchanged"])
         states = {cid: u.state for cid, u in updates.items()}
         weights = {cid: float(u.num_examples) for cid, u in updates.items()}
-        self.state = average_states([select(s, self.shared) for s in states.values()], list(weights.values()))
-        self.heads.update(average_groups(states, weights, lambda cid: label_set_key(self.clients[cid].labels),
-                                         ("head",)))
+        everyone = [c.client_id for c in self.clients]
+        self.state = self.mean([select(s, self.shared) for s in states.values()], list(weights.values()),
+                               lambda: self.state or self.initial_parts(self.shared), everyone, "shared")
+        self.heads.update(self.mean_groups(
+            states, weights, self.head_key, ("head",),
+            lambda key: self.heads.get(key) or self.initial_parts(("head",)),
+            lambda key: [cid for cid in everyone if self.head_key(cid) == key]))
         return RoundReport("federated", [f"FedAvg of {'/'.join(self.shared)} over {len(updates)} clients; "
                                          f"heads per label set"])
 

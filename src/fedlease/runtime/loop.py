@@ -39,6 +39,7 @@ import torch
 from fedlease.config import RunConfig
 from fedlease.methods.base import FederatedMethod, Instruction, RoundReport, Update
 from fedlease.model.experts import ExpertLayout
+from fedlease.privacy import PrivacyLedger, enabled
 from fedlease.report.artifacts import METRIC_LABELS, RunRecorder, headline
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
 from fedlease.runtime.client_state import NO_ROUND
@@ -124,6 +125,13 @@ class Federation:
         self.info.setdefault("federation", uuid.uuid4().hex)
         self.accepted: dict[int, int] = {}
         self.participation = Participation(self.config)
+        self.privacy = PrivacyLedger(self.config, self.method.privacy_plan(self.config)) if enabled(self.config) \
+            else None
+        if self.privacy is not None:
+            self.method.noisy = self.privacy.noisy
+            log.info("differential privacy: clip %g, noise multiplier %.4f, delta %g; the run's plan spends "
+                     "epsilon %.3f (%s)", self.config.dp_clip, self.privacy.noise, self.privacy.delta,
+                     self.privacy.record()["planned_epsilon"], self.privacy.record()["accountant"])
         # one message per client and round: a round's evaluation rides on the next round's training messages,
         # which only reach the same clients when every client trains every round
         self.fuse = getattr(self.transport, "fuses_evaluation", False) and not self.participation.partial
@@ -149,6 +157,8 @@ class Federation:
         if not cohort:
             return self.skip(rnd, start)
         instructions = method.configure_train(rnd, cohort)
+        if self.privacy is not None:
+            self.privacy.begin(rnd)
         if waiting is None:
             updates = self.transport.train(rnd, instructions, self.sync())
         else:
@@ -205,6 +215,10 @@ class Federation:
         """Record an evaluated round and checkpoint it (the last round's final models are saved as they arrive)."""
         rnd, report = trained.rnd, trained.report
         metrics = {cid: e.metrics for cid, e in evaluations.items()}
+        if self.privacy is not None:
+            spent = self.privacy.charge(rnd)
+            self.recorder.history["privacy"] = self.privacy.record()
+            log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd + 1, spent, self.privacy.delta)
         last = rnd == self.config.global_rounds - 1
         summary = self.recorder.record_round(rnd, report, trained.instructions, trained.accepted, metrics,
                                              self.method.client_map(), seconds, rejected=trained.rejected,
@@ -221,6 +235,8 @@ class Federation:
         stores = self.transport.client_stores(self.sync())
         state = {"method": self.method.server_state(), "validator": self.validator.state_dict(),
                  "accepted": {str(cid): r for cid, r in sorted(self.accepted.items())}}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         save_checkpoint(self.out, Checkpoint(rnd, self.config.to_dict(), state, stores or {},
                                              self.recorder.history, dict(self.info)))
 
@@ -228,6 +244,8 @@ class Federation:
         """Continue from a checkpoint; return the first round still to run."""
         self.method.load_server_state(ckpt.method_state["method"])
         self.validator.load_state_dict(ckpt.method_state["validator"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(ckpt.method_state["privacy"])
         self.recorder.history = ckpt.history
         self.info["federation"] = ckpt.info.get("federation", self.info["federation"])
         # where and how each later session ran (device, precision, ...): the history's own keys are the first's

@@ -30,6 +30,7 @@ from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
 from fedlease.model.backbone import Backbone, resolve_device
 from fedlease.model.experts import PARTS
+from fedlease.privacy import check_privacy, enabled, noise_multiplier
 from fedlease.report.artifacts import PLOT_FILES, RunRecorder, format_table
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fedlease.runtime.checkpoint import load_checkpoint, read_checkpoint_config
@@ -81,6 +82,9 @@ def prepare_config(config: RunConfig) -> RunConfig:
     if config.method == "fedlease" and config.warmup_rounds < 1:
         raise ConfigError("fedlease clusters clients on their warmup LoRAs: --warmup_rounds must be at least 1")
     check_participation(config)
+    check_privacy(config)
+    if enabled(config):
+        noise_multiplier(config, METHODS[config.method].privacy_plan(config))  # a budget it cannot meet fails here
     return config
 
 
@@ -206,7 +210,7 @@ class InProcessTransport:
         for cid, ins in self.bar(instructions.items(), rnd, "train"):
             store = self.store(cid, sync)
             try:
-                updates[cid] = self.method.client_train(self.clients[cid], ins, rnd, store)
+                updates[cid] = self.method.client_update(self.clients[cid], ins, rnd, store)
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"round {rnd + 1}, {exc}") from None
             self.states[cid].stage(rnd, store)
@@ -290,6 +294,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                 log.info("resuming %s after round %d of %d", out, ckpt.round + 1, config.global_rounds)
             backbone, clients, infos = build_clients(config, splits, pool_capacity(config))
             method = create_method(config, infos)
+            method.initial = backbone.adapted.initial_state  # public: the reference of DP's first aggregates
             info = {"model_source": backbone.source, "device": str(backbone.device),
                     "precision": str(clients.settings.amp_dtype or "fp32")}
             recorder = RunRecorder(out, config, infos, info, Participation(config).unseen)

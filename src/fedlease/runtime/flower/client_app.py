@@ -246,7 +246,7 @@ def train(msg: Message, context: Context) -> Message:
                 evaluation_error = describe(exc)
             evaluation_seconds = time.perf_counter() - began
         try:
-            update = current.method.client_train(current.client, ins, rnd, store)
+            update = current.method.client_update(current.client, ins, rnd, store)
         except Exception as exc:
             if evaluation is None:
                 raise

@@ -24,6 +24,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedlease.config import RunConfig
+from fedlease.errors import ConfigError
 from fedlease.methods import create_method
 from fedlease.methods.base import Instruction, Update
 from fedlease.report.artifacts import RunRecorder
@@ -283,6 +284,13 @@ class FlowerTransport:
         return None  # each client's store lives on its own node
 
 
+def refuse_privacy_on_flower(config: RunConfig) -> None:
+    if config.dp_clip is not None:
+        raise ConfigError("--dp_clip runs in process only so far: the server keeps each aggregate as a change "
+                          "against the seeded initial state, which a Flower ServerApp (it loads no model) does not "
+                          "have; run it with fedlease run")
+
+
 def resend(message: Message, node_id: int) -> Message:
     """The same instruction for the client's new node."""
     return Message(message.content, dst_node_id=node_id, message_type=message.metadata.message_type,
@@ -304,6 +312,7 @@ def main(grid: Grid, context: Context) -> None:
     log_to_flower()
     config, runtime = from_run_config(context.run_config)
     config = prepare_config(config)
+    refuse_privacy_on_flower(config)
     out = Path(config.output_dir).expanduser()
     ckpt = load_checkpoint(out) if runtime["resume"] else None
     if ckpt is None:

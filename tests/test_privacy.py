@@ -1,0 +1,203 @@
+"""Client-level differential privacy: clipping, noise, accounting, the methods under DP, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_run_config
+from fedlease.cli import main
+from fedlease.errors import ConfigError
+from fedlease.methods import METHODS
+from fedlease.privacy import expected_contributors
+from fedlease.privacy.accounting import Release, calibrate, epsilon
+from fedlease.privacy.mechanism import NoisyMean, change_norm, clip_change
+from fedlease.runtime.simulation import run
+
+HARNESS = Path(__file__).parent / "kill_harness.py"
+
+
+# -- the mechanism --------------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(1e-3, 1e3), clip=st.floats(1e-3, 10.0), seed=st.integers(0, 2**31))
+def test_clipping_bounds_the_change_of_every_upload_and_leaves_a_small_one_alone(scale, clip, seed):
+    gen = torch.Generator().manual_seed(seed)
+    reference = {"a.lora_A": torch.randn(4, 6, generator=gen), "head.w": torch.randn(3, generator=gen)}
+    state = {key: value + scale * torch.randn(value.shape, generator=gen) for key, value in reference.items()}
+    state["signature.embedding"] = torch.randn(5, generator=gen)  # no reference: not part of the clipped change
+    clipped, norm = clip_change(state, reference, clip)
+    assert norm == pytest.approx(change_norm(state, reference, reference))
+    # up to the float32 rounding of reference + change (half an ulp per number of the weights' size)
+    rounding = 2**-23 * math.sqrt(sum(float(v.double().pow(2).sum()) for v in reference.values()))
+    assert change_norm(clipped, reference, reference) <= clip * (1 + 1e-9) + rounding
+    assert torch.equal(clipped["signature.embedding"], state["signature.embedding"])
+    if norm <= clip:
+        assert all(torch.equal(clipped[k], state[k]) for k in state)
+    else:  # the direction of the change is kept
+        a, b = (torch.cat([(s[k] - reference[k]).flatten() for k in reference]) for s in (clipped, state))
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+
+
+def test_the_noise_of_an_aggregate_has_the_configured_standard_deviation():
+    """With no change at all, an aggregate is its reference plus N(0, (sigma x clip / expected)^2) noise: over 200k
+    draws the sample standard deviation is within 1.5% of it (its own standard error is 0.16%)."""
+    reference = {"x.lora_A": torch.zeros(400, 500)}
+    noisy = NoisyMean(clip=0.5, noise=2.0, secret=1234)
+    out = noisy.mean([reference] * 3, reference, expected=4.0, name="expert 0")["x.lora_A"].double()
+    assert out.std().item() == pytest.approx(2.0 * 0.5 / 4.0, rel=0.015)
+    assert abs(out.mean().item()) < 3 * 0.25 / math.sqrt(out.numel())
+    again = noisy.mean([reference] * 3, reference, expected=4.0, name="expert 0")["x.lora_A"]
+    assert torch.equal(again, out.float())  # the same round and aggregate: the same draw (a resume repeats it)
+    noisy.round = 1
+    assert not torch.equal(noisy.mean([reference], reference, 4.0, "expert 0")["x.lora_A"], out.float())
+    assert not torch.equal(NoisyMean(0.5, 2.0, 99).mean([reference], reference, 4.0, "expert 0")["x.lora_A"],
+                           out.float())
+
+
+def test_an_aggregate_is_the_reference_plus_the_sum_of_changes_over_the_expected_contributors():
+    reference = {"w": torch.tensor([1.0, 2.0])}
+    states = [{"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([1.0, 4.0])}]
+    out = NoisyMean(clip=1.0, noise=0.0, secret=1).mean(states, reference, expected=4.0, name="g")
+    assert torch.allclose(out["w"], torch.tensor([1.25, 2.5]))  # (1, 2) / 4 added, not / 2 replied
+
+
+# -- accounting -----------------------------------------------------------------------------------------------
+
+def test_epsilon_is_the_librarys_for_the_same_events_and_grows_with_rounds():
+    releases = [Release("round", r, 0.1) for r in range(100)]
+    assert epsilon(1.0, releases, 1e-5) == pytest.approx(7.904, abs=1e-3)  # dp-accounting's RDP, the issue's value
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 100)
+    assert epsilon(1.0, releases, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+    spent = [epsilon(1.0, releases[:n], 1e-5) for n in (1, 10, 50, 100)]
+    assert spent == sorted(spent) and spent[0] < spent[-1]
+    assert epsilon(1.0, [], 1e-5) == 0.0
+
+
+def test_calibration_finds_the_noise_that_spends_the_budget():
+    plan = [Release("round", r, 0.1) for r in range(100)]
+    noise = calibrate(7.904, 1e-5, plan)
+    assert noise == pytest.approx(1.0, abs=2e-3)
+    assert epsilon(noise, plan, 1e-5) <= 7.904 + 1e-6
+
+
+def test_expected_contributors_follow_the_sampling_not_the_replies(tiny_model, tmp_path):
+    base = tiny_run_config(tiny_model, tmp_path, tasks=["snli"] * 10, dp_clip=1.0, dp_noise=1.0)
+    assert expected_contributors(base, range(10)) == 10
+    assert expected_contributors(tiny_run_config(tiny_model, tmp_path, tasks=["snli"] * 10, sample_rate=0.3),
+                                 [0, 1, 2, 3]) == pytest.approx(1.2)
+    held = tiny_run_config(tiny_model, tmp_path, tasks=["snli"] * 10, clients_per_round=4, unseen_clients=2)
+    assert expected_contributors(held, range(10)) == pytest.approx(4.0)  # 4 of the 8 that train
+
+
+# -- the methods under DP -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["fedlease", "fedlease:paper", "fedit", "ffa_lora", "fedsa_lora", "feddpa",
+                                    "ifca"])
+def test_every_method_aggregates_clipped_changes_against_what_its_clients_started_from(tiny_model, tmp_path,
+                                                                                      monkeypatch, method):
+    """Every aggregate the server forms under DP sees, from every contributor, a change of norm at most the clip
+    against the reference the server uses: if the server's reference were not what the client started from, the
+    changes would be the size of the weights. The run records its privacy as the accountant computes it."""
+    name, _, allocation = method.partition(":")
+    seen: list[float] = []
+    original = NoisyMean.mean
+
+    def checked(self, states, reference, expected, label):
+        assert expected > 0
+        seen.extend(change_norm(s, reference, reference) for s in states)
+        return original(self, states, reference, expected, label)
+
+    monkeypatch.setattr(NoisyMean, "mean", checked)
+    config = tiny_run_config(tiny_model, tmp_path / "run", method=name, global_rounds=4, warmup_rounds=2,
+                             dp_clip=0.05, dp_noise=0.3, sample_rate=0.8, num_experts=2 if name == "fedlease" else None,
+                             allocation=allocation or "embedding", num_clusters=2)
+    run(config, progress=False)
+    assert seen and max(seen) <= 0.05 * (1 + 1e-4), max(seen)
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    privacy = history["privacy"]
+    plan = METHODS[name].privacy_plan(config)
+    assert privacy["epsilon"] == pytest.approx(epsilon(0.3, plan, privacy["delta"]))
+    assert privacy["noise_multiplier"] == 0.3 and privacy["clip"] == 0.05 and privacy["sample_rate"] == 0.8
+    assert privacy["rounds"] == sum(r.kind == "round" for r in plan)
+    log = (tmp_path / "run" / "training_log.txt").read_text()
+    assert log.count("privacy spent epsilon") == 4
+
+
+def test_a_fedlease_client_noises_its_own_warmup_upload_and_signature(tiny_model, tiny_clients):
+    """Under DP a warmup upload is a release of one client: clipped and noised on the client (two clients with
+    the same data would send different uploads), and the data signature is noised once and kept."""
+    from fedlease.methods.fedlease import SIGNATURE, FedLease
+
+    config, clients, infos = tiny_clients
+    private = FedLease(config.__class__(**{**config.to_dict(), "dp_clip": 0.1, "dp_noise": 1.0}), infos)
+    ins = private.configure_train(0, [0])[0]
+    store: dict = {}
+    first = private.client_update(clients[0], ins, 0, store)
+    signature = store[SIGNATURE].clone()
+    second = private.client_update(clients[0], ins, 0, {k: v for k, v in store.items() if k != SIGNATURE}
+                                   | {"privacy.secret": torch.tensor(7)})
+    keys = [k for k in first.state if k != SIGNATURE]
+    assert change_norm(first.state, second.state, keys) > 0.1  # the noise (sd 0.1 per number) is each client's
+    assert torch.equal(first.state[SIGNATURE], signature)
+    plain = FedLease(config, infos).client_update(clients[0], FedLease(config, infos).configure_train(0, [0])[0], 0,
+                                                  {})
+    assert (signature - plain.state[SIGNATURE]).norm() > 1.0  # sigma 1 over its numbers: the noise dominates
+    assert first.num_examples == 1  # no example count leaves a DP client, nor a step count or a duration
+    assert not {"examples", "steps", "seconds"} & set(first.metrics) and "train_loss" in first.metrics
+
+
+def test_a_dp_run_resumes_with_the_same_accounting(tiny_model, tmp_path):
+    args = ["run", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:2", "snli:2", "--method", "fedit",
+            "--global_rounds", "3", "--warmup_rounds", "1", "--train_samples", "16", "--test_samples", "8",
+            "--batch_size", "8", "--max_length", "24", "--dp_clip", "0.1", "--dp_noise", "0.8", "--sample_rate",
+            "0.9", "--no_progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*args, "--output_dir", str(whole)]) == 0
+    proc = subprocess.run([sys.executable, str(HARNESS), "round:2", *args, "--output_dir", str(cut)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert main(["run", "--resume", str(cut), "--no_progress"]) == 0
+    a, b = (json.loads((p / "training_history.json").read_text())["privacy"] for p in (whole, cut))
+    assert a == b and a["rounds"] == 3
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--dp_clip", "0", "--dp_noise", "1"], "--dp_clip must be a positive number"),
+    (["--dp_clip", "1", "--dp_noise", "-1"], "--dp_noise must be a positive number"),
+    (["--dp_clip", "1", "--dp_epsilon", "0", "--dp_delta", "1e-5"], "--dp_epsilon must be a positive number"),
+    (["--dp_clip", "1", "--dp_epsilon", "4", "--dp_noise", "1", "--dp_delta", "1e-5"], "pass one of them"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--dp_delta", "0.2"], "at least 1/4 clients"),
+    (["--dp_clip", "1", "--dp_epsilon", "4"], "--dp_epsilon needs --dp_delta"),
+    (["--dp_clip", "1"], "needs --dp_noise"),
+    (["--dp_noise", "1"], "without --dp_clip"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--method", "local"], "nothing to protect"),
+])
+def test_bad_privacy_settings_are_one_line_exit_2_and_nothing_written(capsys, tmp_path, flags, fragment):
+    out = tmp_path / "out"
+    code = main(["run", "--tasks", "snli:4", "--output_dir", str(out), "--no_progress", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("fedlease: error: ") and fragment in err[-1], err
+    assert not out.exists()
+
+
+def test_dp_on_flower_is_refused_with_the_reason(tmp_path):
+    from fedlease.config import RunConfig
+    from fedlease.runtime.flower.server_app import refuse_privacy_on_flower
+
+    with pytest.raises(ConfigError, match="runs in process only"):
+        refuse_privacy_on_flower(RunConfig(dp_clip=1.0, dp_noise=1.0))
