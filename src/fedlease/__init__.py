@@ -2,3 +2,12 @@
 baselines, and the runtimes that run them (in-process, Flower)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``fedlease.load_client``, imported when first used (importing fedlease stays light)."""
+    if name == "load_client":
+        from fedlease.use import load_client
+
+        return load_client
+    raise AttributeError(f"module 'fedlease' has no attribute {name!r}")

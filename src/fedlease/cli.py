@@ -1,5 +1,5 @@
-"""Command line: ``fedlease run`` (one federated training), ``fedlease compare`` (several methods, one table)
-and ``fedlease tasks`` (the task registry).
+"""Command line: ``fedlease run`` (one federated training), ``fedlease compare`` (several methods, one table),
+``fedlease predict`` and ``fedlease export`` (using a trained client) and ``fedlease tasks`` (the task registry).
 
 The flags of ``run`` and ``compare`` are generated from :class:`fedlease.config.RunConfig`. Every bad input
 ends the program with one line, ``fedlease: error: ...``, and exit status 2.
@@ -46,6 +46,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         if default not in (None, argparse.SUPPRESS) and "nargs" not in meta:
             help_text += f" (default: {default})"
         parser.add_argument(f"--{field.name}", type=kind, default=default, help=help_text, **meta)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run folder and the client that ``predict`` and ``export`` use."""
+    parser.add_argument("run", metavar="RUN", help="the run's output directory")
+    parser.add_argument("--client", type=int, required=True, help="the client id (0 .. clients-1)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -105,6 +111,34 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                           help="CA certificate of the SuperNode's Runtime API when it uses TLS (--ssl-*); "
                                "plain HTTP on the node's own loopback otherwise")
     executor.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) ends")
+    predict = sub.add_parser(
+        "predict", help="classify texts with a trained client of a finished run",
+        description="Classify texts with client ID of the finished run in RUN (a classification run), rebuilt from "
+                    "its final file. Writes one JSON line per input: label, probabilities (and reference, with "
+                    "--split).")
+    add_client_arguments(predict)
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="JSON lines with \"text\" (and \"text_pair\" for a pair task), or a plain "
+                                        "text file, one text a line; - reads stdin")
+    source.add_argument("--split", choices=("test", "train"),
+                        help="the client's own split, rebuilt from the run's configuration (its data must be "
+                             "where the run read it); test reproduces the accuracy the run recorded")
+    predict.add_argument("--output", default=None, help="where to write the JSON lines (default: stdout)")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    predict.add_argument("--batch_size", type=int, default=None,
+                         help="inputs per forward pass (default: the run's --eval_batch_size)")
+    predict.add_argument("--no_progress", action="store_true", help="do not show a progress bar")
+    export = sub.add_parser(
+        "export", help="export a trained client as PEFT LoRA adapters with a model card",
+        description="Write client ID of the finished run in RUN as standard PEFT LoRA adapter folders (one per "
+                    "expert; a single adapter with its head as modules_to_save where the model allows), the router "
+                    "and head beside them, fedlease_client.json and a model card (README.md).")
+    add_client_arguments(export)
+    export.add_argument("--format", default="peft", help="the export format (default and only one: peft)")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist, or --overwrite)")
+    export.add_argument("--merge", action="store_true",
+                        help="also write merged/: the model with the adapter merged in (single-adapter clients)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("tasks", help="list the tasks this installation knows")
     return parser
 
@@ -141,6 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             print(list_tasks())
+            return 0
+        if args.command in ("predict", "export"):
+            from fedlease.use import commands
+
+            if args.command == "predict":
+                summary = commands.predict(args.run, args.client, input=args.input, split=args.split,
+                                           output=args.output, device=args.device, batch_size=args.batch_size,
+                                           progress=not args.no_progress)
+            else:
+                summary = commands.export_client(args.run, args.client, out=args.out, fmt=args.format,
+                                                 merge=args.merge, overwrite=args.overwrite)
+            print(summary, file=sys.stderr)
             return 0
         log_to_console()
         if args.command == "executor":

@@ -254,12 +254,12 @@ class LocalClient:
                 "seconds": time.perf_counter() - start}
 
     @torch.inference_mode()
-    def predict(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
-        """Predicted labels in data order, and the mean cross-entropy. ``mixture`` (N, M): per-example expert
-        weights for "fixed" routing."""
+    def scores(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """The logits (N, this task's classes) in data order, on the CPU in fp32, and the mean cross-entropy
+        against ``data.labels``. ``mixture`` (N, M): per-example expert weights for "fixed" routing."""
         settings = self.settings
         self.adapted.model.eval()
-        preds = torch.empty(len(data), dtype=torch.long)
+        out = torch.empty(len(data), self.spec.num_labels)
         loss_sum = torch.zeros((), device=settings.device)
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
@@ -268,8 +268,13 @@ class LocalClient:
             with settings.autocast():
                 logits = self.logits(batch)
             loss_sum += F.cross_entropy(logits, data.labels[index].to(settings.device), reduction="sum")
-            preds[index] = logits.argmax(dim=-1).cpu()
-        return preds.numpy(), float(loss_sum) / max(len(data), 1)
+            out[index] = logits.cpu()
+        return out, float(loss_sum) / max(len(data), 1)
+
+    def predict(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+        """Predicted labels in data order, and the mean cross-entropy (see ``scores``)."""
+        logits, loss = self.scores(data, mixture)
+        return logits.argmax(dim=-1).numpy(), loss
 
     def evaluate(self, mixture: torch.Tensor | None = None) -> dict[str, float]:
         preds, loss = self.predict(self.test_data, mixture)

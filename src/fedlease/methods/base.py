@@ -27,7 +27,7 @@ from fedlease.privacy import LOCAL_NOISE, expected_contributors, noise_multiplie
 from fedlease.privacy.accounting import Release
 from fedlease.privacy.mechanism import NoisyMean, add_noise, clip_change
 from fedlease.seeding import derive_seed
-from fedlease.train import LocalClient
+from fedlease.train import Encoded, LocalClient
 
 Scalar = int | float | str | bool
 
@@ -264,3 +264,13 @@ class FederatedMethod(ABC):
                         store: dict[str, torch.Tensor]) -> dict[str, float]:
         self.load(client, ins, store)
         return client.evaluate()
+
+    # -- using the trained client (fedlease.use) ----------------------------------------------------------
+    reads_train_data = False  # whether using a trained client needs its training split (FedDPA's references)
+
+    def final_scores(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
+                     data: Encoded) -> tuple[torch.Tensor, float]:
+        """The logits of ``data`` under the model a run saved for this client (``layout`` and ``state``: what it
+        was last evaluated with), computed as its evaluation computed them, and the mean loss."""
+        client.apply(layout, state)
+        return client.scores(data)

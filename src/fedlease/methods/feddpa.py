@@ -27,7 +27,7 @@ from fedlease.methods.base import LORA_PARTS, Instruction, Update, select
 from fedlease.methods.shared import SharedAdapterMethod
 from fedlease.model.experts import ExpertLayout
 from fedlease.seeding import derive_seed, generator
-from fedlease.train import LocalClient
+from fedlease.train import Encoded, LocalClient
 
 PARTS = ("lora_A", "lora_B", "head")
 LOCAL_PREFIX = "local/"  # the local adapter's keys in the client's store
@@ -81,20 +81,39 @@ class FedDPA(SharedAdapterMethod):
                        "seconds": metrics["seconds"] + local_metrics["seconds"]}
         return Update(client.state(ins.upload), client.num_train, metrics)
 
+    def instance_mixture(self, client: LocalClient, local: Mapping[str, torch.Tensor], data: Encoded
+                         ) -> torch.Tensor:
+        """(N, 2) expert weights for the rows of ``data``: alpha from their similarity to a few local training
+        instances, under the local adapter (``local``: its LoRA and the head)."""
+        self.load(client, Instruction(ExpertLayout(), dict(local)), {})
+        gen = generator(self.config.seed, "feddpa-references", client.client_id)
+        picks = torch.randperm(client.num_train, generator=gen)[:REFERENCE_INSTANCES]
+        # inputs only: a test query's embedding must not read its reference answer (an instruction row's response)
+        references = client.embed(client.train_data.subset(picks), inputs_only=True)
+        queries = client.embed(data, inputs_only=True)
+        similarity = F.cosine_similarity(queries.unsqueeze(1), references.unsqueeze(0), dim=-1).mean(1)
+        alpha = SIMILARITY_SCALE * similarity
+        return torch.stack([1 - alpha, alpha], dim=1)
+
     def client_evaluate(self, client: LocalClient, ins: Instruction, rnd: int,
                         store: dict[str, torch.Tensor]) -> dict[str, float]:
         local = self.local_adapter(store)
         if not local:
             self.load(client, ins, store)
             return client.evaluate()
-        # instance-wise weight from similarity to a few local training instances, under the local adapter
-        self.load(client, Instruction(ExpertLayout(), {**select(ins.state, ("head",)), **local}), {})
-        gen = generator(self.config.seed, "feddpa-references", client.client_id)
-        picks = torch.randperm(client.num_train, generator=gen)[:REFERENCE_INSTANCES]
-        # inputs only: a test query's embedding must not read its reference answer (an instruction row's response)
-        references = client.embed(client.train_data.subset(picks), inputs_only=True)
-        queries = client.embed(client.test_data, inputs_only=True)
-        similarity = F.cosine_similarity(queries.unsqueeze(1), references.unsqueeze(0), dim=-1).mean(1)
-        alpha = SIMILARITY_SCALE * similarity
+        mixture = self.instance_mixture(client, {**select(ins.state, ("head",)), **local}, client.test_data)
         self.load_mixed(client, ins, local)
-        return client.evaluate(mixture=torch.stack([1 - alpha, alpha], dim=1))
+        return client.evaluate(mixture=mixture)
+
+    # -- using the trained client -------------------------------------------------------------------------
+    reads_train_data = True  # the instance-wise weights compare each input with local training instances
+
+    def final_scores(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
+                     data: Encoded) -> tuple[torch.Tensor, float]:
+        if layout != MIXED:  # no local adapter yet: the global adapter alone, as evaluated
+            return super().final_scores(client, layout, state, data)
+        # the mixed model's own expert is the local adapter (load_mixed): the weights come from it, as evaluated
+        local = select(state, ("lora_A", "lora_B", "head"))
+        mixture = self.instance_mixture(client, local, data)
+        client.apply(layout, state)
+        return client.scores(data, mixture)

@@ -38,6 +38,8 @@ METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "macro_f1": "macro-F1", "ro
                  "rougeL": "ROUGE-L", "exact_match": "exact match", "exact_match_cased": "exact match (cased)"}
 # The headline metric of a run's tasks: accuracy for classification, ROUGE-1 for instruction tasks (the paper's).
 HEADLINES = ("accuracy", "rouge1")
+# The layout of final/client_<id>.safetensors' metadata; a reader refuses any other.
+FINAL_FORMAT = "fedlease-client/1"
 PLOT_FILES = ("dendrogram.png", "distance_heatmap.png", "cluster_scores.png", "embedding_2d.png",
               *(f"{metric}_by_round.png" for metric in METRIC_LABELS))
 
@@ -185,15 +187,23 @@ class RunRecorder:
                                            self.config.warmup_rounds, self.out_dir / f"{metric}_by_round.png")
 
     def save_final_model(self, cid: int, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
-                         model_source: str) -> None:
-        """``final/client_<id>.safetensors``: the state the client was last evaluated with, and its layout."""
+                         pair_encoding: str | None = None) -> None:
+        """``final/client_<id>.safetensors``: the state the client was last evaluated with, and in its metadata
+        everything needed to rebuild that client on another machine (``fedlease.use`` reads it back): the model
+        id, the run's configuration, the layout, the adapted modules, the pair encoding and the label names."""
         folder = self.out_dir / "final"
         folder.mkdir(exist_ok=True)
-        info = self.clients[cid]
+        info, config = self.clients[cid], self.config
+        targets = sorted({key.rpartition(".")[0].rpartition(".")[2] for key in state
+                          if key.endswith((".lora_A", ".experts_A"))})
         metadata = {
-            "method": self.config.method, "model": model_source, "task": info.task,
-            "labels": json.dumps(list(info.labels)), "layout": json.dumps(layout.to_config()),
-            "rank": str(self.config.rank), "lora_alpha": str(self.config.lora_alpha),
+            "format": FINAL_FORMAT, "fedlease_version": __version__, "client": str(cid),
+            "method": config.method, "model": config.model_name, "task": info.task,
+            "unseen": json.dumps(cid in self.unseen), "labels": json.dumps(list(info.labels)),
+            "head_width": str(max((len(c.labels) for c in self.clients), default=0)),
+            "layout": json.dumps(layout.to_config()), "rank": str(config.rank), "lora_alpha": str(config.lora_alpha),
+            "target_modules": json.dumps(targets), "pair_encoding": pair_encoding or config.pair_encoding,
+            "max_length": str(config.max_length), "config": json.dumps(config.to_dict()),
         }
         tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
         save_file(tensors, str(folder / f"client_{cid}.safetensors"), metadata=metadata)

@@ -190,8 +190,8 @@ class Federation:
         """After the last round: save each client's final model as its evaluation arrives."""
         if rnd != self.config.global_rounds - 1:
             return None
-        source = self.info.get("model_source", self.config.model_name)
-        return lambda cid, layout, state: self.recorder.save_final_model(cid, layout, state, source)
+        pair_encoding = self.info.get("pair_encoding")
+        return lambda cid, layout, state: self.recorder.save_final_model(cid, layout, state, pair_encoding)
 
     def evaluations(self, rnd: int, cohort: list[int]) -> dict[int, Instruction]:
         """What each client evaluated after round ``rnd`` is evaluated with; after the last round, the newcomers

@@ -296,7 +296,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
             method = create_method(config, infos)
             method.initial = backbone.adapted.initial_state  # public: the reference of DP's first aggregates
             info = {"model_source": backbone.source, "device": str(backbone.device),
-                    "precision": str(clients.settings.amp_dtype or "fp32")}
+                    "precision": str(clients.settings.amp_dtype or "fp32"), "pair_encoding": backbone.pair_encoding}
             recorder = RunRecorder(out, config, infos, info, Participation(config).unseen)
             recorder.describe_clients([
                 {"client_id": s.client_id, "task": s.task, "labels": list(infos[s.client_id].labels),

@@ -1,0 +1,246 @@
+"""Using what a run trained: final files that rebuild every client, predict, the Python API, PEFT export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import build_tiny_model, tiny_run_config
+from fedlease.cli import main
+from fedlease.data.tasks import Example
+from fedlease.errors import ConfigError
+from fedlease.methods.base import FederatedMethod
+from fedlease.model.experts import ExpertLayout
+from fedlease.runtime.simulation import run
+from fedlease.use import load_client
+from fedlease.use.final import recorded_metrics
+
+# fp32: the exported adapters are compared with fedlease's own logits to float rounding
+RUNS = {
+    "fedlease": dict(tasks=["rotten_tomatoes:3", "snli:3"], clients_per_round=3, unseen_clients=2),
+    "fedit": {},
+    "feddpa": {},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for method, extra in RUNS.items():
+        folder = tmp_path_factory.mktemp(f"use-{method}")
+        run(tiny_run_config(tiny_model, folder, method=method, precision="fp32", **extra), progress=False)
+        out[method] = folder
+    return out
+
+
+def history(folder: Path) -> dict:
+    return json.loads((folder / "training_history.json").read_text())
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_every_client_reloads_from_its_final_file_and_reproduces_the_recorded_metrics(runs, method):
+    folder = runs[method]
+    clients = len(history(folder)["config"]["tasks"])
+    assert len(list((folder / "final").glob("client_*.safetensors"))) == clients
+    for cid in range(clients):
+        metrics, rows = load_client(folder, cid).evaluate("test")
+        want = recorded_metrics(folder, cid)
+        assert metrics["accuracy"] == want["accuracy"]
+        assert metrics["loss"] == pytest.approx(want["loss"], abs=1e-9)  # the same computation, bit for bit
+        assert len(rows) == 12 and all(r["reference"] in r["probabilities"] for r in rows)
+
+
+def test_the_newcomers_models_are_saved_and_marked(runs):
+    folder = runs["fedlease"]
+    unseen = history(folder)["unseen_clients"]
+    assert len(unseen) == 2
+    for cid in unseen:
+        assert load_client(folder, cid).final.unseen
+        assert recorded_metrics(folder, cid)["accuracy"] == load_client(folder, cid).evaluate()[0]["accuracy"]
+
+
+def test_feddpa_is_rebuilt_with_its_per_input_mixture(runs):
+    """The check above can fail: FedDPA's model without its instance-wise weights gives another loss."""
+    folder = runs["feddpa"]
+    model = load_client(folder, 0)
+    assert model.final.layout.routing == "fixed"
+    data = model.split("test")
+    plain, loss = FederatedMethod.final_scores(model.method, model.client, model.final.layout, model.final.state, data)
+    assert loss != pytest.approx(recorded_metrics(folder, 0)["loss"], abs=1e-9)
+
+
+def test_final_files_describe_the_client(runs):
+    with safe_open(str(runs["fedlease"] / "final" / "client_3.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    config = json.loads(meta["config"])
+    assert meta["model"] == config["model_name"] and meta["task"] == "snli"
+    assert json.loads(meta["labels"]) == ["entailment", "neutral", "contradiction"]
+    assert json.loads(meta["target_modules"]) == ["query", "value"]
+    assert meta["pair_encoding"] == "joint" and meta["max_length"] == "24" and meta["head_width"] == "3"
+    assert json.loads(meta["layout"])["routing"] == "adaptive"
+
+
+def test_python_api_predicts_texts(runs):
+    import fedlease
+
+    model = fedlease.load_client(runs["fedit"], client=0)
+    out = model.predict(["a gripping film", "dull and long", "fine"])
+    assert len(out) == 3
+    for row in out:
+        assert set(row["probabilities"]) == {"negative", "positive"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    with pytest.raises(ConfigError, match="text pairs"):
+        fedlease.load_client(runs["fedit"], client=2).predict(["a premise"])
+
+
+def test_predict_command_reads_json_lines_and_plain_text(runs, tmp_path, capsys):
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"text": "a man sleeps", "text_pair": "a person rests"}\n\n{"text": "a", "text_pair": "b"}\n')
+    assert main(["predict", str(runs["fedit"]), "--client", "2", "--input", str(jsonl), "--output",
+                 str(tmp_path / "p.jsonl"), "--no_progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {r["label"] for r in rows} <= {"entailment", "neutral", "contradiction"}
+    plain = tmp_path / "texts.txt"
+    plain.write_text("good\nbad\nfine\n")
+    assert main(["predict", str(runs["fedit"]), "--client", "0", "--input", str(plain), "--no_progress"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["predict", str(runs["fedit"]), "--client", "1", "--split", "test", "--output",
+                 str(tmp_path / "t.jsonl"), "--no_progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    accuracy = sum(r["label"] == r["reference"] for r in rows) / len(rows)
+    assert accuracy == recorded_metrics(runs["fedit"], 1)["accuracy"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--client", "9", "--split", "test"], "clients 0 to 3"),
+    (["--client", "0", "--input", "{bad}"], "no such file"),
+    (["--client", "2", "--input", "PLAIN"], "text pairs"),
+    (["--client", "0", "--input", "BROKEN"], "BROKEN:2: not a JSON object"),
+])
+def test_predict_refuses_bad_input_with_one_line(runs, tmp_path, capsys, args, message):
+    (tmp_path / "PLAIN").write_text("one text\n")
+    (tmp_path / "BROKEN").write_text('{"text": "fine"}\n{"text": \n')
+    args = [a.replace("PLAIN", str(tmp_path / "PLAIN")).replace("BROKEN", str(tmp_path / "BROKEN")) for a in args]
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(runs["fedit"]), *args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_runs_that_cannot_be_used_are_refused(runs, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["fedit"], unfinished)
+    data = history(unfinished)
+    data["final"] = None
+    (unfinished / "training_history.json").write_text(json.dumps(data))
+    old = tmp_path / "old"
+    shutil.copytree(runs["fedit"], old)
+    state = load_file(old / "final" / "client_0.safetensors")
+    save_file(state, str(old / "final" / "client_0.safetensors"), metadata={"method": "fedit"})
+    for folder, message in ((tmp_path / "missing", "no such run folder"), (unfinished, "unfinished"),
+                            (old, "this fedlease reads fedlease-client/1")):
+        assert main(["predict", str(folder), "--client", "0", "--split", "test"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def peft_logits(base, folder: Path, tokens) -> torch.Tensor:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        return model(**tokens).logits
+
+
+def seq_cls(model: str, width: int):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(model, num_labels=width, ignore_mismatched_sizes=True)
+
+
+TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, i guess"]
+
+
+def fedlease_logits(model, layout: ExpertLayout, state) -> torch.Tensor:
+    data = model.encode([Example(t, None, 0) for t in TEXTS])
+    model.client.apply(layout, state)
+    return model.client.scores(data)[0]
+
+
+def test_export_of_a_single_adapter_loads_in_peft_with_the_same_logits(runs, tiny_model, tmp_path):
+    folder = tmp_path / "export"
+    assert main(["export", str(runs["fedit"]), "--client", "0", "--out", str(folder), "--merge"]) == 0
+    info = json.loads((folder / "fedlease_client.json").read_text())
+    assert info["metrics"] == recorded_metrics(runs["fedit"], 0)
+    assert "classifier" in json.loads((folder / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    model = load_client(runs["fedit"], 0)
+    want = fedlease_logits(model, model.final.layout, model.final.state)
+    tokens = model.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    got = peft_logits(seq_cls(tiny_model, info["head_width"]), folder / "adapter", tokens)[:, :2]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    merged = seq_cls(str(folder / "merged"), info["head_width"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**tokens).logits[:, :2], want, atol=1e-5, rtol=1e-4)
+    assert main(["export", str(runs["fedit"]), "--client", "0", "--out", str(folder)]) == 2  # exists
+    assert main(["export", str(runs["fedlease"]), "--client", "0", "--out", str(tmp_path / "m"), "--merge"]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_of_fedlease_experts_with_routing_forced_to_the_own_expert(runs, tiny_model, tmp_path):
+    folder = tmp_path / "export"
+    assert main(["export", str(runs["fedlease"]), "--client", "1", "--out", str(folder)]) == 0
+    model = load_client(runs["fedlease"], 1)
+    layout = model.final.layout
+    experts = sorted(p.name for p in folder.glob("expert_*"))
+    assert experts == [f"expert_{k}" for k in range(layout.num_experts)] and layout.num_experts >= 2
+    router = load_file(folder / "router.safetensors")
+    assert set(router) == {k.removesuffix(".router") for k in model.final.state if k.endswith(".router")}
+    own = {k: v for k, v in model.final.state.items() if k.endswith((".lora_A", ".lora_B")) or k.startswith("head.")}
+    want = fedlease_logits(model, ExpertLayout(), own)
+    base = seq_cls(tiny_model, 3)
+    base.load_state_dict(load_file(folder / "head.safetensors"), strict=False)
+    tokens = model.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    got = peft_logits(base, folder / f"expert_{layout.own_expert}", tokens)[:, :2]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    other = (layout.own_expert + 1) % layout.num_experts
+    base = seq_cls(tiny_model, 3)
+    base.load_state_dict(load_file(folder / "head.safetensors"), strict=False)
+    assert not torch.allclose(peft_logits(base, folder / f"expert_{other}", tokens)[:, :2], want, atol=1e-5)
+    card = (folder / "README.md").read_text()
+    assert f"accuracy {recorded_metrics(runs['fedlease'], 1)['accuracy']:.4f}" in card and "router.safetensors" in card
+
+
+def test_bi_encoder_export_keeps_the_head_apart(tmp_path):
+    """A sentence-transformers folder (the default MiniLM's kind): the adapter goes on AutoModel, the head beside."""
+    model = build_tiny_model(tmp_path / "st")
+    (model / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type":
+                                                     "sentence_transformers.models.Transformer"},
+                                                    {"idx": 1, "name": "1", "path": "1_Pooling", "type":
+                                                     "sentence_transformers.models.Pooling"}]))
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    out = tmp_path / "run"
+    run(tiny_run_config(str(model), out, method="fedit", precision="fp32", global_rounds=2), progress=False)
+    assert main(["export", str(out), "--client", "0", "--out", str(tmp_path / "e")]) == 0
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from fedlease.model.bi_encoder import BiEncoderClassifier
+
+    client = load_client(out, 0)
+    assert client.backbone.pair_encoding == "separate"
+    want = fedlease_logits(client, client.final.layout, client.final.state)
+    encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(str(model)), str(tmp_path / "e" / "adapter"))
+    classifier = BiEncoderClassifier(encoder, 3, "mean").eval()
+    classifier.load_state_dict(load_file(tmp_path / "e" / "head.safetensors"), strict=False)
+    tokens = client.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = classifier(tokens["input_ids"], tokens["attention_mask"]).logits[:, :2]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
