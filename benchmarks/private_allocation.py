@@ -25,6 +25,11 @@ def run_dir(out: Path, allocation: str, epsilon: str, seed: int) -> Path:
     return out / "runs" / f"{allocation}_eps{epsilon}_s{seed}"
 
 
+def finished(folder: Path) -> bool:
+    path = folder / "training_history.json"
+    return path.exists() and json.loads(path.read_text()).get("final") is not None
+
+
 def row(folder: Path) -> dict:
     history = json.loads((folder / "training_history.json").read_text())
     clustering = history["clustering"]
@@ -39,8 +44,7 @@ def row(folder: Path) -> dict:
 
 
 def table(out: Path) -> str:
-    rows = [row(folder) for folder in sorted((out / "runs").iterdir())
-            if (folder / "training_history.json").exists()]
+    rows = [row(folder) for folder in sorted((out / "runs").iterdir()) if finished(folder)]
     (out / "ari.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["| allocation | target epsilon | noise multiplier | epsilon spent | seed | K | ARI vs tasks |",
              "|---|---|---|---|---|---|---|"]
@@ -71,7 +75,7 @@ def main() -> None:
             for epsilon in args.epsilons:
                 for seed in args.seeds:
                     folder = run_dir(args.out, allocation, epsilon, seed)
-                    if (folder / "training_history.json").exists():
+                    if finished(folder):
                         continue
                     dp = [] if epsilon == "inf" else ["--dp_clip", args.clip, "--dp_epsilon", epsilon,
                                                        "--dp_delta", args.delta]
