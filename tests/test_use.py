@@ -244,3 +244,53 @@ def test_bi_encoder_export_keeps_the_head_apart(tmp_path):
     with torch.no_grad():
         got = classifier(tokens["input_ids"], tokens["attention_mask"]).logits[:, :2]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fedlease", "fedit"])
+def test_a_newcomer_placed_by_its_own_data_gets_what_the_run_gave_that_newcomer(runs, method, tiny_model, tmp_path):
+    """Given the data of a client the run held out, --client new rebuilds exactly the model the run evaluated it
+    with: FedLEASE's placement by the data signature (its cluster's experts, router and head); FedIT's global
+    adapter and its label set's head (what every FedIT client is evaluated with)."""
+    from fedlease.use import load_newcomer
+
+    folder = runs["fedlease"] if method == "fedlease" else runs["fedit"]
+    if method == "fedit":  # a closed run: every client trained; its newcomer gets the global adapter all the same
+        cid, task = 0, "rotten_tomatoes"
+    else:
+        cid = history(folder)["unseen_clients"][0]
+        task = history(folder)["config"]["tasks"][cid]
+    held_out = load_client(folder, cid)
+    examples = held_out.examples("train")
+    model, placed = load_newcomer(folder, examples, task=task)
+    assert model.final.layout == held_out.final.layout
+    assert set(model.final.state) == set(held_out.final.state)
+    for key, value in held_out.final.state.items():
+        torch.testing.assert_close(model.final.state[key], value, rtol=0, atol=0)
+    if method == "fedlease":
+        assert placed["expert"] == recorded_metrics(folder, cid)["expert"]
+    test = held_out.examples("test")
+    got = model.scores(test)[0].argmax(-1)
+    # through the command line: labelled JSON lines in, predictions out
+    data = tmp_path / "mine.jsonl"
+    spec = held_out.spec
+    data.write_text("".join(json.dumps({"text": e.text_a, **({"text_pair": e.text_b} if spec.pair else {}),
+                                        "label": spec.labels[e.label]}) + "\n" for e in examples))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": e.text_a, **({"text_pair": e.text_b} if spec.pair else {})}) + "\n"
+                             for e in test))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(folder), "--client", "new", "--data", str(data), "--task", task, "--input",
+                 str(texts), "--output", str(out), "--no_progress"]) == 0
+    labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert labels == [spec.labels[i] for i in got.tolist()]
+
+
+def test_newcomer_bad_input(runs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "x", "label": "sideways"}\n')
+    for args, message in ((["--data", str(bad), "--task", "rotten_tomatoes"], "bad.jsonl:2: \"label\" must be"),
+                          ([], "--client new needs --data"),
+                          (["--data", str(bad)], "pass --task"),
+                          (["--data", str(bad), "--task", "qqp"], "the run trained")):
+        assert main(["predict", str(runs["fedlease"]), "--client", "new", "--input", str(bad), *args]) == 2
+        assert message in capsys.readouterr().err

@@ -48,10 +48,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         parser.add_argument(f"--{field.name}", type=kind, default=default, help=help_text, **meta)
 
 
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+def add_client_arguments(parser: argparse.ArgumentParser, more: str) -> None:
     """The run folder and the client that ``predict`` and ``export`` use."""
     parser.add_argument("run", metavar="RUN", help="the run's output directory")
-    parser.add_argument("--client", type=int, required=True, help="the client id (0 .. clients-1)")
+    parser.add_argument("--client", required=True, help=f"the client id (0 .. clients-1){more}")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -116,13 +116,18 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         description="Classify texts with client ID of the finished run in RUN (a classification run), rebuilt from "
                     "its final file. Writes one JSON line per input: label, probabilities (and reference, with "
                     "--split).")
-    add_client_arguments(predict)
+    add_client_arguments(predict, "; new: a client that was not in the run, placed by its own --data")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="JSON lines with \"text\" (and \"text_pair\" for a pair task), or a plain "
                                         "text file, one text a line; - reads stdin")
     source.add_argument("--split", choices=("test", "train"),
                         help="the client's own split, rebuilt from the run's configuration (its data must be "
                              "where the run read it); test reproduces the accuracy the run recorded")
+    predict.add_argument("--data", default=None,
+                         help="with --client new: the newcomer's own labelled examples (JSON lines with text, "
+                              "text_pair for a pair task, label), which choose its model here; nothing leaves")
+    predict.add_argument("--task", default=None,
+                         help="with --client new: the newcomer's task (when the run has several)")
     predict.add_argument("--output", default=None, help="where to write the JSON lines (default: stdout)")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     predict.add_argument("--batch_size", type=int, default=None,
@@ -133,7 +138,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         description="Write client ID of the finished run in RUN as standard PEFT LoRA adapter folders (one per "
                     "expert; a single adapter with its head as modules_to_save where the model allows), the router "
                     "and head beside them, fedlease_client.json and a model card (README.md).")
-    add_client_arguments(export)
+    add_client_arguments(export, "")
     export.add_argument("--format", default="peft", help="the export format (default and only one: peft)")
     export.add_argument("--out", required=True, help="the folder to write (must not exist, or --overwrite)")
     export.add_argument("--merge", action="store_true",
@@ -182,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "predict":
                 summary = commands.predict(args.run, args.client, input=args.input, split=args.split,
                                            output=args.output, device=args.device, batch_size=args.batch_size,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress, data=args.data, task=args.task)
             else:
                 summary = commands.export_client(args.run, args.client, out=args.out, fmt=args.format,
                                                  merge=args.merge, overwrite=args.overwrite)

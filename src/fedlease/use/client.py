@@ -119,3 +119,12 @@ def load_client(run: str | Path, client: int, *, device: str = "auto", batch_siz
     """Client ``client`` of the finished run in ``run``, rebuilt from its final file."""
     return ClientModel(read_final(run, client), device, batch_size, progress)
 
+
+def load_newcomer(run: str | Path, examples: Sequence[Example], *, task: str | None = None, device: str = "auto",
+                  batch_size: int | None = None, progress: bool = False) -> tuple[ClientModel, dict[str, float]]:
+    """A model for a client that was not in the run, chosen with its own labelled ``examples`` as the method
+    chooses a newcomer's (``fedlease.use.newcomer``), and its metrics on those examples."""
+    from fedlease.use.newcomer import place_newcomer
+
+    final, metrics = place_newcomer(run, list(examples), task, device)
+    return ClientModel(final, device, batch_size, progress), metrics

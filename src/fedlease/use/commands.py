@@ -9,8 +9,11 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedlease.errors import DataError
-from fedlease.use.client import load_client
+from fedlease.config import RunConfig
+from fedlease.data.tasks import Example, TaskSpec, get_spec
+from fedlease.errors import ConfigError, DataError
+from fedlease.runtime.clients import register_user_tasks
+from fedlease.use.client import load_client, load_newcomer
 from fedlease.use.export import export
 
 
@@ -24,20 +27,9 @@ def read_lines(source: str) -> tuple[str, list[str]]:
     return source, path.read_text(encoding="utf-8").splitlines()
 
 
-def read_inputs(source: str, pair: bool) -> tuple[list[str], list[str] | None]:
-    """Texts (and second texts for a pair task) from JSON lines (objects with ``text`` and, for a pair task,
-    ``text_pair``) or plain text (one text a line); a file is JSON lines when its first non-blank line is an
-    object. Blank lines are skipped; a malformed line is refused, naming its file and line."""
-    name, lines = read_lines(source)
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
-        raise DataError(f"--input {name}: no input (the file is empty)")
-    if not numbered[0][1].lstrip().startswith("{"):
-        if pair:
-            raise DataError(f"--input {name}: this client's task classifies text pairs; give JSON lines with "
-                            f"\"text\" and \"text_pair\"")
-        return [line for _, line in numbered], None
-    texts, pairs = [], []
+def json_rows(name: str, numbered: list[tuple[int, str]], pair: bool) -> list[tuple[int, dict]]:
+    """Each line as a JSON object with a string ``text`` (and ``text_pair`` for a pair task), with its number."""
+    rows = []
     for number, line in numbered:
         try:
             row = json.loads(line)
@@ -48,9 +40,45 @@ def read_inputs(source: str, pair: bool) -> tuple[list[str], list[str] | None]:
         if pair and not isinstance(row.get("text_pair"), str):
             raise DataError(f"{name}:{number}: this client's task classifies text pairs; the line has no string "
                             f"\"text_pair\"")
-        texts.append(row["text"])
-        pairs.append(row.get("text_pair"))
-    return texts, pairs if pair else None
+        rows.append((number, row))
+    return rows
+
+
+def non_blank(source: str) -> tuple[str, list[tuple[int, str]]]:
+    name, lines = read_lines(source)
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise DataError(f"{name}: no input (the file is empty)")
+    return name, numbered
+
+
+def read_inputs(source: str, pair: bool) -> tuple[list[str], list[str] | None]:
+    """Texts (and second texts for a pair task) from JSON lines (objects with ``text`` and, for a pair task,
+    ``text_pair``) or plain text (one text a line); a file is JSON lines when its first non-blank line is an
+    object. Blank lines are skipped; a malformed line is refused, naming its file and line."""
+    name, numbered = non_blank(source)
+    if not numbered[0][1].lstrip().startswith("{"):
+        if pair:
+            raise DataError(f"{name}: this client's task classifies text pairs; give JSON lines with "
+                            f"\"text\" and \"text_pair\"")
+        return [line for _, line in numbered], None
+    rows = [row for _, row in json_rows(name, numbered, pair)]
+    return [row["text"] for row in rows], [row["text_pair"] for row in rows] if pair else None
+
+
+def read_labelled(source: str, spec: TaskSpec) -> list[Example]:
+    """Labelled examples from JSON lines: ``text``, ``text_pair`` for a pair task, and ``label`` (a label name of
+    the task, or its index)."""
+    name, numbered = non_blank(source)
+    examples = []
+    for number, row in json_rows(name, numbered, spec.pair):
+        label = row.get("label")
+        if isinstance(label, str) and label in spec.labels:
+            label = spec.labels.index(label)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < spec.num_labels:
+            raise DataError(f"{name}:{number}: \"label\" must be one of {', '.join(spec.labels)} (or its index)")
+        examples.append(Example(row["text"], row.get("text_pair") if spec.pair else None, label))
+    return examples
 
 
 def write_rows(rows: Iterable[dict], output: str | None) -> None:
@@ -67,22 +95,50 @@ def write_rows(rows: Iterable[dict], output: str | None) -> None:
     os.replace(temporary, path)
 
 
-def predict(run: str, client: int, *, input: str | None, split: str | None, output: str | None, device: str,
-            batch_size: int | None, progress: bool) -> str:
-    """Classify ``input`` (or the client's own ``split``) with client ``client`` of ``run``; return a summary."""
-    model = load_client(run, client, device=device, batch_size=batch_size, progress=progress)
+def predict(run: str, client: str, *, input: str | None, split: str | None, output: str | None, device: str,
+            batch_size: int | None, progress: bool, data: str | None = None, task: str | None = None) -> str:
+    """Classify ``input`` (or the client's own ``split``) with client ``client`` of ``run`` (``new``: a newcomer
+    placed by its own labelled ``data``); return a summary."""
+    if client == "new":
+        if data is None:
+            raise ConfigError("--client new needs --data: the newcomer's own labelled examples (JSON lines)")
+        if split is not None:
+            raise ConfigError("--client new has no split of the run's; classify --input")
+        from fedlease.use.final import run_history
+        from fedlease.use.newcomer import newcomer_task
+
+        config = RunConfig.from_dict(run_history(Path(run).expanduser())["config"])
+        register_user_tasks(config)
+        examples = read_labelled(data, get_spec(newcomer_task(config, task)))
+        model, placed = load_newcomer(run, examples, task=task, device=device, batch_size=batch_size,
+                                      progress=progress)
+        chosen = f", expert {int(placed['expert'])}" if "expert" in placed else ""
+        who = (f"a newcomer ({model.spec.name}{chosen}; accuracy {placed['accuracy']:.4f} on its own "
+               f"{len(examples)} examples, which chose its model)")
+    else:
+        if data is not None or task is not None:
+            raise ConfigError("--data and --task are for --client new")
+        model = load_client(run, client_id(client), device=device, batch_size=batch_size, progress=progress)
+        who = f"client {client} ({model.spec.name})"
     if split is not None:
         metrics, rows = model.evaluate(split)
         write_rows(rows, output)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        return f"client {client} ({model.spec.name}), its {split} split: {len(rows)} examples, {shown}"
+        return f"{who}, its {split} split: {len(rows)} examples, {shown}"
     assert input is not None
     texts, pairs = read_inputs(input, model.spec.pair)
     rows = model.predict(texts, pairs)
     write_rows(rows, output)
-    return f"client {client} ({model.spec.name}): {len(rows)} predictions"
+    return f"{who}: {len(rows)} predictions"
 
 
-def export_client(run: str, client: int, *, out: str, fmt: str, merge: bool, overwrite: bool) -> str:
-    folder = export(run, client, out, fmt, merge, overwrite)
+def client_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--client {text}: give a client id (a number) or new") from None
+
+
+def export_client(run: str, client: str, *, out: str, fmt: str, merge: bool, overwrite: bool) -> str:
+    folder = export(run, client_id(client), out, fmt, merge, overwrite)
     return f"exported client {client} of {run} to {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir()))
