@@ -71,7 +71,8 @@ def test_feddpa_is_rebuilt_with_its_per_input_mixture(runs):
     model = load_client(folder, 0)
     assert model.final.layout.routing == "fixed"
     data = model.split("test")
-    plain, loss = FederatedMethod.final_scores(model.method, model.client, model.final.layout, model.final.state, data)
+    assert FederatedMethod.apply_final(model.method, model.client, model.final.layout, model.final.state, data) is None
+    _, loss = model.client.scores(data)  # the mixed model with the layer's default (uniform) weights
     assert loss != pytest.approx(recorded_metrics(folder, 0)["loss"], abs=1e-9)
 
 
@@ -294,3 +295,46 @@ def test_newcomer_bad_input(runs, tmp_path, capsys):
                           (["--data", str(bad), "--task", "qqp"], "the run trained")):
         assert main(["predict", str(runs["fedlease"]), "--client", "new", "--input", str(bad), *args]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tiny_causal_lm, tmp_path_factory) -> Path:
+    from conftest import tiny_instruction_config
+
+    folder = tmp_path_factory.mktemp("use-instructions")
+    run(tiny_instruction_config(tiny_causal_lm, folder, precision="fp32", method="feddpa", global_rounds=2),
+        progress=False)
+    return folder
+
+
+def test_generate_reproduces_each_clients_recorded_rouge_and_answers_prompts(instruction_run, tmp_path, capsys):
+    """FedDPA: its per-input mixture of global and local adapters is rebuilt for generation too."""
+    for cid in range(4):
+        model = load_client(instruction_run, cid)
+        metrics, rows = model.evaluate("test")
+        want = recorded_metrics(instruction_run, cid)
+        assert {k: metrics[k] for k in want} == pytest.approx(want, abs=1e-9)
+        assert all(set(r) == {"response", "reference"} for r in rows)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "reverse the words", "input": "hello world"}\n{"instruction": "abc"}\n')
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", str(instruction_run), "--client", "0", "--input", str(prompts), "--output", str(out),
+                 "--max_new_tokens", "3", "--no_progress"]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 2 and all(isinstance(a["response"], str) for a in answers)
+    assert answers[1]["response"] == load_client(instruction_run, 0, max_new_tokens=3).generate(["abc"])[0]
+    # each command refuses the other kind of run, and a prompt file without instructions
+    assert main(["predict", str(instruction_run), "--client", "0", "--input", str(prompts)]) == 2
+    assert "use fedlease generate" in capsys.readouterr().err
+    assert main(["generate", str(instruction_run), "--client", "0", "--input", str(prompts), "--split", "test"]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "no instruction"}\n')
+    assert main(["generate", str(instruction_run), "--client", "0", "--input", str(bad)]) == 2
+    assert 'bad.jsonl:1: each line must be a JSON object with a string "instruction"' in capsys.readouterr().err
+
+
+def test_generate_refuses_a_classification_run(runs, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "hi"}\n')
+    assert main(["generate", str(runs["fedit"]), "--client", "0", "--input", str(prompts)]) == 2
+    assert "use fedlease predict" in capsys.readouterr().err

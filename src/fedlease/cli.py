@@ -1,5 +1,5 @@
 """Command line: ``fedlease run`` (one federated training), ``fedlease compare`` (several methods, one table),
-``fedlease predict`` and ``fedlease export`` (using a trained client) and ``fedlease tasks`` (the task registry).
+``fedlease predict``, ``generate`` and ``export`` (using a trained client) and ``fedlease tasks`` (the task registry).
 
 The flags of ``run`` and ``compare`` are generated from :class:`fedlease.config.RunConfig`. Every bad input
 ends the program with one line, ``fedlease: error: ...``, and exit status 2.
@@ -52,6 +52,24 @@ def add_client_arguments(parser: argparse.ArgumentParser, more: str) -> None:
     """The run folder and the client that ``predict`` and ``export`` use."""
     parser.add_argument("run", metavar="RUN", help="the run's output directory")
     parser.add_argument("--client", required=True, help=f"the client id (0 .. clients-1){more}")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, input_help: str, metric: str) -> None:
+    """What ``predict`` and ``generate`` read: the user's file, or the client's own split."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help=f"{input_help}; - reads stdin")
+    source.add_argument("--split", choices=("test", "train"),
+                        help=f"the client's own split, rebuilt from the run's configuration (its data must be where "
+                             f"the run read it); test reproduces the {metric} the run recorded")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where ``predict`` and ``generate`` write, and how they run."""
+    parser.add_argument("--output", default=None, help="where to write the JSON lines (default: stdout)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="inputs per forward pass (default: the run's --eval_batch_size)")
+    parser.add_argument("--no_progress", action="store_true", help="do not show a progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -117,22 +135,24 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                     "its final file. Writes one JSON line per input: label, probabilities (and reference, with "
                     "--split).")
     add_client_arguments(predict, "; new: a client that was not in the run, placed by its own --data")
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="JSON lines with \"text\" (and \"text_pair\" for a pair task), or a plain "
-                                        "text file, one text a line; - reads stdin")
-    source.add_argument("--split", choices=("test", "train"),
-                        help="the client's own split, rebuilt from the run's configuration (its data must be "
-                             "where the run read it); test reproduces the accuracy the run recorded")
+    add_source_arguments(predict, "JSON lines with \"text\" (and \"text_pair\" for a pair task), or a plain text "
+                                  "file, one text a line", "accuracy")
     predict.add_argument("--data", default=None,
                          help="with --client new: the newcomer's own labelled examples (JSON lines with text, "
                               "text_pair for a pair task, label), which choose its model here; nothing leaves")
     predict.add_argument("--task", default=None,
                          help="with --client new: the newcomer's task (when the run has several)")
-    predict.add_argument("--output", default=None, help="where to write the JSON lines (default: stdout)")
-    predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    predict.add_argument("--batch_size", type=int, default=None,
-                         help="inputs per forward pass (default: the run's --eval_batch_size)")
-    predict.add_argument("--no_progress", action="store_true", help="do not show a progress bar")
+    add_output_arguments(predict)
+    generate = sub.add_parser(
+        "generate", help="answer prompts with a trained client of a finished instruction run",
+        description="Answer prompts with client ID of the finished instruction run in RUN, rebuilt from its final "
+                    "file, in the prompt template the run trained with (greedy). Writes one JSON line per prompt: "
+                    "response (and reference, with --split).")
+    add_client_arguments(generate, "")
+    add_source_arguments(generate, "JSON lines with \"instruction\" and optionally \"input\"", "ROUGE")
+    generate.add_argument("--max_new_tokens", type=int, default=None,
+                          help="the longest response in tokens (default: the run's --max_new_tokens)")
+    add_output_arguments(generate)
     export = sub.add_parser(
         "export", help="export a trained client as PEFT LoRA adapters with a model card",
         description="Write client ID of the finished run in RUN as standard PEFT LoRA adapter folders (one per "
@@ -181,10 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tasks":
             print(list_tasks())
             return 0
-        if args.command in ("predict", "export"):
+        if args.command in ("predict", "generate", "export"):
             from fedlease.use import commands
 
-            if args.command == "predict":
+            if args.command == "generate":
+                summary = commands.generate(args.run, args.client, input=args.input, split=args.split,
+                                            output=args.output, device=args.device, batch_size=args.batch_size,
+                                            progress=not args.no_progress, max_new_tokens=args.max_new_tokens)
+            elif args.command == "predict":
                 summary = commands.predict(args.run, args.client, input=args.input, split=args.split,
                                            output=args.output, device=args.device, batch_size=args.batch_size,
                                            progress=not args.no_progress, data=args.data, task=args.task)

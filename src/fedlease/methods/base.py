@@ -268,9 +268,10 @@ class FederatedMethod(ABC):
     # -- using the trained client (fedlease.use) ----------------------------------------------------------
     reads_train_data = False  # whether using a trained client needs its training split (FedDPA's references)
 
-    def final_scores(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
-                     data: Encoded) -> tuple[torch.Tensor, float]:
-        """The logits of ``data`` under the model a run saved for this client (``layout`` and ``state``: what it
-        was last evaluated with), computed as its evaluation computed them, and the mean loss."""
+    def apply_final(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
+                    data: Encoded) -> torch.Tensor | None:
+        """Make ``client`` the model a run saved for it (``layout`` and ``state``: what it was last evaluated with)
+        for the rows of ``data``; return their per-example expert weights where its evaluation set them ("fixed"
+        routing), else None."""
         client.apply(layout, state)
-        return client.scores(data)
+        return None

@@ -108,12 +108,11 @@ class FedDPA(SharedAdapterMethod):
     # -- using the trained client -------------------------------------------------------------------------
     reads_train_data = True  # the instance-wise weights compare each input with local training instances
 
-    def final_scores(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
-                     data: Encoded) -> tuple[torch.Tensor, float]:
+    def apply_final(self, client: LocalClient, layout: ExpertLayout, state: Mapping[str, torch.Tensor],
+                    data: Encoded) -> torch.Tensor | None:
         if layout != MIXED:  # no local adapter yet: the global adapter alone, as evaluated
-            return super().final_scores(client, layout, state, data)
+            return super().apply_final(client, layout, state, data)
         # the mixed model's own expert is the local adapter (load_mixed): the weights come from it, as evaluated
-        local = select(state, ("lora_A", "lora_B", "head"))
-        mixture = self.instance_mixture(client, local, data)
+        mixture = self.instance_mixture(client, select(state, ("lora_A", "lora_B", "head")), data)
         client.apply(layout, state)
-        return client.scores(data, mixture)
+        return mixture

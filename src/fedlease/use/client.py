@@ -2,7 +2,7 @@
 
 The client is rebuilt from its final file alone (``fedlease.use.final``): the backbone named by the run's model id,
 the adapted modules, head width and pair encoding it was trained with, the layout and state it was last evaluated
-with, and the method's own way of computing its outputs (``FederatedMethod.final_scores``: FedDPA mixes its two
+with, and the method's own way of computing its outputs (``FederatedMethod.apply_final``: FedDPA mixes its two
 adapters per input). So its outputs on the client's test split are the ones the run recorded.
 
     from fedlease import load_client
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,12 @@ from tqdm import tqdm
 from fedlease.data.tasks import Example, TaskSpec, get_spec, task_kind
 from fedlease.errors import ConfigError
 from fedlease.methods import create_method
-from fedlease.model.backbone import load_backbone
+from fedlease.model.backbone import Backbone, load_backbone
 from fedlease.runtime.clients import client_infos, load_partition, register_user_tasks, train_settings
 from fedlease.train import Encoded, LocalClient, compute_metrics, encode
+
+if TYPE_CHECKING:
+    from fedlease.generation import LMEncoded
 from fedlease.use.final import FinalClient, read_final
 
 CHUNK = 1024  # inputs scored per step of the progress bar
@@ -36,53 +40,77 @@ def empty_split() -> Encoded:
     return Encoded(torch.zeros(0, 0, dtype=torch.long), None, none, none)
 
 
-class ClientModel:
-    """One trained client of a classification run, ready to classify texts."""
+class TrainedClient:
+    """One trained client of a run, rebuilt from its final file: the backbone, the method, the client half."""
 
     def __init__(self, final: FinalClient, device: str = "auto", batch_size: int | None = None,
                  progress: bool = False) -> None:
         config = replace(final.config, device=device, eval_batch_size=batch_size or final.config.eval_batch_size)
-        register_user_tasks(config)
-        if task_kind([final.task]) != "classification":
-            raise ConfigError(f"{final.run} trained instruction tasks; predict classifies texts with a "
-                              f"classification run's client (generating from an instruction run is not built yet)")
         self.final, self.config, self.progress = final, config, progress
         self.spec: TaskSpec = replace(get_spec(final.task), labels=final.labels)
-        self.backbone = load_backbone(config.model_name, final.head_width, rank=config.rank, alpha=config.lora_alpha,
-                                      dropout=config.lora_dropout, target_modules=final.target_modules,
-                                      device=device, attention_dropout=not config.no_attention_dropout,
-                                      pair_encoding=final.pair_encoding)
+        self.backbone = self.load_backbone()
         self.method = create_method(config, client_infos(config))
-        train = self.split("train") if self.method.reads_train_data else empty_split()
-        self.client = LocalClient(final.client, self.spec, self.backbone.adapted, train, empty_split(),
-                                  train_settings(config, self.backbone))
+        train = self.split("train") if self.method.reads_train_data else None
+        self.client = self.make_client(train)
+
+    def load_backbone(self) -> Backbone:
+        raise NotImplementedError
+
+    def make_client(self, train) -> LocalClient:
+        raise NotImplementedError
+
+    def encode(self, examples: Sequence) -> Encoded | LMEncoded:
+        raise NotImplementedError
+
+    def examples(self, split: str) -> list:
+        """The client's own ``split`` ("train" or "test") as the run drew it (its data must be where the run
+        read it: ``--data_dir``, ``--instruction_dir``)."""
+        _, splits = load_partition(self.config, only_task=self.final.task)
+        mine = next(s for s in splits if s.client_id == self.final.client)
+        return mine.train if split == "train" else mine.test
+
+    def split(self, split: str) -> Encoded | LMEncoded:
+        return self.encode(self.examples(split))
+
+    def applied(self, data: Encoded | LMEncoded) -> torch.Tensor | None:
+        """The client's final model on the shared backbone, for ``data``: its per-example expert weights or None."""
+        return self.method.apply_final(self.client, self.final.layout, self.final.state, data)
+
+    def chunks(self, examples: Sequence, what: str) -> list:
+        chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+        return tqdm(chunks, desc=what, unit="chunk", disable=not self.progress or len(chunks) < 2)
+
+
+class ClientModel(TrainedClient):
+    """A trained client of a classification run, ready to classify texts."""
+
+    def load_backbone(self) -> Backbone:
+        final, config = self.final, self.config
+        return load_backbone(config.model_name, final.head_width, rank=config.rank, alpha=config.lora_alpha,
+                             dropout=config.lora_dropout, target_modules=final.target_modules, device=config.device,
+                             attention_dropout=not config.no_attention_dropout, pair_encoding=final.pair_encoding)
+
+    def make_client(self, train: Encoded | None) -> LocalClient:
+        return LocalClient(self.final.client, self.spec, self.backbone.adapted,
+                           empty_split() if train is None else train, empty_split(),
+                           train_settings(self.config, self.backbone))
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
 
-    def examples(self, split: str) -> list[Example]:
-        """The client's own ``split`` ("train" or "test") as the run drew it (its data must be where the run
-        read it: ``--data_dir``)."""
-        _, splits = load_partition(self.config, only_task=self.final.task)
-        mine = next(s for s in splits if s.client_id == self.final.client)
-        return mine.train if split == "train" else mine.test
-
     def encode(self, examples: Sequence[Example]) -> Encoded:
         return encode(self.backbone.tokenizer, list(examples), self.config.max_length,
                       self.backbone.pair_encoding == "separate")
-
-    def split(self, split: str) -> Encoded:
-        return self.encode(self.examples(split))
 
     def scores(self, examples: Sequence[Example]) -> tuple[torch.Tensor, float]:
         """Logits (N, classes) in input order, and the mean loss against the examples' labels."""
         if not examples:
             return torch.zeros(0, len(self.labels)), float("nan")
-        chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
         logits, loss = [], 0.0
-        for chunk in tqdm(chunks, desc="predict", unit="chunk", disable=not self.progress or len(chunks) < 2):
-            out, mean = self.method.final_scores(self.client, self.final.layout, self.final.state, self.encode(chunk))
+        for chunk in self.chunks(examples, "predict"):
+            data = self.encode(chunk)
+            out, mean = self.client.scores(data, self.applied(data))
             logits.append(out)
             loss += mean * len(chunk)
         return torch.cat(logits), loss / len(examples)
@@ -115,9 +143,16 @@ class ClientModel:
 
 
 def load_client(run: str | Path, client: int, *, device: str = "auto", batch_size: int | None = None,
-                progress: bool = False) -> ClientModel:
-    """Client ``client`` of the finished run in ``run``, rebuilt from its final file."""
-    return ClientModel(read_final(run, client), device, batch_size, progress)
+                progress: bool = False, max_new_tokens: int | None = None) -> TrainedClient:
+    """Client ``client`` of the finished run in ``run``, rebuilt from its final file: a :class:`ClientModel` for a
+    classification run, a :class:`GeneratorModel` for an instruction run."""
+    final = read_final(run, client)
+    register_user_tasks(final.config)
+    if task_kind([final.task]) == "generation":
+        from fedlease.use.generator import GeneratorModel
+
+        return GeneratorModel(final, device, batch_size, progress, max_new_tokens)
+    return ClientModel(final, device, batch_size, progress)
 
 
 def load_newcomer(run: str | Path, examples: Sequence[Example], *, task: str | None = None, device: str = "auto",

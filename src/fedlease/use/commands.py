@@ -6,14 +6,14 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fedlease.config import RunConfig
 from fedlease.data.tasks import Example, TaskSpec, get_spec
 from fedlease.errors import ConfigError, DataError
 from fedlease.runtime.clients import register_user_tasks
-from fedlease.use.client import load_client, load_newcomer
+from fedlease.use.client import ClientModel, load_client, load_newcomer
 from fedlease.use.export import export
 
 
@@ -27,20 +27,29 @@ def read_lines(source: str) -> tuple[str, list[str]]:
     return source, path.read_text(encoding="utf-8").splitlines()
 
 
-def json_rows(name: str, numbered: list[tuple[int, str]], pair: bool) -> list[tuple[int, dict]]:
-    """Each line as a JSON object with a string ``text`` (and ``text_pair`` for a pair task), with its number."""
+def json_objects(name: str, numbered: list[tuple[int, str]]) -> list[tuple[int, dict]]:
+    """Each line parsed as a JSON object, with its number; anything else is refused, naming file and line."""
     rows = []
     for number, line in numbered:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{name}:{number}: not a JSON object ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        if not isinstance(row, dict):
+            raise DataError(f"{name}:{number}: not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def json_rows(name: str, numbered: list[tuple[int, str]], pair: bool) -> list[tuple[int, dict]]:
+    """Each line as a JSON object with a string ``text`` (and ``text_pair`` for a pair task), with its number."""
+    rows = json_objects(name, numbered)
+    for number, row in rows:
+        if not isinstance(row.get("text"), str):
             raise DataError(f"{name}:{number}: each line must be a JSON object with a string \"text\"")
         if pair and not isinstance(row.get("text_pair"), str):
             raise DataError(f"{name}:{number}: this client's task classifies text pairs; the line has no string "
                             f"\"text_pair\"")
-        rows.append((number, row))
     return rows
 
 
@@ -119,17 +128,48 @@ def predict(run: str, client: str, *, input: str | None, split: str | None, outp
         if data is not None or task is not None:
             raise ConfigError("--data and --task are for --client new")
         model = load_client(run, client_id(client), device=device, batch_size=batch_size, progress=progress)
+        if not isinstance(model, ClientModel):
+            raise ConfigError(f"{run} trained instruction tasks: use fedlease generate")
         who = f"client {client} ({model.spec.name})"
+    return answer(model, who, split, output, lambda: model.predict(*read_inputs(input, model.spec.pair)))
+
+
+def answer(model, who: str, split: str | None, output: str | None, infer: Callable[[], list[dict]]) -> str:
+    """Write the model's rows for its own ``split`` (with its metrics) or for the user's input (``infer``)."""
     if split is not None:
         metrics, rows = model.evaluate(split)
         write_rows(rows, output)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        return f"{who}, its {split} split: {len(rows)} examples, {shown}"
-    assert input is not None
-    texts, pairs = read_inputs(input, model.spec.pair)
-    rows = model.predict(texts, pairs)
+        return f"{who}, its {split} split: {len(rows)} rows, {shown(metrics)}"
+    rows = infer()
     write_rows(rows, output)
-    return f"{who}: {len(rows)} predictions"
+    return f"{who}: {len(rows)} rows"
+
+
+def read_prompts(source: str) -> tuple[list[str], list[str]]:
+    """Instructions and their inputs from JSON lines (``instruction``, optional string ``input``)."""
+    name, numbered = non_blank(source)
+    rows = json_objects(name, numbered)
+    for number, row in rows:
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input", ""), str):
+            raise DataError(f"{name}:{number}: each line must be a JSON object with a string \"instruction\" "
+                            f"(and optionally a string \"input\")")
+    return [row["instruction"] for _, row in rows], [row.get("input", "") for _, row in rows]
+
+
+def generate(run: str, client: str, *, input: str | None, split: str | None, output: str | None, device: str,
+             batch_size: int | None, progress: bool, max_new_tokens: int | None) -> str:
+    """Answer the prompts of ``input`` (or the client's own ``split``) with client ``client`` of ``run``."""
+    model = load_client(run, client_id(client), device=device, batch_size=batch_size, progress=progress,
+                        max_new_tokens=max_new_tokens)
+    if isinstance(model, ClientModel):
+        raise ConfigError(f"{run} trained classification tasks: use fedlease predict")
+    who = f"client {client} ({model.spec.name})"
+    return answer(model, who, split, output,
+                  lambda: [{"response": r} for r in model.generate(*read_prompts(input))])
+
+
+def shown(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def client_id(text: str) -> int:

@@ -47,6 +47,8 @@ def place_newcomer(run: Path | str, examples: list[Example], task: str | None = 
     if not examples:
         raise DataError("--data: the newcomer has no examples")
     spec = get_spec(task)
+    if spec.kind != "classification":
+        raise ConfigError("a newcomer's model is built for classification runs only (not yet for instruction runs)")
     newcomer = len(config.tasks)  # an id no client of the run has
     infos = [*client_infos(config), ClientInfo(newcomer, task, spec.labels)]
     checkpoint = load_checkpoint(run)
