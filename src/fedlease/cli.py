@@ -164,7 +164,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true",
                         help="also write merged/: the model with the adapter merged in (single-adapter clients)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    sub.add_parser("tasks", help="list the tasks this installation knows")
+    tasks = sub.add_parser("tasks", help="list the tasks this installation knows")
+    tasks.add_argument("--data_dir", default=None, help="also the task folders of this --data_dir")
+    tasks.add_argument("--instruction_dir", default=None, help="also the categories of this --instruction_dir")
     return parser
 
 
@@ -199,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         if args.command == "tasks":
+            from fedlease.runtime.clients import register_user_tasks
+
+            register_user_tasks(RunConfig(data_dir=args.data_dir, instruction_dir=args.instruction_dir))
             print(list_tasks())
             return 0
         if args.command in ("predict", "generate", "export"):

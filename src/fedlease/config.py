@@ -27,6 +27,21 @@ BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 
 
+class Samples(int):
+    """Examples per client: a number, or ``all`` (stored as 0): every example of the task's split, shared evenly
+    among the task's clients."""
+
+    def __new__(cls, value: object) -> Samples:
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return super().__new__(cls, 0)
+        return super().__new__(cls, int(value))  # type: ignore[call-overload]
+
+    def __repr__(self) -> str:
+        return "all" if self == 0 else int.__repr__(self)
+
+    __str__ = __repr__
+
+
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
     return {"help": help, **extra}
 
@@ -56,9 +71,12 @@ class RunConfig:
         "LoRA rank r of every expert (default: 4 for classification, 8 for instruction tasks, as in the paper)."))
     max_clusters: int = field(default=4, metadata=_opt(
         "Largest number of experts K the silhouette search may pick (K runs over 2..min(this, clients-1))."))
-    train_samples: int = field(default=1000, metadata=_opt("Training examples per client (class-balanced)."))
-    test_samples: int = field(default=200, metadata=_opt(
-        "Test examples per client, drawn from the task's validation split (class-balanced)."))
+    train_samples: Samples = field(default=1000, metadata=_opt(
+        "Training examples per client (class-balanced); all: every training example of the task, split evenly "
+        "among its clients without class balancing."))
+    test_samples: Samples = field(default=200, metadata=_opt(
+        "Test examples per client, drawn from the task's validation split (class-balanced); all: every one, split "
+        "evenly among the task's clients."))
     batch_size: int = field(default=128, metadata=_opt("Local training batch size."))
     seed: int = field(default=42, metadata=_opt("Seed of the partition, the initialisation and training."))
 
@@ -151,14 +169,28 @@ class RunConfig:
     overwrite: bool = field(default=False, metadata=_opt(
         "Replace the results of an earlier run in --output_dir."))
 
+    def __post_init__(self) -> None:
+        for name in ("train_samples", "test_samples"):  # "all" from Python, or a plain int from a saved config
+            try:
+                setattr(self, name, Samples(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{name} must be a number of examples or all, got {getattr(self, name)!r}") \
+                    from None
+
     @property
     def num_clients(self) -> int:
         return len(self.tasks)
 
     def validate(self) -> RunConfig:
         """Check what can be checked without data or model; raise ConfigError with one line if not."""
-        positive = ("global_rounds", "local_epochs", "rank", "train_samples", "test_samples", "batch_size",
-                    "max_length", "eval_batch_size", "max_new_tokens")
+        positive = ("global_rounds", "local_epochs", "rank", "batch_size", "max_length", "eval_batch_size",
+                    "max_new_tokens")
+        for name in ("train_samples", "test_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be a number of examples or all, got {getattr(self, name)}")
+            if getattr(self, name) == 0 and self.partition == "dirichlet":
+                raise ConfigError(f"--{name} all shares a task's examples evenly without regard to class; "
+                                  f"--partition dirichlet draws each client's classes: give a number")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -2,8 +2,9 @@
 
 ``balanced`` (the paper): each client of a task gets ``train_samples`` training examples drawn from the task's
 train split and ``test_samples`` test examples drawn from its validation split, class-balanced, and the clients
-of one task get disjoint examples. ``dirichlet``: each client's class proportions are drawn from Dir(alpha)
-(label skew); its test split follows the same proportions. When a class has too few examples for disjoint
+of one task get disjoint examples (``0``, "all": the task's whole split, shared evenly among its clients in a
+seeded random order, without class balancing). ``dirichlet``: each client's class proportions are drawn from
+Dir(alpha) (label skew); its test split follows the same proportions. When a class has too few examples for disjoint
 slices the partition stops with a message, unless ``allow_overlap`` (then slices wrap around and reuse
 examples, and the result says so).
 """
@@ -102,6 +103,15 @@ def partition_clients(
         reused = dict.fromkeys(cids, 0)
         for split_index, (split, examples) in enumerate((("train", data[task].train),
                                                          ("validation", data[task].validation))):
+            if (train_samples, test_samples)[split_index] == 0:  # "all": the split shared evenly, in random order
+                rng = np.random.default_rng(derive_seed(seed, "partition-all", task, split))
+                order = rng.permutation(len(examples))
+                if len(order) < len(cids):
+                    raise DataError(f"task {task}: {len(cids)} clients share {len(order)} {split} examples; give each "
+                                    f"at least one")
+                for cid, part in zip(cids, np.array_split(order, len(cids)), strict=True):
+                    chosen[cid][split] = [examples[i] for i in part.tolist()]
+                continue
             need = np.sum([counts[cid][split_index] for cid in cids], axis=0)
             available = np.bincount([ex.label for ex in examples], minlength=spec.num_classes)
             empty = [c for c in range(spec.num_classes) if need[c] and not available[c]]

@@ -30,7 +30,9 @@ class TaskSpec:
     name: str
     labels: tuple[str, ...]
     pair: bool
-    source: str  # "builtin", "glue", "instructions" (built in), "jsonl" (a user's folder) or "remote" (another node's)
+    # "builtin", "glue", "instructions" (built in), "user" (a user's classification folder, fedlease.data.user),
+    # "jsonl" (a user's instruction folder) or "remote" (another node's)
+    source: str
     description: str
     # Besides accuracy: "f1" (binary, positive = label 1) or "macro_f1" (multi-class). Besides ROUGE:
     # "exact_match_cased" (the answer to the character, case and punctuation included, spaces collapsed).
@@ -149,6 +151,10 @@ def load_task(name: str, data_dir: str | None = None, instruction_dir: str | Non
         from fedlease.data.instructions import load_instruction_task
 
         train, validation = load_instruction_task(spec, instruction_dir)
+    elif spec.source == "user":
+        from fedlease.data.user import load_user_task
+
+        train, validation = load_user_task(spec, data_dir)
     elif spec.source == "builtin":
         from fedlease.data.builtin import load_builtin
 

@@ -20,7 +20,12 @@ from fedlease.train import LocalClient, TrainSettings, encode, resolve_precision
 
 
 def register_user_tasks(config: RunConfig) -> None:
-    """Make the categories of ``--instruction_dir`` known as tasks (in every process that builds clients)."""
+    """Make a user's tasks known (in every process that builds clients): the task folders of ``--data_dir``
+    (``fedlease.data.user``) and the categories of ``--instruction_dir``."""
+    if config.data_dir:
+        from fedlease.data.user import register_classification_folders
+
+        register_classification_folders(config.data_dir)
     if config.instruction_dir:
         from fedlease.data.instructions import register_instruction_folder
 
