@@ -186,6 +186,7 @@ def test_a_dp_run_resumes_with_the_same_accounting(tiny_model, tmp_path):
     (["--dp_clip", "1"], "needs --dp_noise"),
     (["--dp_noise", "1"], "without --dp_clip"),
     (["--dp_clip", "1", "--dp_noise", "1", "--method", "local"], "nothing to protect"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--max_update_norm", "1"], "--max_update_norm with --dp_clip"),
 ])
 def test_bad_privacy_settings_are_one_line_exit_2_and_nothing_written(capsys, tmp_path, flags, fragment):
     out = tmp_path / "out"

@@ -23,6 +23,7 @@ AUTO_MODEL = "auto"
 RANK_BY_KIND = {"classification": 4, "generation": 8}  # the paper's GLUE and FLAN settings
 METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
 ALLOCATIONS = ("embedding", "paper")
+UPDATE_NORM_ACTIONS = ("reject", "clip")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 
@@ -124,7 +125,14 @@ class RunConfig:
     max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
     max_update_norm: float | None = field(default=None, metadata=_opt(
-        "Reject a client update whose L2 norm (over all its tensors) exceeds this bound (default: no bound)."))
+        "Bound the L2 norm of each client's change: its upload minus what it started the round from (what it "
+        "downloaded, and the seeded initial values for the rest), over every array it sends that has such a starting "
+        "value. The client measures it; --update_norm_action says what happens above the bound (default: no "
+        "bound)."))
+    update_norm_action: str = field(default="reject", metadata=_opt(
+        "With --max_update_norm: reject (the server leaves out an update whose change exceeds the bound, and logs "
+        "it) or clip (the client scales its change down to the bound before sending it).",
+        choices=UPDATE_NORM_ACTIONS))
     clients_per_round: int = field(default=0, metadata=_opt(
         "Clients sampled each round, uniformly without replacement (seeded by --seed and the round); 0 = every "
         "client every round, the closed federation of the paper."))

@@ -121,7 +121,8 @@ class Federation:
 
     def __post_init__(self) -> None:
         if self.validator is None:
-            self.validator = UpdateValidator(self.config.max_update_norm)
+            reject = self.config.update_norm_action == "reject"  # clip: the clients bound their changes themselves
+            self.validator = UpdateValidator(self.config.max_update_norm if reject else None)
         self.info.setdefault("federation", uuid.uuid4().hex)
         self.accepted: dict[int, int] = {}
         self.participation = Participation(self.config)
