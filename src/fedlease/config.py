@@ -26,6 +26,11 @@ ALLOCATIONS = ("embedding", "paper")
 UPDATE_NORM_ACTIONS = ("reject", "clip")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
+# Settings one method alone uses: setting -> that method. With another method, a value other than the default is
+# refused (it would change nothing, under a name that says it did).
+METHOD_ONLY = {"num_experts": "fedlease", "top_k": "fedlease", "allocation": "fedlease", "max_clusters": "fedlease",
+               "min_silhouette": "fedlease", "num_clusters": "ifca"}
+CONDITIONAL = (*METHOD_ONLY, "update_norm_action")  # the settings ``RunConfig.unused`` judges
 
 
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
@@ -208,7 +213,23 @@ class RunConfig:
             raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks sst2 qnli")
         if not self.model_name.strip():
             raise ConfigError("--model_name is empty")
+        for name in CONDITIONAL:
+            if getattr(self, name) != default_of(name) and (why := self.unused(name)):
+                raise ConfigError(f"--{name} {getattr(self, name)} does not apply to this run: {why}")
         return self
+
+    def unused(self, name: str) -> str | None:
+        """Why this run does not use the setting ``name`` of ``CONDITIONAL``, or None where it does. (A setting
+        that depends on the task kind, --quantization, is judged where the run is prepared, which knows the
+        kinds.)"""
+        method = METHOD_ONLY.get(name)
+        if method is not None and self.method != method:
+            return f"only --method {method} uses it"
+        if name == "min_silhouette" and self.allocation != "embedding":
+            return "only --allocation embedding uses it"
+        if name == "update_norm_action" and self.max_update_norm is None:
+            return "it says what to do above --max_update_norm, which is not set"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +241,11 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def default_of(name: str) -> Any:
+    """The default of a RunConfig field that has a plain default (not a factory)."""
+    return RunConfig.__dataclass_fields__[name].default
 
 
 @functools.cache
