@@ -316,7 +316,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                 start = federation.restore(ckpt)
                 transport.restore(ckpt.stores, federation.sync())
             final = federation.run(start)
-            table = format_table(final, infos)
+            table = format_table(final)
             # the command line prints the table on stdout; the console log need not repeat it
             log.info("final results (round %d, %s):\n%s", config.global_rounds, config.method, table,
                      extra={CONSOLE: False})
