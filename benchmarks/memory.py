@@ -24,14 +24,15 @@ CHILD = ("import resource, sys\n"
          "sys.exit(code)\n")
 
 
-def peak_rss_mb(clients_per_task: int, samples: int, extra: tuple[str, ...] = ()) -> tuple[float, float]:
+def peak_rss_mb(clients_per_task: int, samples: int, extra: tuple[str, ...] = (), model_name: str = "auto"
+                ) -> tuple[float, float]:
     """Peak RSS (MB) and wall seconds of one run in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         tasks = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
         args = ["run", "--tasks", *(f"{task}:{clients_per_task}" for task in tasks),
                 "--global_rounds", "2", "--warmup_rounds", "1", "--local_epochs", "1", "--train_samples", str(samples),
                 "--test_samples", str(max(8, samples // 4)), "--batch_size", "32", "--output_dir", f"{tmp}/run",
-                "--no_progress", *extra]
+                "--model_name", model_name, "--no_progress", *extra]
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -41,12 +42,14 @@ def peak_rss_mb(clients_per_task: int, samples: int, extra: tuple[str, ...] = ()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer examples per client (under a minute)")
+    parser.add_argument("--model_name", default="auto",
+                        help="the encoder (default: the offline MiniLM; the test suite passes a tiny one)")
     args = parser.parse_args()
     samples = 16 if args.quick else 200
     result: dict = {"benchmark": "memory", "samples_per_client": samples}
     for suffix, extra in (("", ()), ("_no_attention_dropout", ("--no_attention_dropout",)))[: 1 if args.quick else 2]:
-        rss4, s4 = peak_rss_mb(1, samples, extra)
-        rss16, s16 = peak_rss_mb(4, samples, extra)
+        rss4, s4 = peak_rss_mb(1, samples, extra, args.model_name)
+        rss16, s16 = peak_rss_mb(4, samples, extra, args.model_name)
         result.update({f"peak_rss_mb_4_clients{suffix}": rss4, f"peak_rss_mb_16_clients{suffix}": rss16,
                        f"rss_ratio_16_vs_4{suffix}": rss16 / rss4,
                        f"seconds{suffix}": {"4_clients": s4, "16_clients": s16}})

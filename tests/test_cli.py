@@ -51,6 +51,15 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--min_silhouette", "1.5"], "--min_silhouette must be in [-1, 1]"),
     (["--pair_encoding", "cross"], "invalid choice: 'cross'"),
     (["--unknown_flag"], "unrecognized arguments: --unknown_flag"),
+    # a setting the run would not use, refused rather than ignored under a name that says it was used
+    (["--method", "fedit", "--top_k", "2"], "--top_k 2 does not apply to this run: only --method fedlease uses it"),
+    (["--num_clusters", "3"], "--num_clusters 3 does not apply to this run: only --method ifca uses it"),
+    (["--method", "ifca", "--max_clusters", "2"], "--max_clusters 2 does not apply to this run: only --method "
+                                                  "fedlease"),
+    (["--allocation", "paper", "--min_silhouette", "0.3"],
+     "--min_silhouette 0.3 does not apply to this run: only --allocation embedding uses it"),
+    (["--update_norm_action", "clip"], "--update_norm_action clip does not apply to this run"),
+    (["--quantization", "8bit"], "--quantization 8bit does not apply to this run: it stores the decoder"),
 ])
 def test_bad_flags(capsys, tmp_path, args, fragment):
     code, err = run_cli(capsys, "run", "--output_dir", str(tmp_path / "out"), *args)

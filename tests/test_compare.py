@@ -12,8 +12,8 @@ import pytest
 
 from conftest import tiny_run_config
 from fedlease.cli import main
-from fedlease.compare import compare, parse_spec
-from fedlease.config import METHOD_NAMES
+from fedlease.compare import compare, parse_spec, plan
+from fedlease.config import METHOD_NAMES, RunConfig
 from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult
 
@@ -213,6 +213,25 @@ def test_compare_checks_every_spec_before_running(capsys, tmp_path):
     assert code == 2
     assert "unknown method 'nonsense'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_setting_a_method_does_not_use_is_refused_and_a_comparisons_flag_goes_to_the_methods_using_it(
+        capsys, tmp_path):
+    for methods, extra, match in (
+            (["fedit:top_k=2"], [], "method spec 'fedit:top_k=2': top_k does not apply to fedit: only --method "
+                                    "fedlease uses it"),
+            (["fedit", "fedit:allocation=embedding"], [], "allocation does not apply to fedit"),  # even the default
+            (["fedlease:allocation=paper,min_silhouette=0.3"], [], "only --allocation embedding uses it"),
+            (["fedit", "fedlease"], ["--num_clusters", "2"],
+             "--num_clusters 2 does not apply to any method compared: only --method ifca uses it"),
+            (["fedit"], ["--quantization", "4bit"], "--quantization 4bit does not apply")):
+        assert main(["compare", "--methods", *methods, *extra, "--output_dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("fedlease: error: ") and match in err[-1], err
+    assert not (tmp_path / "o").exists()
+    runs = plan(RunConfig(num_clusters=2, output_dir=str(tmp_path / "o")), ["fedit", "ifca", "ifca:num_clusters=3"],
+                [1])
+    assert [config.num_clusters for _, _, config in runs] == [4, 2, 3]  # fedit runs (and records) its default
 
 
 def test_a_run_listed_twice_is_refused_before_anything_runs(capsys, tmp_path):

@@ -163,7 +163,7 @@ def state_dirs(root: Path, num_clients: int) -> dict[int, dict]:
 @pytest.mark.parametrize("method", ["fedlease", "feddpa", "ifca"])
 def test_flower_gives_the_in_process_runners_results(tiny_model, tmp_path, monkeypatch, method):
     config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
-                             num_clusters=2)
+                             num_clusters=2 if method == "ifca" else 4)
     run(config, progress=False)
     sent = []
     push = InProcessGrid.push_messages
@@ -215,8 +215,9 @@ def test_a_failing_node_is_left_out_and_rejoins(tiny_model, tmp_path):
     assert history(out)["final"] is not None
 
 
-def run_with_client_1_failing(tiny_model, out, monkeypatch, name: str, rnd: int, error: str) -> list[dict]:
-    """A 4-round Flower run whose client 1 raises ``error`` in its method's ``name`` (client_train or
+def run_with_client_1_failing(tiny_model, out, monkeypatch, name: str, rnd: int, error: str,
+                              exception: type[Exception] = RuntimeError) -> list[dict]:
+    """A 4-round Flower run whose client 1 raises ``exception(error)`` in its method's ``name`` (client_train or
     client_evaluate) for round index ``rnd``; the history's rounds."""
     from fedlease.methods.base import FederatedMethod
 
@@ -224,7 +225,7 @@ def run_with_client_1_failing(tiny_model, out, monkeypatch, name: str, rnd: int,
 
     def failing(self, client, ins, r, store):
         if client.client_id == 1 and r == rnd:
-            raise RuntimeError(error)
+            raise exception(error)
         return original(self, client, ins, r, store)
 
     monkeypatch.setattr(FederatedMethod, name, failing)
@@ -255,6 +256,27 @@ def test_a_training_that_fails_on_a_node_keeps_the_evaluation_that_came_first(ti
     log = (tmp_path / "o" / "training_log.txt").read_text()
     assert ("client 1 could not train round 3 on its node (RuntimeError: CUDA out of memory); its evaluation of "
             "round 2 is kept") in log
+
+
+@pytest.mark.parametrize("rnd", [0, 2])  # alone, and after the evaluation of round 2 in the same message
+def test_a_training_that_diverges_on_a_node_stops_the_run_as_in_process(tiny_model, tmp_path, monkeypatch, rnd):
+    """As the in-process runner: the run stops with one line naming the round and the client, the rounds before
+    are recorded and checkpointed (round 2 with the evaluations that came with round 3's training), and nothing of
+    the diverged round is."""
+    from fedlease.runtime.checkpoint import read_manifest
+    from fedlease.train import TrainingDiverged
+
+    out = tmp_path / "o"
+    with pytest.raises(TrainingDiverged) as stopped:
+        run_with_client_1_failing(tiny_model, out, monkeypatch, "client_train", rnd,
+                                  "client 1 (rotten_tomatoes): the training loss became nan", TrainingDiverged)
+    assert str(stopped.value) == f"round {rnd + 1}, client 1 (rotten_tomatoes): the training loss became nan"
+    assert f"fedlease: error: round {rnd + 1}, client 1" in (out / "training_log.txt").read_text()
+    assert not (out / f"round_summary_{rnd + 1}.json").exists()
+    if rnd:
+        assert len(history(out)["rounds"]) == rnd and history(out)["final"] is None
+        assert history(out)["rounds"][-1]["clients"]["1"]["eval"] is not None  # its evaluation came first
+        assert read_manifest(out)["round"] == rnd - 1
 
 
 def test_two_live_nodes_of_one_client_do_not_take_turns(tiny_model, tmp_path):

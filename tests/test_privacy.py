@@ -123,7 +123,7 @@ def test_every_method_aggregates_clipped_changes_against_what_its_clients_starte
     monkeypatch.setattr(NoisyMean, "mean", checked)
     config = tiny_run_config(tiny_model, tmp_path / "run", method=name, global_rounds=4, warmup_rounds=2,
                              dp_clip=0.05, dp_noise=0.3, sample_rate=0.8, num_experts=2 if name == "fedlease" else None,
-                             allocation=allocation or "embedding", num_clusters=2)
+                             allocation=allocation or "embedding", num_clusters=2 if name == "ifca" else 4)
     run(config, progress=False)
     assert seen and max(seen) <= 0.05 * (1 + 1e-4), max(seen)
     history = json.loads((tmp_path / "run" / "training_history.json").read_text())
@@ -186,6 +186,7 @@ def test_a_dp_run_resumes_with_the_same_accounting(tiny_model, tmp_path):
     (["--dp_clip", "1"], "needs --dp_noise"),
     (["--dp_noise", "1"], "without --dp_clip"),
     (["--dp_clip", "1", "--dp_noise", "1", "--method", "local"], "nothing to protect"),
+    (["--dp_clip", "1", "--dp_noise", "1", "--max_update_norm", "1"], "--max_update_norm with --dp_clip"),
 ])
 def test_bad_privacy_settings_are_one_line_exit_2_and_nothing_written(capsys, tmp_path, flags, fragment):
     out = tmp_path / "out"

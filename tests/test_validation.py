@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import tiny_run_config
-from fedlease.methods.base import Instruction, Update
+from fedlease.methods.base import CHANGE_NORM, Instruction, Update
 from fedlease.model.experts import ExpertLayout
 from fedlease.runtime.validation import UpdateValidator
 
@@ -59,13 +61,61 @@ def test_schema_persists_across_rounds():
     assert restored.schema == validator.schema
 
 
-def test_norm_bound_is_off_by_default_and_rejects_huge_updates():
-    huge = {key: 1e6 * value for key, value in good(9).items()}
-    accepted, _ = UpdateValidator().filter(*round_of(huge))
-    assert 4 in accepted
-    accepted, rejected = UpdateValidator(max_norm=100.0).filter(*round_of(huge))
-    assert 4 not in accepted and "exceeds --max_update_norm 100" in rejected[4]
-    assert set(accepted) == {0, 1, 2, 3}
+def test_the_norm_bound_checks_the_change_each_client_reports_not_the_size_of_its_weights():
+    instructions, updates = round_of({key: 1e6 * value for key, value in good(9).items()})
+    for update in updates.values():
+        update.metrics[CHANGE_NORM] = 1.0  # weights of any size: only the change against the start counts
+    updates[4].metrics[CHANGE_NORM] = 150.0
+    accepted, _ = UpdateValidator().filter(instructions, updates)
+    assert 4 in accepted  # no bound by default
+    del updates[0].metrics[CHANGE_NORM]
+    accepted, rejected = UpdateValidator(max_norm=100.0).filter(instructions, updates)
+    assert set(accepted) == {1, 2, 3}
+    assert "change norm 150 exceeds --max_update_norm 100" in rejected[4]
+    assert "no measured change norm" in rejected[0]
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_a_client_bounds_the_change_against_what_it_started_from(tiny_clients, action):
+    """The change is measured against the client's starting point (its download and the seeded initial values),
+    not the weights themselves (their Kaiming-initialised A alone is several times larger); clip scales the change
+    down to the bound in its own direction, reject leaves the upload as it is for the server to judge."""
+    from fedlease.methods import create_method
+    from fedlease.privacy.mechanism import change_norm
+
+    config, clients, infos = tiny_clients
+    plain = create_method(dataclasses.replace(config, method="fedit"), infos)
+    ins = plain.configure_train(0)[0]
+    free = plain.client_update(clients[0], ins, 0, {})
+    change = change_norm(free.state, plain.reference, free.state)
+    weights = math.sqrt(sum(float(v.double().pow(2).sum()) for v in free.state.values()))
+    assert weights > 3 * change > 0
+    bound = change / 2
+    method = create_method(dataclasses.replace(config, method="fedit", max_update_norm=bound,
+                                               update_norm_action=action), infos)
+    update = method.client_update(clients[0], ins, 0, {})
+    assert update.metrics[CHANGE_NORM] == pytest.approx(change)  # measured before any clipping
+    sent = change_norm(update.state, plain.reference, update.state)
+    if action == "clip":
+        assert sent == pytest.approx(bound, rel=1e-4)
+        a, b = (torch.cat([(s[k] - plain.reference[k]).flatten() for k in s]) for s in (update.state, free.state))
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+    else:
+        assert all(torch.equal(update.state[k], free.state[k]) for k in free.state)
+
+
+def test_a_bound_above_every_change_rejects_nothing_though_the_weights_exceed_it(tiny_model, tmp_path):
+    """Each round's change of a tiny-model client is about 0.5, its uploaded weights about 2.3 in norm: a bound
+    of 1.5 keeps every update (bounding the weights rejected them all), and the round summaries record each
+    client's measured change."""
+    from fedlease.runtime.simulation import run
+
+    run(tiny_run_config(tiny_model, tmp_path / "o", method="fedit", max_update_norm=1.5), progress=False)
+    history = json.loads((tmp_path / "o" / "training_history.json").read_text())
+    for summary in history["rounds"]:
+        assert summary["rejected_updates"] == {}
+        changes = [client["train"][CHANGE_NORM] for client in summary["clients"].values()]
+        assert len(changes) == 4 and all(0 < change < 1.5 for change in changes)
 
 
 def test_bad_example_count_is_rejected():

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlease.config import RunConfig, expand_tasks, parse_override
+from fedlease.config import CONDITIONAL, RunConfig, default_of, expand_tasks, parse_override
 from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult, write_comparison
 from fedlease.runtime.checkpoint import FOLDER as CHECKPOINT_FOLDER
@@ -68,15 +68,30 @@ def plan(base: RunConfig, specs: list[str], seeds: list[int],
                               f"(both would run in {spec.folder}/)")
         folders[spec.folder] = spec.label
     out = Path(base.output_dir)
+    used: set[str] = set()  # the method-specific settings that some run of the comparison uses
+    not_used: dict[str, str] = {}  # the others: why not
     runs = []
     for spec in parsed:
         for seed in seeds:
             config = dataclasses.replace(base, method=spec.method, seed=seed,
                                          output_dir=str(out / spec.folder / f"seed_{seed}"), **spec.overrides)
+            unused = {name: why for name in CONDITIONAL if (why := config.unused(name))}
+            for name in spec.overrides:
+                if name in unused:
+                    raise ConfigError(f"method spec {spec.label!r}: {name} does not apply to {spec.method}: "
+                                      f"{unused[name]}")
+            used |= set(CONDITIONAL) - set(unused)
+            not_used = {**unused, **not_used}  # the first reason given for each
+            # a comparison's flag is for the methods that use it: the others run (and record) their default
+            config = dataclasses.replace(config, **{name: default_of(name) for name in unused})
             config = prepare_config(config)
             if not resume:
                 check_output_dir(config)
             runs.append((spec, seed, config))
+    for name in CONDITIONAL:
+        if getattr(base, name) != default_of(name) and name not in used:
+            raise ConfigError(f"--{name} {getattr(base, name)} does not apply to any method compared: "
+                              f"{not_used[name]}")
     return runs
 
 

@@ -23,8 +23,14 @@ AUTO_MODEL = "auto"
 RANK_BY_KIND = {"classification": 4, "generation": 8}  # the paper's GLUE and FLAN settings
 METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
 ALLOCATIONS = ("embedding", "paper")
+UPDATE_NORM_ACTIONS = ("reject", "clip")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
+# Settings one method alone uses: setting -> that method. With another method, a value other than the default is
+# refused (it would change nothing, under a name that says it did).
+METHOD_ONLY = {"num_experts": "fedlease", "top_k": "fedlease", "allocation": "fedlease", "max_clusters": "fedlease",
+               "min_silhouette": "fedlease", "num_clusters": "ifca"}
+CONDITIONAL = (*METHOD_ONLY, "update_norm_action")  # the settings ``RunConfig.unused`` judges
 
 
 class Samples(int):
@@ -142,7 +148,14 @@ class RunConfig:
     max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
     max_update_norm: float | None = field(default=None, metadata=_opt(
-        "Reject a client update whose L2 norm (over all its tensors) exceeds this bound (default: no bound)."))
+        "Bound the L2 norm of each client's change: its upload minus what it started the round from (what it "
+        "downloaded, and the seeded initial values for the rest), over every array it sends that has such a starting "
+        "value. The client measures it; --update_norm_action says what happens above the bound (default: no "
+        "bound)."))
+    update_norm_action: str = field(default="reject", metadata=_opt(
+        "With --max_update_norm: reject (the server leaves out an update whose change exceeds the bound, and logs "
+        "it) or clip (the client scales its change down to the bound before sending it).",
+        choices=UPDATE_NORM_ACTIONS))
     clients_per_round: int = field(default=0, metadata=_opt(
         "Clients sampled each round, uniformly without replacement (seeded by --seed and the round); 0 = every "
         "client every round, the closed federation of the paper."))
@@ -232,7 +245,23 @@ class RunConfig:
             raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks sst2 qnli")
         if not self.model_name.strip():
             raise ConfigError("--model_name is empty")
+        for name in CONDITIONAL:
+            if getattr(self, name) != default_of(name) and (why := self.unused(name)):
+                raise ConfigError(f"--{name} {getattr(self, name)} does not apply to this run: {why}")
         return self
+
+    def unused(self, name: str) -> str | None:
+        """Why this run does not use the setting ``name`` of ``CONDITIONAL``, or None where it does. (A setting
+        that depends on the task kind, --quantization, is judged where the run is prepared, which knows the
+        kinds.)"""
+        method = METHOD_ONLY.get(name)
+        if method is not None and self.method != method:
+            return f"only --method {method} uses it"
+        if name == "min_silhouette" and self.allocation != "embedding":
+            return "only --allocation embedding uses it"
+        if name == "update_norm_action" and self.max_update_norm is None:
+            return "it says what to do above --max_update_norm, which is not set"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +273,11 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def default_of(name: str) -> Any:
+    """The default of a RunConfig field that has a plain default (not a factory)."""
+    return RunConfig.__dataclass_fields__[name].default
 
 
 @functools.cache

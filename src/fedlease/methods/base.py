@@ -12,6 +12,7 @@ State moves as flat ``name -> tensor`` mappings (see ``fedlease.model.experts``)
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ Scalar = int | float | str | bool
 
 LORA_PARTS = ("lora_A", "lora_B")
 SECRET = "privacy.secret"  # a client's store: the seed of the noise it adds itself
+CHANGE_NORM = "change_norm"  # an update's metric with --max_update_norm: its change's L2 norm, as the client measured
 SIZE_METRICS = ("examples", "steps", "seconds")  # training metrics that tell how much data a client holds
 PART_SUFFIXES = {"lora_A": (".lora_A",), "lora_B": (".lora_B",), "router": (".router",),
                  "experts": (".experts_A", ".experts_B")}
@@ -238,9 +240,14 @@ class FederatedMethod(ABC):
 
     def client_update(self, client: LocalClient, ins: Instruction, rnd: int,
                       store: dict[str, torch.Tensor]) -> Update:
-        """``client_train``, and under DP the upload's change against what the client started from clipped to
+        """``client_train``; with --max_update_norm, the L2 norm of the upload's change against what the client
+        started from, reported as the ``change_norm`` metric for the server's check (--update_norm_action reject)
+        or, with clip, measured before the change is scaled down to the bound; under DP, the change clipped to
         --dp_clip (and noised here where the instruction makes the upload a release of this client alone)."""
         update = self.client_train(client, ins, rnd, store)
+        if self.config.max_update_norm is not None:
+            clip = self.config.max_update_norm if self.config.update_norm_action == "clip" else math.inf
+            update.state, update.metrics[CHANGE_NORM] = clip_change(update.state, self.reference, clip)
         if self.config.dp_clip is None:
             return update
         update.state, _ = clip_change(update.state, self.reference, self.config.dp_clip)

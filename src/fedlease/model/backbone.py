@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +154,6 @@ def load_backbone(model_name: str, num_labels: int, *, rank: int, alpha: float, 
     quiet_transformers()
     torch_device = resolve_device(device)
     source, local_only = resolve_model_source(model_name)
-    if local_only:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encoding, pooling = resolve_pair_encoding(pair_encoding, source)
     try:
         from transformers import AutoConfig

@@ -143,8 +143,6 @@ def load_causal_lm(model_name: str, *, rank: int, alpha: float, dropout: float,
     quiet_transformers()
     torch_device = resolve_device(device)
     source, local_only = resolve_decoder_source(model_name)
-    if local_only:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"local_files_only": local_only}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)

@@ -67,6 +67,9 @@ def check_privacy(config: RunConfig) -> None:
             raise ConfigError(f"--{name} must be a positive number, got {value}")
     if config.method == "local":
         raise ConfigError("--dp_clip with --method local: a local client sends nothing, there is nothing to protect")
+    if config.max_update_norm is not None:
+        raise ConfigError("--max_update_norm with --dp_clip: the DP clip already bounds every client's change, and "
+                          "the change norm a client reports for the bound would leave it outside the DP guarantee")
     if config.dp_epsilon is not None and config.dp_noise is not None:
         raise ConfigError("--dp_epsilon calibrates the noise and --dp_noise sets it: pass one of them")
     if config.dp_epsilon is None and config.dp_noise is None:

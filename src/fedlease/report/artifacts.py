@@ -221,7 +221,7 @@ class RunRecorder:
                  "oracle_best_mean": best["mean"], **({"unseen": last["unseen"]} if "unseen" in last else {})}
         self.history["final"] = final
         write_json(self.out_dir / "training_history.json", self.history)
-        (self.out_dir / "results.md").write_text(format_table(final, self.clients) + "\n", encoding="utf-8")
+        (self.out_dir / "results.md").write_text(format_table(final) + "\n", encoding="utf-8")
         return final
 
 
@@ -231,24 +231,24 @@ def evaluated(summary: Mapping) -> int:
     return sum(counts.values()) if counts is not None else len(summary.get("clients", {}))
 
 
-def format_table(final: Mapping, clients: Sequence[ClientInfo]) -> str:
-    """A Markdown table of the final round: one row per task with the clients its mean covers, then the mean
-    over tasks (percent); the clients held out of training (newcomers) in a table of their own."""
-    lines = task_rows(final, clients, final.get("unseen") and "clients that trained")
-    if not final["mean"]:
-        return "\n".join(lines)
-    key = headline(final["mean"])
-    lines.append("")
-    lines.append(f"Round {final['round']} (final): the result. Oracle best round (picked on test, so optimistic): "
-                 f"mean {METRIC_LABELS[key]} {100 * final['oracle_best_mean'][key]:.2f} in round "
-                 f"{final['oracle_best_round']}.")
+def format_table(final: Mapping) -> str:
+    """A Markdown table of the final round: one row per task with the number of clients its mean covers (those
+    whose evaluation arrived), then the mean over tasks (percent); the clients held out of training (newcomers)
+    in a table of their own."""
+    lines = task_rows(final, final.get("unseen") and "clients that trained")
+    if final["mean"]:
+        key = headline(final["mean"])
+        lines.append("")
+        lines.append(f"Round {final['round']} (final): the result. Oracle best round (picked on test, so optimistic): "
+                     f"mean {METRIC_LABELS[key]} {100 * final['oracle_best_mean'][key]:.2f} in round "
+                     f"{final['oracle_best_round']}.")
     if final.get("unseen"):
-        lines += ["", *task_rows(final["unseen"], clients, "newcomers (held out of training, --unseen_clients)")]
+        lines += ["", *task_rows(final["unseen"], "newcomers (held out of training, --unseen_clients)")]
     return "\n".join(lines)
 
 
-def task_rows(summary: Mapping, clients: Sequence[ClientInfo], title: str | None) -> list[str]:
-    counts = summary.get("counts") or {task: sum(c.task == task for c in clients) for task in summary["tasks"]}
+def task_rows(summary: Mapping, title: str | None) -> list[str]:
+    counts = summary["counts"]
     if not summary["mean"]:
         return [f"No client's evaluation arrived{f' ({title})' if title else ''}: no result."]
     key = headline(summary["mean"])

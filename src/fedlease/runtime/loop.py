@@ -45,6 +45,7 @@ from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
 from fedlease.runtime.client_state import NO_ROUND
 from fedlease.runtime.participation import Participation
 from fedlease.runtime.validation import UpdateValidator
+from fedlease.train import TrainingDiverged
 
 log = logging.getLogger("fedlease")
 
@@ -76,7 +77,8 @@ class Transport(Protocol):
     fuses_evaluation: bool  # True: evaluate_then_train sends a round's evaluation with the next round's training
 
     def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
-        """Run the method's client half for each instruction; clients that fail are absent from the result."""
+        """Run the method's client half for each instruction; clients that fail are absent from the result. A
+        client whose training diverged stops the run: ``TrainingDiverged``, naming the round and the client."""
 
     def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: FinalSink | None, sync: Sync
                  ) -> dict[int, Evaluation]:
@@ -85,7 +87,8 @@ class Transport(Protocol):
     def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
                             instructions: Mapping[int, Instruction], sync: Sync
                             ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
-        """With ``fuses_evaluation``: one message per client evaluates round ``evaluated`` and trains ``rnd``."""
+        """With ``fuses_evaluation``: one message per client evaluates round ``evaluated`` and trains ``rnd``; a
+        training that diverged raises ``Diverged`` with the evaluations that arrived."""
 
     def client_stores(self, sync: Sync) -> dict[int, dict[str, torch.Tensor]] | None:
         """The clients' committed stores, where the checkpoint must hold them, else None (they are kept where
@@ -93,6 +96,15 @@ class Transport(Protocol):
 
     def available(self) -> list[int] | None:
         """The clients that can be reached for a round now (None: every client)."""
+
+
+class Diverged(TrainingDiverged):
+    """A client's training diverged on a transport that evaluates a round with the next round's training: the run
+    stops, as in process, once the previous round is recorded with the ``evaluations`` those replies carried."""
+
+    def __init__(self, message: str, evaluations: Mapping[int, Evaluation]) -> None:
+        super().__init__(message)
+        self.evaluations = dict(evaluations)
 
 
 @dataclass
@@ -121,7 +133,8 @@ class Federation:
 
     def __post_init__(self) -> None:
         if self.validator is None:
-            self.validator = UpdateValidator(self.config.max_update_norm)
+            reject = self.config.update_norm_action == "reject"  # clip: the clients bound their changes themselves
+            self.validator = UpdateValidator(self.config.max_update_norm if reject else None)
         self.info.setdefault("federation", uuid.uuid4().hex)
         self.accepted: dict[int, int] = {}
         self.participation = Participation(self.config)
@@ -162,8 +175,12 @@ class Federation:
         if waiting is None:
             updates = self.transport.train(rnd, instructions, self.sync())
         else:
-            evaluations, updates = self.transport.evaluate_then_train(waiting.rnd, waiting.evaluate, rnd,
-                                                                      instructions, self.sync())
+            try:
+                evaluations, updates = self.transport.evaluate_then_train(waiting.rnd, waiting.evaluate, rnd,
+                                                                          instructions, self.sync())
+            except Diverged as exc:  # in process, the previous round was recorded before this one trained
+                self.finish(waiting, exc.evaluations, waiting.seconds)
+                raise
             self.finish(waiting, evaluations, waiting.seconds)
         # in client order: replies arrive in any order, and a floating-point average depends on its order
         updates = dict(sorted(updates.items()))

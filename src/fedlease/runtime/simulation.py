@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fedlease.config import RunConfig, expand_tasks
 from fedlease.data.partition import ClientSplit
-from fedlease.data.tasks import check_tasks
+from fedlease.data.tasks import check_tasks, task_kind
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS, create_method
 from fedlease.methods.base import ClientInfo, FederatedMethod, Instruction, Update
@@ -74,6 +74,9 @@ def prepare_config(config: RunConfig) -> RunConfig:
     config = replace(config, tasks=expand_tasks(config.tasks)).validate()
     check_tasks(config.tasks)
     config = resolve_defaults(config)
+    if config.quantization != "none" and task_kind(config.tasks) != "generation":
+        raise ConfigError(f"--quantization {config.quantization} does not apply to this run: it stores the decoder "
+                          f"of instruction tasks, and these tasks are classification")
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; known methods: {' '.join(METHODS)}")
     if config.warmup_rounds >= config.global_rounds:
@@ -313,7 +316,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                 start = federation.restore(ckpt)
                 transport.restore(ckpt.stores, federation.sync())
             final = federation.run(start)
-            table = format_table(final, infos)
+            table = format_table(final)
             # the command line prints the table on stdout; the console log need not repeat it
             log.info("final results (round %d, %s):\n%s", config.global_rounds, config.method, table,
                      extra={CONSOLE: False})

@@ -1,9 +1,12 @@
 """Check every client update before the server aggregates it.
 
 An update is accepted only if it carries exactly the expected keys, each with the expected shape and dtype,
-only finite values, a positive example count, and (when ``--max_update_norm`` is set) an L2 norm over all its
-tensors within the bound. A rejected update is logged with the client and the reason and left out of the
-round, exactly like a client that did not reply; the run goes on.
+only finite values, a positive example count, and (with ``--max_update_norm`` and ``--update_norm_action
+reject``) a change within the bound: the L2 norm of the upload minus what the client started the round from,
+which the client measures and reports (``change_norm``), since only the client holds all of that starting point
+(a Flower server loads no model, so it lacks the seeded initial values of what it did not send). The bound
+catches a client whose training ran away, not one that lies about its norm. A rejected update is logged with the
+client and the reason and left out of the round, exactly like a client that did not reply; the run goes on.
 
 What is expected is learnt, not configured (the server never loads the model): the first time a key is
 uploaded its shape and dtype are fixed by the majority of that round's uploads that carry it, and the keys an
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlease.methods.base import Instruction, Update
+from fedlease.methods.base import CHANGE_NORM, Instruction, Update
 
 Signature = tuple[tuple[int, ...], str]
 
@@ -28,6 +31,8 @@ def signature(tensor: torch.Tensor) -> Signature:
 
 
 class UpdateValidator:
+    """``max_norm``: the bound on the change norm each update reports (None: not checked)."""
+
     def __init__(self, max_norm: float | None = None) -> None:
         self.max_norm = max_norm
         self.schema: dict[str, Signature] = {}
@@ -75,7 +80,6 @@ class UpdateValidator:
             return f"missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
         if extra := sorted(keys - expected_keys):
             return f"unexpected key {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
-        squares = 0.0
         for key in sorted(keys):
             tensor = update.state[key]
             if not isinstance(tensor, torch.Tensor):
@@ -85,7 +89,10 @@ class UpdateValidator:
                 return f"{key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {shape} {dtype}"
             if not torch.isfinite(tensor).all():
                 return f"{key} holds non-finite values"
-            squares += float(tensor.double().pow(2).sum())
-        if self.max_norm is not None and math.sqrt(squares) > self.max_norm:
-            return f"norm {math.sqrt(squares):.4g} exceeds --max_update_norm {self.max_norm:g}"
+        if self.max_norm is not None:
+            norm = update.metrics.get(CHANGE_NORM)
+            if not isinstance(norm, int | float) or not math.isfinite(norm):
+                return f"no measured change norm (--max_update_norm {self.max_norm:g}), got {norm!r}"
+            if norm > self.max_norm:
+                return f"change norm {norm:.4g} exceeds --max_update_norm {self.max_norm:g}"
         return None

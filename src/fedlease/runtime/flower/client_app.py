@@ -45,6 +45,7 @@ from fedlease.model.experts import PARTS
 from fedlease.runtime.client_state import ClientState, FolderBackend, Owner
 from fedlease.runtime.clients import client_infos, load_partition, load_shared_backbone, local_client, train_settings
 from fedlease.runtime.flower.messages import (
+    DIVERGED_CODE,
     STATE_LOST,
     decode_evaluate_first,
     decode_instruction,
@@ -56,7 +57,7 @@ from fedlease.runtime.flower.messages import (
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Evaluation
 from fedlease.runtime.simulation import prepare_config
-from fedlease.train import LocalClient, resolve_precision
+from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
 
 app = ClientApp()
 log = logging.getLogger("fedlease")
@@ -190,6 +191,9 @@ def answer(msg: Message, context: Context, handle: Callable[[Message, Context], 
     """Run a handler; a problem the user can fix is one line in the node's log and an error reply."""
     try:
         return handle(msg, context)
+    except TrainingDiverged as exc:  # not the node's problem: the server stops the run with this line
+        log.error("fedlease: error: %s", exc)
+        return Message(Error(code=DIVERGED_CODE, reason=str(exc)), reply_to=msg)
     except FedleaseError as exc:
         log.error("fedlease: error: %s", exc)
         return Message(Error(code=ERROR_CODE, reason=f"fedlease: {exc}"), reply_to=msg)
@@ -252,8 +256,9 @@ def train(msg: Message, context: Context) -> Message:
                 raise
             # the evaluation that came first is still worth its reply, as a separate message's would have been
             log.exception("client %d: training round %d failed", current.partition_id, rnd + 1)
-            return Message(encode_training_error(current.partition_id, describe(exc), evaluation),
-                           reply_to=msg)
+            diverged = isinstance(exc, TrainingDiverged)
+            return Message(encode_training_error(current.partition_id, str(exc) if diverged else describe(exc),
+                                                 evaluation, diverged), reply_to=msg)
         state.stage(rnd, store)  # current only once the server has accepted this update
         if lost:
             update.metrics[STATE_LOST] = 1.0

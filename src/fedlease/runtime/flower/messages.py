@@ -12,7 +12,9 @@ tensors the training state does not already carry under the same name with the s
 names the others; with FedLEASE's experts, or one shared adapter, the two states are equal and travel once). The
 reply then carries the evaluation's metrics as ``evaluation``, or, where the evaluation failed on the node (the
 client trains all the same), its reason as ``evaluation-error``; where the training failed after the evaluation,
-the reply holds the evaluation and the reason as ``training-error``, and no update.
+the reply holds the evaluation and the reason as ``training-error``, and no update. A training that diverged (a
+NaN or infinite loss) stops the run, as it does in process: the reply is an error with ``DIVERGED_CODE``, or, after
+an evaluation, a ``training-error`` marked ``diverged``.
 
 A state travels packed: one flat array per dtype (Flower serialises them with numpy, without pickle) and a
 ConfigRecord ``<key>-index`` naming each tensor's dtype, shape and offset. Flower stores and transfers every
@@ -37,6 +39,7 @@ from fedlease.runtime.loop import Evaluation
 
 LAYOUT_KEYS = ("num_experts", "own_expert", "routing", "top_k")
 STATE_LOST = "state_lost"  # an update's metric: the node no longer held the client state the server expected
+DIVERGED_CODE = 0x7E1D  # an error reply's code: the client's training diverged (its reason: the one-line message)
 PART_LISTS = ("train", "upload", "restore", "keep")
 
 
@@ -149,10 +152,17 @@ def decode_update_evaluation(content: RecordDict) -> dict[str, float] | None:
     return {k: float(v) for k, v in content["evaluation"].items()} if "evaluation" in content else None
 
 
-def encode_training_error(partition_id: int, reason: str, evaluation: dict[str, float]) -> RecordDict:
-    """A training message's reply when the evaluation it asked for first succeeded and the training failed."""
+def encode_training_error(partition_id: int, reason: str, evaluation: dict[str, float], diverged: bool = False
+                          ) -> RecordDict:
+    """A training message's reply when the evaluation it asked for first succeeded and the training failed
+    (``diverged``: its loss became NaN or infinite)."""
     return RecordDict({"metrics": MetricRecord({"partition-id": partition_id}), "evaluation": MetricRecord(evaluation),
-                       "training-error": ConfigRecord({"reason": reason})})
+                       "training-error": ConfigRecord({"reason": reason, "diverged": diverged})})
+
+
+def decode_diverged(content: RecordDict) -> bool:
+    """Whether a reply's failed training diverged."""
+    return "training-error" in content and bool(content["training-error"].get("diverged", False))
 
 
 def decode_failure(content: RecordDict, part: str) -> str | None:

@@ -31,7 +31,9 @@ from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
 from fedlease.runtime.flower.messages import (
+    DIVERGED_CODE,
     STATE_LOST,
+    decode_diverged,
     decode_evaluation,
     decode_failure,
     decode_update,
@@ -39,7 +41,7 @@ from fedlease.runtime.flower.messages import (
     encode_instruction,
 )
 from fedlease.runtime.flower.run_config import from_run_config
-from fedlease.runtime.loop import Evaluation, Federation, FinalSink, Sync
+from fedlease.runtime.loop import Diverged, Evaluation, Federation, FinalSink, Sync
 from fedlease.runtime.participation import Participation
 from fedlease.runtime.simulation import (
     check_output_dir,
@@ -79,6 +81,7 @@ class FlowerTransport:
         self.round_trip: dict[int, float] = {}  # the last exchange: seconds from sending to each reply
         # the clients whose node answered the last round's message (a reply or an error): it reached them
         self.delivered: set[int] = set()
+        self.diverged: dict[int, str] = {}  # the last round's clients whose training diverged: why
 
     def exchange(self, messages: Mapping[int, Message], timeout: float, follow: bool = False
                  ) -> dict[int, Message]:
@@ -106,6 +109,8 @@ class FlowerTransport:
             for key in sorted(set(batch) - set(key_of.values())):
                 log.info("the message to client %s could not be pushed to the SuperLink", key)
 
+        if follow:
+            self.diverged = {}
         push(messages)
         waiting = set(key_of)
         checked = start
@@ -120,7 +125,9 @@ class FlowerTransport:
                     lost_at.setdefault(key, time.monotonic())
                     continue
                 trips[key] = time.monotonic() - start
-                if reply.has_error():
+                if follow and reply.has_error() and reply.error.code == DIVERGED_CODE:
+                    self.diverged[key] = reply.error.reason
+                elif reply.has_error():
                     log.info("%s answered with error %s: %s", f"node of client {key}" if follow else f"node {key}",
                              reply.error.code, reply.error.reason)
                 else:
@@ -246,14 +253,20 @@ class FlowerTransport:
     def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
                             instructions: Mapping[int, Instruction], sync: Sync
                             ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
-        """Train round ``rnd``; each client first evaluates round ``evaluated`` with its ``evaluations`` entry."""
+        """Train round ``rnd``; each client first evaluates round ``evaluated`` with its ``evaluations`` entry. A
+        client whose training diverged stops the run (``Diverged``, carrying the evaluations that arrived)."""
         results, updates = {}, {}
         first = (evaluated, evaluations) if evaluations else None
-        for cid, reply in self.send(rnd, "train", instructions, sync, evaluate_first=first).items():
+        replies = self.send(rnd, "train", instructions, sync, evaluate_first=first)
+        diverged = dict(self.diverged)
+        for cid, reply in replies.items():
             if (reason := decode_failure(reply.content, "training-error")) is not None:
                 metrics = decode_update_evaluation(reply.content)
                 if int(reply.content["metrics"]["partition-id"]) == cid and metrics is not None:
                     results[cid] = Evaluation(metrics)
+                if decode_diverged(reply.content):
+                    diverged[cid] = reason
+                    continue
                 log.info("client %d could not train round %d on its node (%s); its evaluation of round %d is kept",
                          cid, rnd + 1, reason, evaluated + 1)
                 continue
@@ -267,6 +280,8 @@ class FlowerTransport:
                 if (reason := decode_failure(reply.content, "evaluation-error")) is not None:
                     log.info("client %d could not evaluate round %d on its node (%s); its update of round %d is "
                              "used", cid, evaluated + 1, reason, rnd + 1)
+        if diverged:
+            raise Diverged(f"round {rnd + 1}, {diverged[min(diverged)]}", results)
         return results, updates
 
     def evaluate(self, rnd: int, instructions: Mapping[int, Instruction], final: FinalSink | None, sync: Sync
@@ -338,5 +353,9 @@ def main(grid: Grid, context: Context) -> None:
         if ckpt is not None:
             log.info("resuming after round %d; each client's own state is taken back, on its node, to the last "
                      "update of it this checkpoint accepted", ckpt.round + 1)
-        federation.run(start)
+        try:
+            federation.run(start)
+        except Diverged as exc:  # no command line prints it here: the run's log says why it stopped
+            log.error("fedlease: error: %s", exc)
+            raise
         log.info("finished: %s", out / "results.md")
