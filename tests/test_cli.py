@@ -40,8 +40,9 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--lr", "0"], "--lr must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--train_samples", "0"], "--train_samples must be at least 1"),
-    (["--test_samples", "-5"], "--test_samples must be at least 1"),
+    (["--train_samples", "0"], "--train_samples: must be at least 1 or all, got 0"),
+    (["--test_samples", "-5"], "--test_samples: must be at least 1 or all, got -5"),
+    (["--train_samples", "some"], "--train_samples: invalid Samples value: 'some'"),
     (["--max_clusters", "0"], "--max_clusters must be at least 1"),
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
@@ -62,7 +63,8 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--quantization", "8bit"], "--quantization 8bit does not apply to this run: it stores the decoder"),
 ])
 def test_bad_flags(capsys, tmp_path, args, fragment):
-    code, err = run_cli(capsys, "run", "--output_dir", str(tmp_path / "out"), *args)
+    # FAST first, so that the case's own flags win and a case that is wrongly accepted fails in seconds
+    code, err = run_cli(capsys, "run", "--output_dir", str(tmp_path / "out"), *FAST, *args)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "out").exists(), "a refused run must not leave an output directory"
 

@@ -140,8 +140,9 @@ ABLATIONS = [("fedlease", {"num_experts": 4}), ("fedlease", {"num_experts": 2, "
                                                                      "feddpa", "ifca", "local")] + ABLATIONS,
                          ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
 def test_every_method_and_ablation_trains_instruction_tasks(tiny_causal_lm, tmp_path, method, overrides):
-    config = tiny_instruction_config(tiny_causal_lm, tmp_path / method, method=method, num_clusters=2,
-                                     global_rounds=2, train_samples=8, test_samples=4, **overrides)
+    config = tiny_instruction_config(tiny_causal_lm, tmp_path / method, method=method,
+                                     num_clusters=2 if method == "ifca" else 4, global_rounds=2, train_samples=8,
+                                     test_samples=4, **overrides)
     result = run(config, progress=False)
     final = result.final
     assert set(final["tasks"]) == {"instruct_sentiment", "instruct_struct2text"}

@@ -114,5 +114,5 @@ def test_bad_user_data_is_refused_naming_file_and_line(tmp_path, tiny_model, cap
 def test_train_samples_all_is_refused_with_dirichlet_and_negative_counts(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="all shares a task's examples evenly"):
         tiny_run_config(tiny_model, tmp_path, train_samples="all", partition="dirichlet").validate()
-    with pytest.raises(ConfigError, match="a number of examples or all"):
+    with pytest.raises(ConfigError, match="must be at least 1 or all, got -1"):
         tiny_run_config(tiny_model, tmp_path, test_samples=-1).validate()

@@ -170,11 +170,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def log_to_console() -> None:
+def log_to_console(level: int = logging.INFO) -> None:
+    """fedlease's log on this call's stderr (replacing the handler an earlier main() in this process left)."""
     from fedlease.runtime.simulation import CONSOLE
 
     logger = logging.getLogger("fedlease")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
     for old in [h for h in logger.handlers if getattr(h, "fedlease_console", False)]:
         logger.removeHandler(old)  # main() may be called more than once in a process
@@ -208,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("predict", "generate", "export"):
             from fedlease.use import commands
+
+            log_to_console(logging.WARNING)  # the output is the answers; only what went wrong is logged
 
             if args.command == "generate":
                 summary = commands.generate(args.run, args.client, input=args.input, split=args.split,

@@ -8,6 +8,7 @@ batch 128, seed 42), except the model and the tasks, which default to what works
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -38,8 +39,13 @@ class Samples(int):
     among the task's clients."""
 
     def __new__(cls, value: object) -> Samples:
-        if isinstance(value, str) and value.strip().lower() == "all":
-            return super().__new__(cls, 0)
+        if isinstance(value, str):  # from the command line: a number of at least 1, or "all"
+            if value.strip().lower() == "all":
+                return super().__new__(cls, 0)
+            number = int(value)
+            if number < 1:  # 0 is how "all" is stored, never a count someone typed
+                raise argparse.ArgumentTypeError(f"must be at least 1 or all, got {number}")
+            return super().__new__(cls, number)
         return super().__new__(cls, int(value))  # type: ignore[call-overload]
 
     def __repr__(self) -> str:
@@ -186,7 +192,7 @@ class RunConfig:
         for name in ("train_samples", "test_samples"):  # "all" from Python, or a plain int from a saved config
             try:
                 setattr(self, name, Samples(getattr(self, name)))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
                 raise ConfigError(f"--{name} must be a number of examples or all, got {getattr(self, name)!r}") \
                     from None
 
@@ -200,7 +206,7 @@ class RunConfig:
                     "max_new_tokens")
         for name in ("train_samples", "test_samples"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be a number of examples or all, got {getattr(self, name)}")
+                raise ConfigError(f"--{name} must be at least 1 or all, got {getattr(self, name)}")
             if getattr(self, name) == 0 and self.partition == "dirichlet":
                 raise ConfigError(f"--{name} all shares a task's examples evenly without regard to class; "
                                   f"--partition dirichlet draws each client's classes: give a number")
