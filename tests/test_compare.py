@@ -15,7 +15,7 @@ from fedlease.cli import main
 from fedlease.compare import compare, parse_spec, plan
 from fedlease.config import METHOD_NAMES, RunConfig
 from fedlease.errors import ConfigError
-from fedlease.report.comparison import MethodResult
+from fedlease.report.comparison import MethodResult, row_name
 
 
 def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
@@ -25,12 +25,15 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     header = rows[0]
     assert "rotten_tomatoes" in header and "snli" in header and "avg" in header
-    for spec in specs:
-        assert any(row.startswith(f"| {spec} |") for row in rows), spec
+    # each FedLEASE row names the allocation it ran (here the default, the data signature, not the paper's)
+    names = [f"{spec} (data signature)" if spec.startswith("fedlease") else spec for spec in specs]
+    for name in names:
+        assert any(row.startswith(f"| {name} |") for row in rows), name
     assert "±" in table  # two seeds: mean ± std
     with (tmp_path / "cmp" / "comparison.csv").open() as handle:
         records = {row["method"]: row for row in csv.DictReader(handle)}
-    assert set(records) == set(specs)
+    assert set(records) == set(names)
+    records["fedlease"] = records["fedlease (data signature)"]
     upload = "upload_bytes_per_client_round_after_warmup_mean"
     assert float(records["local"][upload]) == 0.0
     assert float(records["fedit:rank=16"][upload]) > float(records["fedit"][upload])
@@ -44,6 +47,20 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
         history = json.loads((tmp_path / "cmp" / spec / "seed_3" / "training_history.json").read_text())
         partitions.add(json.dumps(history["clients"]))
     assert len(partitions) == 1
+
+
+def test_a_fedlease_row_names_its_allocation_and_other_rows_their_spec():
+    assert row_name("fedlease", {"method": "fedlease", "allocation": "embedding"}) == "fedlease (data signature)"
+    assert row_name("fedlease:allocation=paper", {"method": "fedlease", "allocation": "paper"}) \
+        == "fedlease (paper: LoRA-B)"
+    assert row_name("fedlease:top_k=1, allocation=paper", {"method": "fedlease", "allocation": "paper"}) \
+        == "fedlease:top_k=1 (paper: LoRA-B)"
+    assert row_name("fedit:rank=16", {"method": "fedit", "allocation": "embedding"}) == "fedit:rank=16"
+    result = MethodResult("fedlease:allocation=paper")
+    final = {"tasks": {}, "mean": {"accuracy": 0.5}, "oracle_best_mean": {"accuracy": 0.5}, "oracle_best_round": 0}
+    result.add(1, {**history(["adaptive"], [[1]], [[1]], final), "config": {"method": "fedlease",
+                                                                             "allocation": "paper"}}, 1.0)
+    assert result.label == "fedlease (paper: LoRA-B)"
 
 
 def history(phases: list[str], downloads: list[list[int]], uploads: list[list[int]], final: dict) -> dict:

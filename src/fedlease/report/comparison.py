@@ -70,6 +70,8 @@ class MethodResult:
 
     def add(self, seed: int, history: Mapping, seconds: float) -> None:
         final = history["final"]
+        if not self.seeds:  # the row says what it ran: FedLEASE's allocation is not the paper's by default
+            self.label = row_name(self.label, history.get("config", {}))
         self.seeds.append(seed)
         for task, metrics in final["tasks"].items():
             for metric, value in metrics.items():
@@ -106,6 +108,20 @@ class MethodResult:
     def bytes_per_round(self) -> list[float]:
         """Per seed: every client's upload and download over the run, per round (the server's traffic)."""
         return [total / max(rounds, 1) for total, rounds in zip(self.total_bytes_whole_run, self.rounds, strict=True)]
+
+
+ALLOCATION_NAMES = {"embedding": "data signature", "paper": "paper: LoRA-B"}
+
+
+def row_name(label: str, config: Mapping) -> str:
+    """A table row's name: the method spec, and for FedLEASE the allocation it ran, which the spec names only
+    when it differs from the default: "fedlease (data signature)", "fedlease:top_k=1 (paper: LoRA-B)"."""
+    if config.get("method") != "fedlease":
+        return label
+    method, _, options = label.partition(":")
+    kept = [o.strip() for o in options.split(",") if o.strip() and not o.strip().startswith("allocation=")]
+    allocation = config.get("allocation", "embedding")
+    return f"{method}{':' + ','.join(kept) if kept else ''} ({ALLOCATION_NAMES.get(allocation, allocation)})"
 
 
 def describe_allocation(history: Mapping) -> str:
