@@ -16,7 +16,7 @@ Two allocations, chosen with ``--allocation``:
   which tell label mixes of one task apart. The class blocks alone split clients of several tasks by their
   label mix under label skew (measured: ARI 0.24 against the tasks where the mean gives 1.0). At small data
   sizes the warmup B matrices are dominated by sampling and training noise and find no tasks
-  (benchmarks/results/README.md, "Allocation"); the data signature finds them at every size measured.
+  (benchmarks/results/details.md, "Allocation"); the data signature finds them at every size measured.
 
 Davies-Bouldin on a 2-D classical-MDS embedding is computed and reported, as the released code does, but does
 not decide.

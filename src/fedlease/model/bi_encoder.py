@@ -4,7 +4,7 @@ Sentence-transformers checkpoints (the default MiniLM-L6 among them) are trained
 encoded alone and its token states are pooled (mean pooling for MiniLM) into a sentence embedding; their
 [CLS] state and BERT pooler were never trained (MiniLM's pooler has std 0.009 and a zero bias). Reading a
 sentence pair jointly through [CLS] and that pooler, as a cross-encoder would, leaves QNLI and MRPC near chance
-at a few hundred examples per client (benchmarks/results/README.md, "Every task learned").
+at a few hundred examples per client (benchmarks/results/details.md, "Every task learned").
 
 So, as Sentence-BERT trains its NLI classifier (Reimers & Gurevych, EMNLP 2019, "SoftmaxLoss"), the two texts
 of a pair are encoded separately into u and v, and the head reads [u, v, |u - v|, u * v]; a single text is read

@@ -20,7 +20,7 @@ A state travels packed: one flat array per dtype (Flower serialises them with nu
 ConfigRecord ``<key>-index`` naming each tensor's dtype, shape and offset. Flower stores and transfers every
 array of a record as its own object, one request per object and hop (server, SuperLink, SuperNode, ClientApp),
 with a 1 s back-off whenever a receiver asks before the sender has pushed it: a FedLEASE state of about a hundred
-tensors cost 2.5 s more per message that way than packed (benchmarks/results/README.md, "Deployment"). Packing
+tensors cost 2.5 s more per message that way than packed (benchmarks/results/details.md, "Deployment"). Packing
 keeps the values and their order, so a Flower mod that clips or masks a record's arrays sees the same numbers.
 """
 
