@@ -106,7 +106,7 @@ class RunConfig:
         "training examples, averaged per class and weighted by the client's class shares, sent once): first by "
         "their mean, which tells tasks apart, and only where that finds no structure by the class blocks, which "
         "tell label mixes apart; K by silhouette, and K = 1 when the best silhouette is "
-        "below --min_silhouette. embedding finds the tasks where B does not (see README).",
+        "below --min_silhouette. embedding finds the tasks where B does not (see docs/methods.md).",
         choices=ALLOCATIONS))
     min_silhouette: float = field(default=0.25, metadata=_opt(
         "fedlease --allocation embedding: one expert for all (K = 1) when the best silhouette is below this."))
@@ -170,13 +170,13 @@ class RunConfig:
         "(0, 1] (the scheme privacy accounting assumes). A round that samples nobody is skipped."))
     unseen_clients: int = field(default=0, metadata=_opt(
         "Hold this many clients out of training (spread over the tasks, seeded): they never train and are "
-        "evaluated at the end with what their method gives a newcomer (see README), reported apart."))
+        "evaluated at the end with what their method gives a newcomer (see docs/open-federations.md), reported apart."))
     eval_every: int = field(default=0, metadata=_opt(
         "With sampling, every round evaluates the round's participants; every this many rounds (and always "
         "after the last) every client is evaluated. 0 = every client only after the last round."))
     dp_clip: float | None = field(default=None, metadata=_opt(
         "Client-level differential privacy (DP-FedAvg): each client clips the change of its whole upload to this "
-        "L2 norm, and the server adds Gaussian noise to every aggregate's sum (see README, Privacy). Off by "
+        "L2 norm, and the server adds Gaussian noise to every aggregate's sum (see docs/privacy.md). Off by "
         "default."))
     dp_noise: float | None = field(default=None, metadata=_opt(
         "With --dp_clip: the noise multiplier sigma (each sum gets noise of standard deviation sigma x clip)."))

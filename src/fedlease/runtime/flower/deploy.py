@@ -3,7 +3,7 @@
 It starts a SuperLink and one SuperNode per client (``partition-id`` i), each a separate process group bound
 to 127.0.0.1, optionally with TLS (a throw-away CA and server certificate are generated), submits the run
 with ``flwr run --stream``, streams its log, and stops everything it started, whatever happens. The same
-ServerApp and ClientApp run on real machines: see the README for the commands to run there.
+ServerApp and ClientApp run on real machines: see docs/deployment.md for the commands to run there.
 
 Each SuperNode runs with ``--isolation process`` next to a ``fedlease executor`` (one long-lived process that
 runs the node's ClientApp tasks, so the model is loaded once per node; ``executor="flower"`` keeps Flower's
