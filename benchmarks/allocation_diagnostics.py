@@ -15,8 +15,10 @@ and, once, before any training (round 0):
   pass over the client's training split with no optimiser and no dropout: what one full-batch SGD step would
   upload; ``grad0_centered`` the same centred over clients;
 - ``embed``: the data signature of ``--allocation embedding`` (``fedlease.methods.fedlease.data_signature``): the
-  mean of the frozen encoder's embeddings of the client's training examples (as FedRouter-style methods use; it
-  reveals the data's mean representation); ``embed_centered`` the same centred over clients.
+  frozen encoder's embeddings of the client's training examples, class by class (block c: the share of class c
+  times the mean embedding of its examples; the blocks sum to the mean embedding, as FedRouter-style methods use),
+  padded to the federation's largest label set as the method sends it; ``embed_centered`` the same centred over
+  clients.
 
 For each signature and round it reports the mean distance within / between tasks, the chosen K, its silhouette,
 the adjusted Rand index (ARI) of the chosen clustering and of the clustering at the true number of tasks against
@@ -124,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sst2:2", "qnli:2", "mrpc:2", "qqp:2"])
     parser.add_argument("--data_dir", default="../shared/glue")
+    parser.add_argument("--model_name", default="auto", help="the encoder (default: the offline MiniLM)")
     parser.add_argument("--rounds", type=int, default=2, help="warmup rounds (0: only the round-0 signatures)")
     parser.add_argument("--train_samples", type=int, default=250)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -144,7 +147,8 @@ def main() -> None:
     if args.random_batches:
         T.LENGTH_GROUP_BATCHES = 1  # chunks of one batch: batch membership is uniformly random
     config = prepare_config(RunConfig(
-        tasks=args.tasks, data_dir=args.data_dir, global_rounds=args.rounds + 2, warmup_rounds=max(args.rounds, 1),
+        tasks=args.tasks, data_dir=args.data_dir, model_name=args.model_name, global_rounds=args.rounds + 2,
+        warmup_rounds=max(args.rounds, 1),
         train_samples=args.train_samples, test_samples=8, batch_size=args.batch_size, lr=args.lr,
         local_epochs=args.local_epochs, max_clusters=args.max_clusters, seed=args.seed, partition=args.partition,
         alpha=args.alpha))
@@ -172,7 +176,8 @@ def main() -> None:
 
     start = time.perf_counter()
     initial = clients[0].adapted.initial_state(config.seed)
-    signatures = {"embed": ({"mean": torch.stack([data_signature(client, config.seed) for client in clients])},
+    blocks = method.signature_blocks()  # every client's signature has the federation's largest label set
+    signatures = {"embed": ({"mean": torch.stack([data_signature(client, config.seed, blocks) for client in clients])},
                             False)}
     signatures["embed_centered"] = (signatures["embed"][0], True)
     if not args.no_gradient:

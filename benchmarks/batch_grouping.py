@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sst2:2", "qnli:2", "mrpc:2", "qqp:2"])
     parser.add_argument("--data_dir", default="../shared/glue")
+    parser.add_argument("--model_name", default="auto", help="the encoder (default: the offline MiniLM)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--train_samples", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3)
@@ -53,7 +54,8 @@ def main() -> None:
         for chunk in (grouped, 1):
             T.LENGTH_GROUP_BATCHES = chunk
             with tempfile.TemporaryDirectory() as out:
-                config = RunConfig(tasks=args.tasks, data_dir=args.data_dir, method="local", seed=seed,
+                config = RunConfig(tasks=args.tasks, data_dir=args.data_dir, model_name=args.model_name,
+                                   method="local", seed=seed,
                                    global_rounds=args.rounds, warmup_rounds=1, train_samples=args.train_samples,
                                    test_samples=100, batch_size=16, output_dir=out)
                 start = time.perf_counter()

@@ -38,13 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--data_dir", default="../shared/glue")
+    parser.add_argument("--model_name", default="auto", help="the encoder (default: the offline MiniLM)")
     parser.add_argument("--train_samples", type=int, default=250)
     parser.add_argument("--partition", default="balanced", choices=("balanced", "dirichlet"))
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--min_silhouette", type=float, default=0.25)
     args = parser.parse_args()
-    config = prepare_config(RunConfig(tasks=args.tasks, data_dir=args.data_dir, train_samples=args.train_samples,
+    config = prepare_config(RunConfig(tasks=args.tasks, data_dir=args.data_dir, model_name=args.model_name,
+                                      train_samples=args.train_samples,
                                       test_samples=8, seed=args.seed, partition=args.partition, alpha=args.alpha,
                                       global_rounds=2, warmup_rounds=1))
     _, splits = load_partition(config)

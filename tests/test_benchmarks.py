@@ -10,36 +10,35 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, tiny_run_config
 
 BENCHMARKS = REPO / "benchmarks"
-RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline.py", "allocation_table.py"}
+RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline.py", "allocation_table.py",
+            "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
+            "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
+            "test_prompt_cut.py", "signature_heldout.py"}
 ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
     "deployment.py": "starts a real Flower SuperLink and SuperNodes and times them; the deployment itself is tested "
                      "in test_flower.py",
-    "allocation_diagnostics.py": "no quick mode yet (issue 35)",
-    "batch_grouping.py": "no quick mode yet (issue 35)",
-    "decoder_throughput.py": "no quick mode yet (issue 35)",
-    "label_skew_signature.py": "no quick mode yet (issue 35)",
-    "merge_comparison.py": "no quick mode yet (issue 35)",
-    "open_federation_label_mix.py": "no quick mode yet (issue 35)",
-    "private_allocation.py": "no quick mode yet (issue 35)",
-    "rss_timeline.py": "no quick mode yet (issue 35)",
-    "test_prompt_cut.py": "no quick mode yet (issue 35)",
 }
 
 
-def run_script(name: str, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, cwd: Path, timeout: float = 240, ok: bool = True
+               ) -> subprocess.CompletedProcess:
+    """Run a benchmark script; ``ok``: assert that it succeeded (else that it failed)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(cwd)}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
 
 
@@ -90,3 +89,184 @@ def test_allocation_table_reads_the_committed_diagnostics(tmp_path):
     assert files
     proc = run_script("allocation_table.py", *files, cwd=tmp_path)
     assert "|" in proc.stdout and "ARI" in proc.stdout
+
+
+def test_allocation_diagnostics_compares_every_signature_each_round(tiny_model, tmp_path):
+    out = tmp_path / "diagnostics_s1.json"
+    proc = run_script("allocation_diagnostics.py", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:2", "snli:2",
+                      "--train_samples", "16", "--batch_size", "8", "--rounds", "1", "--local_epochs", "1",
+                      "--max_clusters", "3", "--out", str(out), cwd=tmp_path)
+    result = last_json(proc)
+    assert result == json.loads(out.read_text())
+    assert result["tasks"] == ["rotten_tomatoes"] * 2 + ["snli"] * 2  # two tasks of different label sets
+    assert [row["round"] for row in result["rounds"]] == [0, 1]
+    assert set(result["rounds"][0]["signatures"]) == {"embed", "embed_centered", "grad0", "grad0_centered"}
+    assert set(result["rounds"][1]["signatures"]) == {"b", "b_centered", "ba", "ba_centered", "a_delta", "head"}
+    assert set(result["rounds"][1]["train_loss"]) == {"0", "1", "2", "3"}
+    for row in result["rounds"]:
+        for signature in row["signatures"].values():
+            assert len(signature["distances"]) == 4 and all(len(line) == 4 for line in signature["distances"])
+            assert set(signature["silhouette"]) == {"2", "3"} and 2 <= signature["chosen_k"] <= 3
+            assert len(signature["labels"]) == 4 and len(set(signature["labels"])) == signature["chosen_k"]
+            assert -1 <= signature["ari_chosen"] <= 1 and -1 <= signature["ari_true_k"] <= 1
+    table = run_script("allocation_table.py", str(out), cwd=tmp_path).stdout  # what reads these files
+    assert "| diagnostics | 42 | 1 | b |" in table
+
+
+def test_batch_grouping_runs_both_batchings_for_each_seed(tiny_model, tmp_path):
+    result = last_json(run_script("batch_grouping.py", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:1",
+                                  "snli:1", "--seeds", "1", "--train_samples", "48", "--rounds", "2", cwd=tmp_path))
+    assert [(run["seed"], run["batches"]) for run in result["runs"]] == [(1, "length-grouped"), (1, "random")]
+    for run in result["runs"]:
+        assert set(run["tasks"]) == {"rotten_tomatoes", "snli"}
+        assert all(0 <= accuracy <= 1 for accuracy in run["tasks"].values()) and 0 <= run["mean"] <= 1
+        assert len(run["repeated_batch_pairs"]) == 2 and all(0 <= p <= 1 for p in run["repeated_batch_pairs"])
+    grouped, random = (sum(run["repeated_batch_pairs"]) for run in result["runs"])
+    assert grouped > random  # length-grouped batches keep their members from one epoch to the next
+
+
+def test_decoder_throughput_trains_every_variant_on_the_same_tokens(tiny_causal_lm, tmp_path):
+    result = last_json(run_script("decoder_throughput.py", "--model_name", tiny_causal_lm, "--samples", "4",
+                                  "--batch_size", "2", "--max_length", "96", "--epochs", "1", "--experts", "2",
+                                  "--repeats", "1", cwd=tmp_path))
+    variants = result["variants"]
+    assert set(variants) == {"fedlease_adaptive", "fedlease_warmup", "peft"}
+    for name, variant in variants.items():
+        assert [run["variant"] for run in variant["runs"]] == [name]
+        assert variant["tokens_per_s"] > 0 and variant["peak_memory_mb"] > 0
+    assert len({variant["runs"][0]["tokens"] for variant in variants.values()}) == 1
+    assert result["fedlease_adaptive_vs_peft"] == (variants["fedlease_adaptive"]["tokens_per_s"]
+                                                   / variants["peft"]["tokens_per_s"])
+
+
+def test_label_skew_signature_clusters_each_signature(tiny_model, tmp_path):
+    result = last_json(run_script("label_skew_signature.py", "--model_name", tiny_model, "--tasks",
+                                  "rotten_tomatoes:3", "snli:3", "--partition", "dirichlet", "--train_samples", "16",
+                                  cwd=tmp_path))
+    assert result["tasks"] == ["rotten_tomatoes"] * 3 + ["snli"] * 3
+    assert [len(mix) for mix in result["label_mix"]] == [2] * 3 + [3] * 3
+    assert all(abs(sum(mix) - 1) < 0.01 for mix in result["label_mix"])
+    assert set(result["signatures"]) == {"embed", "class_embed", "default"}
+    for signature in result["signatures"].values():
+        assert len(signature["labels"]) == 6 and -1 <= signature["ari_vs_tasks"] <= 1
+        assert len(set(signature["labels"])) == signature["chosen_k"]
+    assert result["signatures"]["default"]["decided_by"] in ("embedding_mean", "embedding")
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """One comparison run as two `fedlease compare` commands on a small open federation of the tiny model: fedit
+    and fedlease with seed 1, fedit with seed 2."""
+    from fedlease.compare import compare
+
+    folders = tmp_path_factory.mktemp("compare_seed1"), tmp_path_factory.mktemp("compare_seed2")
+    for folder, specs, seed in zip(folders, (["fedit", "fedlease"], ["fedit"]), (1, 2), strict=True):
+        config = tiny_run_config(tiny_model, folder, tasks=["rotten_tomatoes:4", "snli:4"], global_rounds=2,
+                                 clients_per_round=4, unseen_clients=2, partition="dirichlet", local_epochs=1,
+                                 train_samples=16)
+        compare(config, specs, [seed], progress=False)
+    return folders
+
+
+def test_merge_comparison_tabulates_the_runs_of_several_folders(compared, tmp_path):
+    proc = run_script("merge_comparison.py", *map(str, compared), "--into", str(tmp_path / "merged"), "--methods",
+                      "fedit", "fedlease", "ifca", cwd=tmp_path)
+    assert "fedit: seeds 1 2" in proc.stdout and "fedlease: seeds 1" in proc.stdout
+    assert "ifca: no finished run; left out" in proc.stdout
+    rows = [line for line in (tmp_path / "merged" / "comparison.md").read_text().splitlines()
+            if line.startswith("| fed")]
+    assert any(row.startswith("| fedit (seeds 1 2) |") and "±" in row for row in rows)
+    assert any(row.startswith("| fedlease (data signature) (seed 1) |") for row in rows)
+    # a run made with other settings is refused, not averaged in
+    other = tmp_path / "other"
+    shutil.copytree(compared[1] / "fedit", other / "fedit")
+    path = other / "fedit" / "seed_2" / "training_history.json"
+    history = json.loads(path.read_text())
+    history["config"]["lr"] *= 2
+    path.write_text(json.dumps(history))
+    proc = run_script("merge_comparison.py", str(compared[0]), str(other), "--into", str(tmp_path / "refused"),
+                      "--methods", "fedit", cwd=tmp_path, ok=False)
+    assert "other settings" in proc.stderr and "lr" in proc.stderr
+
+
+def test_open_federation_label_mix_describes_every_allocated_client(compared, tmp_path):
+    result = last_json(run_script("open_federation_label_mix.py", str(compared[0]), cwd=tmp_path))
+    history = json.loads((compared[0] / "fedlease" / "seed_1" / "training_history.json").read_text())
+    client_of = {client["client_id"]: client for client in history["clients"]}
+    cluster_of = dict(zip(history["clustering"]["clients"], history["clustering"]["labels"], strict=True))
+    assert [run["run"] for run in result] == ["fedlease seed 1"]
+    clusters = result[0]["clusters"]
+    assert set(clusters) == {str(k) for k in history["clustering"]["labels"]}
+    described = [c for members in clusters.values() for c in members]
+    assert sorted(c["client"] for c in described) == sorted(cluster_of)
+    for k, members in clusters.items():
+        for c in members:
+            assert cluster_of[c["client"]] == int(k)
+            assert c["task"] == client_of[c["client"]]["task"]  # the partition recomputed is the run's
+            assert 1 / len(client_of[c["client"]]["labels"]) <= c["majority_share"] <= 1
+
+
+def test_private_allocation_runs_each_epsilon_and_rederives_its_table(tiny_model, tmp_path):
+    out = tmp_path / "private"
+    run_script("private_allocation.py", "--out", str(out), "--epsilons", "inf", "4", "--allocations", "embedding",
+               "--warmup_rounds", "1", "--", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:2", "snli:2",
+               "--train_samples", "16", "--test_samples", "8", "--batch_size", "8", "--max_length", "24",
+               cwd=tmp_path)
+    rows = {row["run"]: row for row in map(json.loads, (out / "ari.jsonl").read_text().splitlines())}
+    assert set(rows) == {"embedding_epsinf_s1", "embedding_eps4_s1"}
+    plain, private = rows["embedding_epsinf_s1"], rows["embedding_eps4_s1"]
+    assert plain["target_epsilon"] is None and plain["noise_multiplier"] is None
+    assert private["target_epsilon"] == 4 and private["noise_multiplier"] > 0
+    assert 0 < private["epsilon_spent"] <= 4 + 1e-6
+    for row in rows.values():
+        assert row["allocation"] == "embedding" and row["K"] >= 1 and -1 <= row["ari"] <= 1
+    table = (out / "ari.md").read_text()
+    assert len([line for line in table.splitlines() if line.startswith("| embedding |")]) == 2
+    (out / "ari.md").unlink()
+    run_script("private_allocation.py", "--out", str(out), "--table-only", cwd=tmp_path)
+    assert (out / "ari.md").read_text() == table
+
+
+def test_rss_timeline_samples_a_whole_run(tiny_model, tmp_path):
+    out, run_dir = tmp_path / "rss.json", tmp_path / "run"
+    args = ["run", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:2", "snli:2", "--global_rounds", "2",
+            "--warmup_rounds", "1", "--train_samples", "16", "--test_samples", "8", "--batch_size", "8",
+            "--max_length", "24", "--output_dir", str(run_dir), "--no_progress"]
+    run_script("rss_timeline.py", str(out), *args, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["args"] == args and (run_dir / "training_history.json").exists()
+    times = [t for t, _ in result["samples"]]
+    assert times == sorted(times) and result["peak_mib"] == max(rss for _, rss in result["samples"]) > 0
+    assert len(result["round_ends"]) == 2 and 0 < result["round_ends"][0] <= result["round_ends"][1]
+    assert all(to - start > 20 for _, start, to in result["jumps"])
+    assert all(s["to_mib"] - s["from_mib"] > 15 and s["stack"] for s in result["stacks"])
+
+
+def test_test_prompt_cut_counts_every_test_prompt(tiny_causal_lm, tmp_path):
+    proc = run_script("test_prompt_cut.py", "--model_name", tiny_causal_lm, "--tasks", "instruct_edit:2",
+                      "instruct_commonsense:1", "--max_length", "384", "--train_samples", "8", "--test_samples", "4",
+                      cwd=tmp_path)
+    result = json.loads(proc.stdout)
+    assert result["max_length"] == 384 and result["test_samples"] == 4
+    counts = result["tasks"]
+    assert {task: c["test_prompts"] for task, c in counts.items()} == {"instruct_edit": 8, "instruct_commonsense": 4}
+    for c in counts.values():  # the room a client's answers leave is at most half: it cuts no more prompts
+        assert 0 <= c["cut_now"] <= c["cut_at_half_the_room"] <= c["test_prompts"]
+
+
+def test_signature_heldout_runs_a_setting_resumes_and_tabulates(tiny_model, tmp_path):
+    out = tmp_path / "heldout.jsonl"
+    args = ("signature_heldout.py", str(out), "--only", "builtin_three_64", "--model_name", tiny_model)
+    first = run_script(*args, cwd=tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["setting"], r["seed"]) for r in rows] == [("builtin_three_64", s) for s in (11, 12, 13)]
+    for row in rows:
+        assert row["tasks"] == ["newsgroups"] * 3 + ["election_tweets"] * 3 + ["snli"] * 3
+        assert row["train_samples"] == 64 and set(row["signatures"]) == {"embed", "class_embed", "default"}
+    run_script(*args, cwd=tmp_path)  # every seed is there: nothing runs again
+    assert out.read_text().splitlines() == [json.dumps(r) for r in rows]
+    table = run_script("signature_heldout.py", str(out), "--table-only", cwd=tmp_path).stdout
+    line = next(x for x in table.splitlines() if x.startswith("| builtin_three_64 "))
+    right = sum(r["signatures"]["default"]["ari_vs_tasks"] == 1.0 for r in rows)
+    assert f"| {right} of 3 |" in line and f"{right} of 3 runs." in table
+    assert line in first.stdout
