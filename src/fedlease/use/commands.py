@@ -1,4 +1,4 @@
-"""``fedlease predict`` and ``fedlease export``: reading inputs, writing predictions, one line per bad input."""
+"""``fedlease predict``, ``generate`` and ``export``: reading inputs, writing answers, one line per bad input."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fedlease.config import RunConfig
-from fedlease.data.tasks import Example, TaskSpec, get_spec
+from fedlease.data.instructions import InstructionExample
+from fedlease.data.tasks import Example, TaskSpec
 from fedlease.errors import ConfigError, DataError
-from fedlease.runtime.clients import register_user_tasks
-from fedlease.use.client import ClientModel, load_client, load_newcomer
-from fedlease.use.export import export
+from fedlease.use.client import TrainedClient, trained_model
+from fedlease.use.export import check_destination, export
+from fedlease.use.final import FinalClient, read_final, recorded_metrics
+from fedlease.use.newcomer import newcomer_spec, place_newcomer
 
 
 def read_lines(source: str) -> tuple[str, list[str]]:
@@ -90,6 +91,25 @@ def read_labelled(source: str, spec: TaskSpec) -> list[Example]:
     return examples
 
 
+def read_demonstrations(source: str, spec: TaskSpec) -> list[InstructionExample]:
+    """Instructions with their responses from JSON lines: ``instruction``, optional ``input``, ``output`` (for a
+    task whose answers are label words, one of them)."""
+    name, rows = prompt_rows(source, answered=True)
+    examples = []
+    for number, row in rows:
+        output = row["output"]
+        if spec.labels and output not in spec.labels:
+            raise DataError(f"{name}:{number}: \"output\" must be one of this task's answers: "
+                            f"{', '.join(spec.labels)}")
+        label = spec.labels.index(output) if spec.labels else 0
+        examples.append(InstructionExample(row["instruction"], row.get("input", ""), output, label))
+    return examples
+
+
+NEWCOMER_DATA = {"classification": read_labelled, "generation": read_demonstrations}  # kind -> reader of --data
+COMMAND = {"classification": "predict", "generation": "generate"}  # kind -> the command that answers with it
+
+
 def write_rows(rows: Iterable[dict], output: str | None) -> None:
     """One JSON line per row, to ``output`` (written whole, then moved into place) or to stdout."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -104,33 +124,52 @@ def write_rows(rows: Iterable[dict], output: str | None) -> None:
     os.replace(temporary, path)
 
 
+def chosen_final(run: str, client: str, data: str | None, task: str | None, device: str, kind: str | None = None
+                 ) -> tuple[FinalClient, dict[str, float] | None, list | None]:
+    """Client ``client``'s final model in ``run``; with ``new``, the model its method gives a newcomer, placed by
+    the newcomer's own ``data`` (returned with its metrics on those examples, and the examples). ``kind``: the kind
+    of run the command answers for, checked before anything is loaded."""
+    if client != "new":
+        if data is not None or task is not None:
+            raise ConfigError("--data and --task are for --client new")
+        final = read_final(run, client_id(client))
+        check_kind(run, final.kind, kind)
+        return final, None, None
+    if data is None:
+        raise ConfigError("--client new needs --data: the newcomer's own examples (JSON lines)")
+    spec = newcomer_spec(run, task)
+    check_kind(run, spec.kind, kind)
+    examples = NEWCOMER_DATA[spec.kind](data, spec)
+    final, placed = place_newcomer(run, examples, spec.name, device)
+    return final, placed, examples
+
+
+def check_kind(run: str, found: str, wanted: str | None) -> None:
+    if wanted is not None and found != wanted:
+        what = "instruction" if found == "generation" else found
+        raise ConfigError(f"{run} trained {what} tasks: use fedlease {COMMAND[found]}")
+
+
+def client_model(run: str, client: str, split: str | None, data: str | None, task: str | None, kind: str,
+                 device: str, batch_size: int | None, progress: bool, max_new_tokens: int | None = None
+                 ) -> tuple[TrainedClient, str]:
+    """The model that answers for ``predict`` or ``generate`` (``kind``), and who it is, for the summary."""
+    if client == "new" and split is not None:
+        raise ConfigError("--client new has no split of the run's; give --input")
+    final, placed, own = chosen_final(run, client, data, task, device, kind)
+    model = trained_model(final, device, batch_size, progress, max_new_tokens, own)
+    if placed is None:
+        return model, f"client {client} ({final.task})"
+    chosen = "".join(f", {key} {int(placed[key])}" for key in ("expert", "cluster") if key in placed)
+    scores = shown({k: v for k, v in placed.items() if k not in ("expert", "cluster")})
+    return model, f"a newcomer ({final.task}{chosen}; {scores} on its own {len(own)} examples, which chose its model)"
+
+
 def predict(run: str, client: str, *, input: str | None, split: str | None, output: str | None, device: str,
             batch_size: int | None, progress: bool, data: str | None = None, task: str | None = None) -> str:
     """Classify ``input`` (or the client's own ``split``) with client ``client`` of ``run`` (``new``: a newcomer
     placed by its own labelled ``data``); return a summary."""
-    if client == "new":
-        if data is None:
-            raise ConfigError("--client new needs --data: the newcomer's own labelled examples (JSON lines)")
-        if split is not None:
-            raise ConfigError("--client new has no split of the run's; classify --input")
-        from fedlease.use.final import run_history
-        from fedlease.use.newcomer import newcomer_task
-
-        config = RunConfig.from_dict(run_history(Path(run).expanduser())["config"])
-        register_user_tasks(config)
-        examples = read_labelled(data, get_spec(newcomer_task(config, task)))
-        model, placed = load_newcomer(run, examples, task=task, device=device, batch_size=batch_size,
-                                      progress=progress)
-        chosen = f", expert {int(placed['expert'])}" if "expert" in placed else ""
-        who = (f"a newcomer ({model.spec.name}{chosen}; accuracy {placed['accuracy']:.4f} on its own "
-               f"{len(examples)} examples, which chose its model)")
-    else:
-        if data is not None or task is not None:
-            raise ConfigError("--data and --task are for --client new")
-        model = load_client(run, client_id(client), device=device, batch_size=batch_size, progress=progress)
-        if not isinstance(model, ClientModel):
-            raise ConfigError(f"{run} trained instruction tasks: use fedlease generate")
-        who = f"client {client} ({model.spec.name})"
+    model, who = client_model(run, client, split, data, task, "classification", device, batch_size, progress)
     return answer(model, who, split, output, lambda: model.predict(*read_inputs(input, model.spec.pair)))
 
 
@@ -145,25 +184,34 @@ def answer(model, who: str, split: str | None, output: str | None, infer: Callab
     return f"{who}: {len(rows)} rows"
 
 
-def read_prompts(source: str) -> tuple[list[str], list[str]]:
-    """Instructions and their inputs from JSON lines (``instruction``, optional string ``input``)."""
+def prompt_rows(source: str, answered: bool = False) -> tuple[str, list[tuple[int, dict]]]:
+    """JSON lines with a string ``instruction``, optionally a string ``input`` and, ``answered``, a non-empty
+    string ``output``; a line without them is refused, naming file and line."""
     name, numbered = non_blank(source)
     rows = json_objects(name, numbered)
     for number, row in rows:
-        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("input", ""), str):
+        output = row.get("output") if answered else "-"
+        if not (isinstance(row.get("instruction"), str) and isinstance(row.get("input", ""), str)
+                and isinstance(output, str) and output):
             raise DataError(f"{name}:{number}: each line must be a JSON object with a string \"instruction\" "
-                            f"(and optionally a string \"input\")")
+                            f"(and optionally a string \"input\")"
+                            + (" and a non-empty string \"output\"" if answered else ""))
+    return name, rows
+
+
+def read_prompts(source: str) -> tuple[list[str], list[str]]:
+    """Instructions and their inputs from JSON lines (``instruction``, optional string ``input``)."""
+    _, rows = prompt_rows(source)
     return [row["instruction"] for _, row in rows], [row.get("input", "") for _, row in rows]
 
 
 def generate(run: str, client: str, *, input: str | None, split: str | None, output: str | None, device: str,
-             batch_size: int | None, progress: bool, max_new_tokens: int | None) -> str:
-    """Answer the prompts of ``input`` (or the client's own ``split``) with client ``client`` of ``run``."""
-    model = load_client(run, client_id(client), device=device, batch_size=batch_size, progress=progress,
-                        max_new_tokens=max_new_tokens)
-    if isinstance(model, ClientModel):
-        raise ConfigError(f"{run} trained classification tasks: use fedlease predict")
-    who = f"client {client} ({model.spec.name})"
+             batch_size: int | None, progress: bool, max_new_tokens: int | None, data: str | None = None,
+             task: str | None = None) -> str:
+    """Answer the prompts of ``input`` (or the client's own ``split``) with client ``client`` of ``run`` (``new``:
+    a newcomer placed by its own ``data``, instructions with their responses)."""
+    model, who = client_model(run, client, split, data, task, "generation", device, batch_size, progress,
+                              max_new_tokens)
     return answer(model, who, split, output,
                   lambda: [{"response": r} for r in model.generate(*read_prompts(input))])
 
@@ -179,6 +227,15 @@ def client_id(text: str) -> int:
         raise ConfigError(f"--client {text}: give a client id (a number) or new") from None
 
 
-def export_client(run: str, client: str, *, out: str, fmt: str, merge: bool, overwrite: bool) -> str:
-    folder = export(run, client_id(client), out, fmt, merge, overwrite)
-    return f"exported client {client} of {run} to {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir()))
+def export_client(run: str, client: str, *, out: str, fmt: str, merge: bool, overwrite: bool,
+                  data: str | None = None, task: str | None = None, device: str = "auto") -> str:
+    """Export client ``client`` of ``run`` (``new``: a newcomer placed by its own ``data``) to ``out``."""
+    check_destination(out, fmt, overwrite)
+    final, placed, own = chosen_final(run, client, data, task, device)
+    if placed is None:
+        metrics, measured = recorded_metrics(final.run, final.client), "this client's test split, final round"
+    else:
+        metrics, measured = placed, f"the newcomer's own {len(own)} examples, which chose its model: optimistic"
+    folder = export(final, metrics, measured, out, fmt, merge, overwrite)
+    who = "a newcomer to" if final.newcomer else f"client {client} of"
+    return f"exported {who} {run} to {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir()))

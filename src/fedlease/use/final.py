@@ -15,9 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from fedlease.config import RunConfig
+from fedlease.data.tasks import get_spec
 from fedlease.errors import ConfigError
 from fedlease.model.experts import ExpertLayout
 from fedlease.report.artifacts import FINAL_FORMAT
+from fedlease.runtime.clients import register_user_tasks
 
 
 @dataclass
@@ -36,6 +38,16 @@ class FinalClient:
     unseen: bool  # held out of training (--unseen_clients): its model is what the method gives a newcomer
     state: dict[str, torch.Tensor]
 
+    @property
+    def kind(self) -> str:
+        """The run's kind of task: "classification" or "generation" (instruction tuning)."""
+        return get_spec(self.task).kind
+
+    @property
+    def newcomer(self) -> bool:
+        """Placed here by a newcomer's own data (``fedlease.use.newcomer``), not one of the run's clients."""
+        return self.client >= len(self.config.tasks)
+
 
 def run_history(run: Path) -> dict:
     """The run's training_history.json; a folder that holds no finished run is refused."""
@@ -52,7 +64,8 @@ def run_history(run: Path) -> dict:
 
 def read_final(run: Path | str, client: int) -> FinalClient:
     """Client ``client``'s final model in ``run``, checked: a missing, unfinished or foreign run, a client that
-    is not in it, or a file written by another version of this format is refused with one line."""
+    is not in it, or a file written by another version of this format is refused with one line. The run's own
+    tasks (``--data_dir``, ``--instruction_dir``) are registered, so its task is known."""
     run = Path(run).expanduser()
     history = run_history(run)
     clients = len(history["config"]["tasks"])
@@ -71,10 +84,11 @@ def read_final(run: Path | str, client: int) -> FinalClient:
         found = meta.get("format", "an older fedlease without a format tag")
         raise ConfigError(f"{path} was written by {found}; this fedlease reads {FINAL_FORMAT} (re-run the training "
                           f"with this version)")
-    return FinalClient(run, client, RunConfig.from_dict(json.loads(meta["config"])), meta["task"],
-                       tuple(json.loads(meta["labels"])), ExpertLayout.from_config(json.loads(meta["layout"])),
-                       json.loads(meta["target_modules"]), meta["pair_encoding"], int(meta["head_width"]),
-                       json.loads(meta["unseen"]), state)
+    config = RunConfig.from_dict(json.loads(meta["config"]))
+    register_user_tasks(config)
+    return FinalClient(run, client, config, meta["task"], tuple(json.loads(meta["labels"])),
+                       ExpertLayout.from_config(json.loads(meta["layout"])), json.loads(meta["target_modules"]),
+                       meta["pair_encoding"], int(meta["head_width"]), json.loads(meta["unseen"]), state)
 
 
 def recorded_metrics(run: Path | str, client: int) -> dict[str, float]:

@@ -20,9 +20,10 @@ from fedlease.use.final import FinalClient
 
 class GeneratorModel(TrainedClient):
     def __init__(self, final: FinalClient, device: str = "auto", batch_size: int | None = None,
-                 progress: bool = False, max_new_tokens: int | None = None) -> None:
+                 progress: bool = False, own: list[InstructionExample] | None = None,
+                 max_new_tokens: int | None = None) -> None:
         self.max_new_tokens = max_new_tokens or final.config.max_new_tokens
-        super().__init__(final, device, batch_size, progress)
+        super().__init__(final, device, batch_size, progress, own)
 
     def load_backbone(self) -> Backbone:
         from fedlease.model.causal_lm import load_causal_lm
