@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("FEDLEASE_GLUE_DIR", REPO.parent / "shared" / "glue"))
 
 
-def build_tiny_model(folder: Path, num_labels: int = 2) -> Path:
-    """A 2-layer, 32-wide BERT with a character-level WordPiece vocabulary: random, fast, real code paths."""
+def build_tiny_model(folder: Path, num_labels: int = 2, initializer_range: float = 0.02) -> Path:
+    """A 2-layer, 32-wide BERT with a character-level WordPiece vocabulary: random, fast, real code paths.
+    ``initializer_range``: the std of its random weights; BERT's 0.02 makes every input's [CLS] output almost the
+    same, about 1/sqrt(width) makes the frozen random encoder's features depend on the input."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     chars = string.ascii_lowercase + string.digits
@@ -41,9 +43,13 @@ def build_tiny_model(folder: Path, num_labels: int = 2) -> Path:
              *string.punctuation]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # the vocabulary file positionally: transformers 5 names the argument vocab and ignores vocab_file, which left a
+    # tokenizer of the five special tokens that read every word as [UNK]
+    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
+    assert len(tokenizer) == len(vocab), "the tokenizer lost its vocabulary"
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=160, num_labels=num_labels)
+                        intermediate_size=64, max_position_embeddings=160, num_labels=num_labels,
+                        initializer_range=initializer_range)
     import torch
 
     torch.manual_seed(0)

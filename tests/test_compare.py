@@ -7,13 +7,16 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_run_config
 from fedlease.cli import main
 from fedlease.compare import compare, parse_spec, plan
 from fedlease.config import METHOD_NAMES, RunConfig
+from fedlease.data.tasks import get_spec
 from fedlease.errors import ConfigError
 from fedlease.report.comparison import MethodResult, row_name
 
@@ -37,8 +40,25 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
     upload = "upload_bytes_per_client_round_after_warmup_mean"
     assert float(records["local"][upload]) == 0.0
     assert float(records["fedit:rank=16"][upload]) > float(records["fedit"][upload])
+    # FedIT uploads its LoRA and head each round: their fp32 bytes, counted from the model's shape (one head as
+    # wide as the widest label set, snli's three classes)
+    for spec, rank in (("fedit", 4), ("fedit:rank=16", 16)):
+        assert float(records[spec][upload]) == lora_and_head_bytes(tiny_model, rank, get_spec("snli").num_labels)
     assert float(records["fedlease"]["download_bytes_per_client_downloading_round_mean"]) > 0
-    assert "oracle_best_average_mean" in records["fedlease"] and records["fedlease"]["oracle_best_round"]
+    # the averages and the oracle best round of every row, recomputed from the clients' evaluations per round
+    for spec, name in zip(specs, names, strict=True):
+        finals, oracles, best_rounds = [], [], []
+        for seed in (3, 4):
+            history = json.loads((tmp_path / "cmp" / parse_spec(spec).folder / f"seed_{seed}"
+                                  / "training_history.json").read_text())
+            averages = [average_over_tasks(r["clients"]) for r in history["rounds"]]
+            finals.append(averages[-1])
+            oracles.append(max(averages))
+            best_rounds.append(history["rounds"][averages.index(max(averages))]["round"])
+        record = records[name]
+        assert float(record["average_mean"]) == pytest.approx(np.mean(finals)), name
+        assert float(record["oracle_best_average_mean"]) == pytest.approx(np.mean(oracles)), name
+        assert record["oracle_best_round"] == " ".join(map(str, best_rounds)), name
     assert "oracle best-round avg (picked on test)" in table and "download MB / client / downloading round" in table
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
     # every method saw the same partition
@@ -47,6 +67,23 @@ def test_compare_tabulates_every_method_and_task(tiny_model, tmp_path):
         history = json.loads((tmp_path / "cmp" / spec / "seed_3" / "training_history.json").read_text())
         partitions.add(json.dumps(history["clients"]))
     assert len(partitions) == 1
+
+
+def lora_and_head_bytes(model: str, rank: int, classes: int) -> int:
+    """The fp32 bytes of rank-``rank`` LoRA A and B on query and value of every layer of the tiny BERT, and of a
+    head (weight and bias) for ``classes`` classes."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    width, layers = config["hidden_size"], config["num_hidden_layers"]
+    return 4 * (layers * 2 * (2 * rank * width) + classes * width + classes)
+
+
+def average_over_tasks(clients: dict) -> float:
+    """A round's average: the mean over tasks of the mean accuracy of the task's evaluated clients."""
+    by_task: dict[str, list[float]] = {}
+    for client in clients.values():
+        if client["eval"] is not None:
+            by_task.setdefault(client["task"], []).append(client["eval"]["accuracy"])
+    return float(np.mean([np.mean(values) for values in by_task.values()]))
 
 
 def test_a_fedlease_row_names_its_allocation_and_other_rows_their_spec():
@@ -308,7 +345,6 @@ def test_comparison_resume_refuses_other_settings(tiny_model, tmp_path, capsys):
 def merge(folders, into, *methods: str) -> str | None:
     """benchmarks/merge_comparison.py run in this process: None when it succeeds, else why it refused."""
     import importlib.util
-    from pathlib import Path
     from unittest import mock
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_comparison.py"

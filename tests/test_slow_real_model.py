@@ -52,7 +52,7 @@ def test_the_offline_decoder_learns_instruction_tasks_and_its_signatures_find_th
     history = json.loads((result.output_dir / "training_history.json").read_text())
     assert history["config"]["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert history["config"]["rank"] == 8
-    assert history["clustering"]["labels"] in ([0, 0, 1, 1], [1, 1, 0, 0])
+    assert history["clustering"]["labels"] == [0, 0, 1, 1]  # clusters are numbered in order of their first client
 
     untrained = untrained_metrics(config)  # the instruction-tuned model as it comes
     final = [history["rounds"][-1]["clients"][str(c)]["eval"] for c in range(4)]

@@ -14,28 +14,36 @@ from fedlease.model.backbone import load_backbone
 from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch
 
 
-def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_clients):
+def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_model, tiny_clients):
+    from transformers import AutoTokenizer
+
     _, clients, _ = tiny_clients
     cpu = torch.device("cpu")
+    # the clients' splits, which the character-level tokenizer mostly cuts at --max_length 24, and sentence pairs
+    # of many lengths that nothing cuts
+    words = "a cat sat on the mat and then ran off".split()
+    pairs = [Example(" ".join(words[: 1 + i % 10]), " ".join(words[i % 4:]), i % 3) for i in range(24)]
+    data_pairs = encode(AutoTokenizer.from_pretrained(tiny_model), pairs, max_length=96)
+    assert data_pairs.token_type_ids is not None and int(data_pairs.lengths.max()) < 96
+    splits = [(data, order) for client in clients
+              for data, order in ((client.train_data, torch.Generator().manual_seed(0)), (client.test_data, None))]
     widths = set()
-    for client in clients:
-        for data, order in ((client.train_data, torch.Generator().manual_seed(0)), (client.test_data, None)):
-            assert data.input_ids.shape[1] % PAD_MULTIPLE == 0
-            for index in batch_indices(data.lengths, 4, order):
-                batch = make_batch(data, index, cpu)
-                width, longest = batch["input_ids"].shape[1], int(data.lengths[index].max())
-                widths.add(width)
-                assert width % PAD_MULTIPLE == 0 and longest <= width < longest + PAD_MULTIPLE
-                assert torch.equal(batch["attention_mask"].sum(1), data.lengths[index])
+    for data, order in [*splits, (data_pairs, torch.Generator().manual_seed(0)), (data_pairs, None)]:
+        assert data.input_ids.shape[1] % PAD_MULTIPLE == 0
+        for index in batch_indices(data.lengths, 4, order):
+            batch = make_batch(data, index, cpu)
+            width, longest = batch["input_ids"].shape[1], int(data.lengths[index].max())
+            widths.add(width)
+            assert width % PAD_MULTIPLE == 0 and longest <= width < longest + PAD_MULTIPLE
+            assert torch.equal(batch["attention_mask"].sum(1), data.lengths[index])
     assert len(widths) > 1  # the lengths vary, so this checked more than one shape
 
-    client = clients[2]  # snli: sentence pairs with token types
-    data = client.test_data
-    index = torch.arange(len(data))
-    padded = make_batch(data, index, cpu)
-    longest = int(data.lengths.max())
+    client = clients[2]
+    index = torch.arange(len(data_pairs))
+    padded = make_batch(data_pairs, index, cpu)
+    longest = int(data_pairs.lengths.max())
     trimmed = {key: value[:, :longest] for key, value in padded.items()}
-    assert padded["input_ids"].shape[1] > longest or longest % PAD_MULTIPLE == 0
+    assert padded["input_ids"].shape[1] > longest  # the padding is there to be ignored
     client.adapted.model.eval()
     with torch.inference_mode():
         torch.testing.assert_close(client.logits(padded), client.logits(trimmed), rtol=1e-4, atol=1e-5)
@@ -110,7 +118,7 @@ def test_a_new_layernorm_in_the_head_starts_at_one(tmp_path):
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)  # vocab_file: ignored by transformers 5
     config = ModernBertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=64, local_attention=16, pad_token_id=0,
                               bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3)
