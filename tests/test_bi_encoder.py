@@ -69,7 +69,7 @@ def test_pairs_are_embedded_separately_and_classified_from_u_v_difference_produc
     client = LocalClient(0, None, bb.adapted, data, data, settings)
 
     def sentence(text: str) -> torch.Tensor:
-        enc = bb.tokenizer(text, return_tensors="pt")
+        enc = bb.tokenizer(text, return_tensors="pt", truncation=True, max_length=32)  # cut as encode cuts
         hidden = model.encoder(**enc).last_hidden_state[0]
         return hidden.mean(0)
 
