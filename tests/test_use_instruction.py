@@ -200,3 +200,27 @@ def test_export_of_a_newcomer_is_the_export_of_the_model_the_run_gave_it(fedleas
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", str(fedlease_run), "--client", "new", "--task", task, "--out", str(tmp_path / "x")]) == 2
     assert "--client new needs --data" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_recorded_rouge_is_the_rouge_of_what_the_trained_client_generates(tiny_causal_lm, tmp_path):
+    """The run's final metrics for a client are ROUGE (rouge-score's own scorer, stemmed, called here directly) of
+    the responses its reloaded model generates for its test prompts against their references; the run trains
+    long enough that some responses are right and some are not, so the means are neither 0 nor 1."""
+    from rouge_score import rouge_scorer
+
+    folder = tmp_path / "run"
+    run(tiny_instruction_config(tiny_causal_lm, folder, precision="fp32", method="fedit", global_rounds=2,
+                                tasks=["instruct_sentiment:2"], train_samples=8, test_samples=8, lr=5e-2,
+                                local_epochs=40, batch_size=2, max_new_tokens=12), progress=False)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    seen = []
+    for cid in (0, 1):
+        metrics, rows = load_client(folder, cid).evaluate("test")
+        recorded = recorded_metrics(folder, cid)
+        scores = [scorer.score(row["reference"], row["response"]) for row in rows]
+        assert len(rows) == 8
+        for name in ("rouge1", "rougeL"):
+            mean = sum(s[name].fmeasure for s in scores) / len(scores)
+            assert recorded[name] == pytest.approx(mean, abs=1e-9) and metrics[name] == pytest.approx(mean, abs=1e-9)
+            seen.append(mean)
+    assert 0 < max(seen) and min(seen) < 1

@@ -31,7 +31,7 @@ DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 # refused (it would change nothing, under a name that says it did).
 METHOD_ONLY = {"num_experts": "fedlease", "top_k": "fedlease", "allocation": "fedlease", "max_clusters": "fedlease",
                "min_silhouette": "fedlease", "num_clusters": "ifca"}
-CONDITIONAL = (*METHOD_ONLY, "update_norm_action")  # the settings ``RunConfig.unused`` judges
+CONDITIONAL = (*METHOD_ONLY, "update_norm_action", "alpha")  # the settings ``RunConfig.unused`` judges
 
 
 class Samples(int):
@@ -267,6 +267,8 @@ class RunConfig:
             return "only --allocation embedding uses it"
         if name == "update_norm_action" and self.max_update_norm is None:
             return "it says what to do above --max_update_norm, which is not set"
+        if name == "alpha" and self.partition != "dirichlet":
+            return "only --partition dirichlet uses it"
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ cluster's experts and router. With K = 1 every client holds the one expert and n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -317,11 +318,16 @@ class FedLease(FederatedMethod):
             self.signatures[cid] = state[SIGNATURE]
         return self.placement_signature(cid)
 
+    @functools.cached_property
+    def blocks(self) -> int:
+        return max(max(len(c.labels), 1) for c in self.clients)
+
     def signature_blocks(self) -> int:
         """The data signature's number of class blocks: the largest label set of the federation, so every
         client's signature has one shape (update validation fixes a key's shape by the majority of a round's
-        uploads)."""
-        return max(max(len(c.labels), 1) for c in self.clients)
+        uploads). Computed once: placement compares every member's signature each round, and this was a pass
+        over the whole federation for each of them."""
+        return self.blocks
 
     def placement_signature(self, cid: int) -> dict[str, torch.Tensor]:
         """What placement compares: B after the client's first warmup call, or its data signature as the

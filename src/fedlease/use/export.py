@@ -28,6 +28,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -119,7 +120,7 @@ def model_card(final: FinalClient, description: dict) -> str:
     lines = [
         f"# fedlease {'newcomer' if final.newcomer else f'client {final.client}'}: {final.task}", "",
         f"A LoRA fine-tune of `{config.model_name}` for {spec.description}, trained with federated learning "
-        f"by [fedlease](https://github.com/) (method `{config.method}`"
+        f"by fedlease {version('fedlease')} (method `{config.method}`"
         + (f", FedLEASE's allocation `{config.allocation}`" if config.method == "fedlease" else "")
         + f"), {who}.", "",
         "| | |", "|---|---|",
