@@ -220,8 +220,21 @@ def test_private_allocation_runs_each_epsilon_and_rederives_its_table(tiny_model
     assert 0 < private["epsilon_spent"] <= 4 + 1e-6
     for row in rows.values():
         assert row["allocation"] == "embedding" and row["K"] >= 1 and -1 <= row["ari"] <= 1
+    # record-level DP: a run of its own beside the client-level one, its noise the largest client's
+    run_script("private_allocation.py", "--out", str(out), "--epsilons", "inf", "4", "--allocations", "embedding",
+               "--unit", "record", "--warmup_rounds", "1", "--", "--model_name", tiny_model, "--tasks",
+               "rotten_tomatoes:2", "snli:2", "--train_samples", "16", "--test_samples", "8", "--batch_size", "8",
+               "--max_length", "24", cwd=tmp_path)
+    rows = {row["run"]: row for row in map(json.loads, (out / "ari.jsonl").read_text().splitlines())}
+    assert set(rows) == {"embedding_epsinf_s1", "embedding_eps4_s1", "embedding_record_eps4_s1"}
+    record = rows["embedding_record_eps4_s1"]
+    history = json.loads((out / "runs" / "embedding_record_eps4_s1" / "training_history.json").read_text())
+    assert record["unit"] == "record" and rows["embedding_eps4_s1"]["unit"] == "client" and plain["unit"] == "-"
+    assert record["noise_multiplier"] == max(c["noise_multiplier"] for c in history["privacy"]["clients"].values())
+    assert 0 < record["epsilon_spent"] <= 4 + 1e-6
     table = (out / "ari.md").read_text()
-    assert len([line for line in table.splitlines() if line.startswith("| embedding |")]) == 2
+    assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| embedding |")] == \
+        ["-", "client", "record"]
     (out / "ari.md").unlink()
     run_script("private_allocation.py", "--out", str(out), "--table-only", cwd=tmp_path)
     assert (out / "ari.md").read_text() == table

@@ -203,3 +203,5 @@ def test_dp_on_flower_is_refused_with_the_reason(tmp_path):
 
     with pytest.raises(ConfigError, match="runs in process only"):
         refuse_privacy_on_flower(RunConfig(dp_clip=1.0, dp_noise=1.0))
+    with pytest.raises(ConfigError, match="--dp_unit record runs in process only"):
+        refuse_privacy_on_flower(RunConfig(dp_clip=1.0, dp_noise=1.0, dp_unit="record"))

@@ -25,6 +25,7 @@ RANK_BY_KIND = {"classification": 4, "generation": 8}  # the paper's GLUE and FL
 METHOD_NAMES = ("fedlease", "fedit", "ffa_lora", "fedsa_lora", "feddpa", "ifca", "local")
 ALLOCATIONS = ("embedding", "paper")
 UPDATE_NORM_ACTIONS = ("reject", "clip")
+DP_UNITS = ("client", "record")
 BUILTIN_TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 DEFAULT_TASKS = tuple(task for task in BUILTIN_TASKS for _ in range(4))
 # Settings one method alone uses: setting -> that method. With another method, a value other than the default is
@@ -175,16 +176,23 @@ class RunConfig:
         "With sampling, every round evaluates the round's participants; every this many rounds (and always "
         "after the last) every client is evaluated. 0 = every client only after the last round."))
     dp_clip: float | None = field(default=None, metadata=_opt(
-        "Client-level differential privacy (DP-FedAvg): each client clips the change of its whole upload to this "
-        "L2 norm, and the server adds Gaussian noise to every aggregate's sum (see docs/privacy.md). Off by "
-        "default."))
+        "Turns differential privacy on (off by default) with this L2 clip norm: of the change of each client's "
+        "whole upload, the server adding Gaussian noise to every aggregate's sum (--dp_unit client, DP-FedAvg), or "
+        "of each training example's gradient in every local step (--dp_unit record, DP-SGD); see docs/privacy.md."))
     dp_noise: float | None = field(default=None, metadata=_opt(
-        "With --dp_clip: the noise multiplier sigma (each sum gets noise of standard deviation sigma x clip)."))
+        "With --dp_clip: the noise multiplier sigma (client: each sum gets noise of standard deviation sigma x clip; "
+        "record: each DP-SGD step's sum of clipped gradients does)."))
     dp_epsilon: float | None = field(default=None, metadata=_opt(
-        "With --dp_clip and --dp_delta: calibrate the noise multiplier before round 1 so that the whole run "
-        "spends this epsilon (instead of --dp_noise)."))
+        "With --dp_clip and --dp_delta: calibrate the noise multiplier so that the whole run spends this epsilon "
+        "(instead of --dp_noise): before round 1 (client), or per client before its first training, for every "
+        "round of the run (record)."))
     dp_delta: float | None = field(default=None, metadata=_opt(
-        "The delta of the (epsilon, delta) guarantee; default with --dp_noise: 1 / (10 x clients)."))
+        "The delta of the (epsilon, delta) guarantee; default with --dp_noise: 1 / (10 x clients) (client), 1e-5 "
+        "(record)."))
+    dp_unit: str = field(default="client", metadata=_opt(
+        "What --dp_clip protects. client: all of one client's data (DP-FedAvg, noise on the server). record: one "
+        "training example of one client (DP-SGD on each client: per-example clipping, Gaussian noise every step, "
+        "Poisson-sampled batches; epsilon per client; the server adds nothing).", choices=DP_UNITS))
     overwrite: bool = field(default=False, metadata=_opt(
         "Replace the results of an earlier run in --output_dir."))
 

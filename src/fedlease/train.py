@@ -12,6 +12,11 @@ released code (Hugging Face Trainer defaults: weight decay on matrices only, gra
 products run under autocast in the dtype ``--precision`` resolves to (bf16 on CUDA and on CPUs with native bf16;
 fp16 with loss scaling on GPUs without bf16); parameters and optimiser state stay fp32. Evaluation runs under
 ``torch.inference_mode``.
+
+With record-level differential privacy (``--dp_unit record``) the method hands the client a
+:class:`fedlease.privacy.record.DPSGD` before it trains, and ``fit`` runs DP-SGD instead (``fit_private``): Poisson
+batches, each example's gradient computed on its own, clipped and noised by Opacus' DPOptimizer around the same
+AdamW and linear decay; the global gradient clipping is replaced by the per-example clip.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fedlease.data.tasks import Example, TaskSpec
 from fedlease.errors import ConfigError, FedleaseError
 from fedlease.model.bi_encoder import BiEncoderClassifier
 from fedlease.model.experts import AdaptedModel, ExpertLayout
+from fedlease.privacy import record as record_dp
 
 LENGTH_GROUP_BATCHES = 50
 PAD_MULTIPLE = 8
@@ -182,6 +188,9 @@ def compute_metrics(spec: TaskSpec, labels: np.ndarray, preds: np.ndarray, loss:
 class LocalClient:
     """One client's data bound to the process's shared AdaptedModel."""
 
+    # record-level DP: set by the method around a round's training (``FederatedMethod.record_update``)
+    record: record_dp.DPSGD | None = None
+
     def __init__(self, client_id: int, spec: TaskSpec, adapted: AdaptedModel, train: Encoded, test: Encoded,
                  settings: TrainSettings) -> None:
         self.client_id = client_id
@@ -214,15 +223,12 @@ class LocalClient:
 
     def fit(self, parts: Iterable[str], seed: int, epochs: int | None = None) -> dict[str, float]:
         """Train ``parts`` on the local train split; return mean loss, steps, examples and seconds."""
+        if self.record is not None:
+            return self.fit_private(parts, seed, epochs)
         settings, data = self.settings, self.train_data
-        params = self.adapted.set_trainable(parts)
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
         epochs = settings.epochs if epochs is None else epochs
         steps = epochs * math.ceil(len(data) / settings.batch_size)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
+        params, optimizer, schedule = self.optimizer(parts, steps)
         scaler = torch.amp.GradScaler(enabled=settings.amp_dtype == torch.float16)
         torch.manual_seed(seed)  # dropout
         order = torch.Generator().manual_seed(seed)
@@ -243,15 +249,66 @@ class LocalClient:
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
-        model.eval()
+        return self.finished(params, float(loss_sum) / max(steps, 1), steps, epochs * len(data), start)
+
+    def optimizer(self, parts: Iterable[str], steps: int
+                  ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """Make ``parts`` trainable; a fresh AdamW (weight decay on matrices only) with linear decay over
+        ``steps``."""
+        settings = self.settings
+        params = self.adapted.set_trainable(parts)
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
+        return params, optimizer, schedule
+
+    def finished(self, params: list[torch.nn.Parameter], loss: float, steps: int, examples: int, start: float
+                 ) -> dict[str, float]:
+        """End a local training call: freeze ``params`` again, stop on a diverged loss, report the call."""
+        self.adapted.model.eval()
         for param in params:
             param.requires_grad_(False)
-        loss = float(loss_sum) / max(steps, 1)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"client {self.client_id} ({self.spec.name}): the training loss became {loss}; "
                                    f"the last good checkpoint is kept (lower --lr, or resume with --resume)")
-        return {"train_loss": loss, "steps": steps, "examples": epochs * len(data),
-                "seconds": time.perf_counter() - start}
+        return {"train_loss": loss, "steps": steps, "examples": examples, "seconds": time.perf_counter() - start}
+
+    def fit_private(self, parts: Iterable[str], seed: int, epochs: int | None = None) -> dict[str, float]:
+        """``fit`` under record-level DP: as many DP-SGD steps as ``fit`` takes, each on a Poisson sample of the
+        local train split (``self.record``: q, noise, clip, the client's secret seed), with the same AdamW and
+        linear decay; returns the mean loss of the sampled examples, steps, examples and seconds."""
+        settings, data, dp = self.settings, self.train_data, self.record
+        assert dp is not None
+        if settings.amp_dtype == torch.float16:
+            raise ConfigError("--dp_unit record trains without fp16 loss scaling: use --precision bf16 or fp32")
+        epochs = settings.epochs if epochs is None else epochs
+        steps = record_dp.steps_per_call(epochs, settings.batch_size, len(data))
+        params, optimizer, schedule = self.optimizer(parts, steps)
+        private = dp.optimizer(optimizer, min(settings.batch_size, len(data)), settings.device)
+        torch.manual_seed(seed)  # dropout
+        batches = dp.batches()
+
+        def loss_of(rows: torch.Tensor) -> torch.Tensor:
+            with settings.autocast():
+                return self.batch_loss(data, rows)
+
+        model = self.adapted.model
+        model.train()
+        loss_sum = torch.zeros((), device=settings.device)
+        examples = 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            index = dp.batch(len(data), batches)
+            loss_sum += record_dp.per_sample_gradients(loss_of, index, params).sum()
+            private.step()  # an empty batch still takes a step: the noise alone
+            schedule.step()
+            private.zero_grad(set_to_none=True)
+            examples += len(index)
+        dp.took(steps)
+        record_dp.release(params)
+        return self.finished(params, float(loss_sum) / max(examples, 1), steps, examples, start)
 
     @torch.inference_mode()
     def scores(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:

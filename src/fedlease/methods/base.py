@@ -24,7 +24,8 @@ import torch
 from fedlease.clustering import ClusteringResult
 from fedlease.config import RunConfig
 from fedlease.model.experts import ExpertLayout, own_expert_from_bank
-from fedlease.privacy import LOCAL_NOISE, expected_contributors, noise_multiplier
+from fedlease.privacy import LOCAL_NOISE, delta, expected_contributors, noise_multiplier, record_level
+from fedlease.privacy import record as record_dp
 from fedlease.privacy.accounting import Release
 from fedlease.privacy.mechanism import NoisyMean, add_noise, clip_change
 from fedlease.seeding import derive_seed
@@ -134,6 +135,8 @@ class FederatedMethod(ABC):
     """Base of all methods: holds the run configuration and the clients, and the generic client half."""
 
     name: ClassVar[str]
+    # local training calls a client makes in a round at most (record-level DP plans each client's steps with it)
+    local_calls: ClassVar[int] = 1
 
     def __init__(self, config: RunConfig, clients: Sequence[ClientInfo]) -> None:
         self.config = config
@@ -152,6 +155,12 @@ class FederatedMethod(ABC):
         from fedlease.privacy import accounting_rate
 
         return [Release("round", rnd, accounting_rate(config)) for rnd in range(config.global_rounds)]
+
+    @classmethod
+    def record_releases(cls, config: RunConfig) -> int:
+        """Under record-level DP: how many times a client releases something computed from all its data at once
+        (outside DP-SGD), each charged as a Gaussian mechanism at its noise multiplier. None by default."""
+        return 0
 
     def initial_parts(self, parts: Iterable[str], seed: int | None = None) -> dict[str, torch.Tensor]:
         """``parts`` of the seeded initial state (the server's reference for an aggregate not yet formed)."""
@@ -244,6 +253,8 @@ class FederatedMethod(ABC):
         started from, reported as the ``change_norm`` metric for the server's check (--update_norm_action reject)
         or, with clip, measured before the change is scaled down to the bound; under DP, the change clipped to
         --dp_clip (and noised here where the instruction makes the upload a release of this client alone)."""
+        if record_level(self.config):
+            return self.record_update(client, ins, rnd, store)
         update = self.client_train(client, ins, rnd, store)
         if self.config.max_update_norm is not None:
             clip = self.config.max_update_norm if self.config.update_norm_action == "clip" else math.inf
@@ -258,6 +269,23 @@ class FederatedMethod(ABC):
         # equal weights: the server needs no example count, so none leaves the client, nor what implies one
         update.num_examples = 1
         update.metrics = {k: v for k, v in update.metrics.items() if k not in SIZE_METRICS}
+        return update
+
+    def record_update(self, client: LocalClient, ins: Instruction, rnd: int,
+                      store: dict[str, torch.Tensor]) -> Update:
+        """``client_train`` under record-level DP: every local training call of the round is DP-SGD (the client's
+        noise multiplier and steps so far come from its store and go back to it), and the update reports the
+        client's noise, rate, steps and the epsilon it has spent. What it uploads is DP-SGD's output, sent as it
+        is: the server adds no noise."""
+        dp = record_dp.session(self.config, store, client.num_train, client_secret(store), self.local_calls,
+                               self.record_releases(self.config))
+        client.record = dp
+        try:
+            update = self.client_train(client, ins, rnd, store)
+        finally:
+            client.record = None
+        record_dp.save(dp, store)
+        update.metrics.update(dp.report(delta(self.config)))
         return update
 
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,

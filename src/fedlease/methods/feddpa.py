@@ -42,6 +42,7 @@ class FedDPA(SharedAdapterMethod):
     adapter and the instance-wise mixing."""
 
     name = "feddpa"
+    local_calls = 2  # the local adapter, then the global one
     shared = LORA_PARTS
     trained = uploaded = PARTS
 

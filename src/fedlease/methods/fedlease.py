@@ -65,7 +65,8 @@ from fedlease.methods.base import (
     select,
 )
 from fedlease.model.experts import ExpertLayout, init_router
-from fedlease.privacy import LOCAL_NOISE, accounting_rate, noise_multiplier
+from fedlease.privacy import LOCAL_NOISE, accounting_rate, enabled, noise_multiplier, record_level
+from fedlease.privacy import record as record_dp
 from fedlease.privacy.accounting import Release
 from fedlease.privacy.mechanism import add_noise, clip_change
 from fedlease.seeding import derive_seed
@@ -106,6 +107,11 @@ class FedLease(FederatedMethod):
         if config.allocation == "embedding":
             plan.insert(0, Release("signature", 0, 1.0))
         return plan + [Release("round", rnd, rate) for rnd in range(config.warmup_rounds, config.global_rounds)]
+
+    @classmethod
+    def record_releases(cls, config: RunConfig) -> int:
+        """Under record-level DP, the embedding allocation's data signature: one Gaussian release per client."""
+        return 1 if config.allocation == "embedding" else 0
 
     # -- who shares what ----------------------------------------------------------------------------------
     def in_warmup(self, rnd: int) -> bool:
@@ -225,7 +231,7 @@ class FedLease(FederatedMethod):
         seeded init, later ones continue what it keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
         extra = {SEND_SIGNATURE: self.signature_blocks()} if self.config.allocation == "embedding" else {}
-        if self.config.dp_clip is not None:
+        if enabled(self.config):
             extra[LOCAL_NOISE] = 1
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
@@ -424,7 +430,7 @@ class FedLease(FederatedMethod):
             client.apply(PLAIN_LORA, client.adapted.initial_state(self.config.seed))
             client.fit(WARMUP_PARTS, seed=derive_seed(self.config.seed, "placement", client.client_id))
             compared = client.state(("lora_B",))
-            if self.config.dp_clip is not None:  # a release of this client alone, as its warmup upload would be
+            if enabled(self.config):  # a release of this client alone, as its warmup upload would be
                 compared = self.noised(compared, select(client.adapted.initial_state(self.config.seed),
                                                         ("lora_B",)), store, "dp-placement")
             upload = {PLACED_B + key.removesuffix(".lora_B"): value for key, value in compared.items()}
@@ -443,13 +449,28 @@ class FedLease(FederatedMethod):
     def keep_signature(self, client: LocalClient, store: dict[str, torch.Tensor], blocks: int) -> None:
         """Compute the client's data signature once and keep it in its store. Under DP every example's embedding
         is clipped to norm 1 first, so the signature (a mean of them) has norm at most 1, and Gaussian noise of
-        standard deviation sigma is added once: what the store keeps, and every upload repeats, is that release."""
+        standard deviation sigma is added once: what the store keeps, and every upload repeats, is that release.
+        Under record-level DP the signature is the sum of the clipped embeddings (class by class) divided by the
+        client's example count n, which is public there (its Poisson rate is batch / n): one example moves it by at
+        most 1/n, so the noise has standard deviation sigma / n, sigma the client's DP-SGD noise multiplier, and
+        the release is charged once in the client's accountant (``record_releases``)."""
         if SIGNATURE in store:
             return
-        private = self.config.dp_clip is not None
-        signature = data_signature(client, self.config.seed, blocks, clip_examples=private)
+        private = enabled(self.config)
+        record = record_level(self.config)
+        signature = data_signature(client, self.config.seed, blocks, clip_examples=private or record)
         if private:
             signature = self.noised({"s": signature}, {}, store, "dp-signature", sensitivity=1.0)["s"]
+        elif record:
+            # within a round's training the client's DP-SGD charges it; an evaluation-only placement (whose store
+            # is not kept) noises it the same way, without a charge: it never leaves the client
+            dp = client.record or record_dp.session(self.config, dict(store), client.num_train,
+                                                    client_secret(store), self.local_calls,
+                                                    self.record_releases(self.config))
+            signature = add_noise({"s": signature}, ["s"], dp.noise / client.num_train,
+                                  derive_seed(client_secret(store), "dp-record-signature"))["s"]
+            if client.record is not None:
+                client.record.released()
         store[SIGNATURE] = signature
 
     def noised(self, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],

@@ -9,6 +9,10 @@ releases. What a method releases, round by round, is its ``privacy_plan``; the a
 (``accounting``: dp-accounting's RDP accountant, Poisson subsampling at ``--sample_rate``) charges each round's
 releases as the round ends, and the ledger (``PrivacyLedger``) records the epsilon spent in
 training_history.json under ``privacy``.
+
+``--dp_unit record`` protects one training example of one client instead: DP-SGD on each client's local training
+(``record``: Opacus' DPOptimizer clips each example's gradient to --dp_clip and noises each step, dp-accounting
+charges each client's Poisson-sampled steps); the server adds no noise. ``enabled`` is client-level DP only.
 """
 
 from __future__ import annotations
@@ -19,17 +23,24 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fedlease.config import RunConfig
+from fedlease.config import DP_UNITS, RunConfig
 from fedlease.errors import ConfigError
 from fedlease.privacy.accounting import ACCOUNTANT, Release, calibrate, epsilon
 from fedlease.privacy.mechanism import NoisyMean
 from fedlease.runtime.participation import unseen_clients
 
+RECORD_DELTA = 1e-5  # --dp_delta's default with --dp_unit record (FFA-LoRA's)
 LOCAL_NOISE = "dp_local_noise"  # Instruction.extra: the client noises its clipped upload itself (its own release)
 
 
 def enabled(config: RunConfig) -> bool:
-    return config.dp_clip is not None
+    """Client-level DP (DP-FedAvg) is on."""
+    return config.dp_clip is not None and config.dp_unit == "client"
+
+
+def record_level(config: RunConfig) -> bool:
+    """Record-level DP (DP-SGD on every client) is on."""
+    return config.dp_clip is not None and config.dp_unit == "record"
 
 
 def accounting_rate(config: RunConfig) -> float:
@@ -57,8 +68,13 @@ def expected_contributors(config: RunConfig, members: Iterable[int]) -> float:
 def check_privacy(config: RunConfig) -> None:
     """Refuse DP settings that cannot work, with one line each (before anything is written)."""
     dp_flags = {name: getattr(config, name) for name in ("dp_noise", "dp_epsilon", "dp_delta")}
+    if config.dp_unit not in DP_UNITS:
+        raise ConfigError(f"--dp_unit must be one of {', '.join(DP_UNITS)}, got {config.dp_unit!r}")
+    record = config.dp_unit == "record"
     if config.dp_clip is None:
         given = [f"--{name}" for name, value in dp_flags.items() if value is not None]
+        if record:
+            given.insert(0, "--dp_unit record")
         if given:
             raise ConfigError(f"{' '.join(given)} without --dp_clip: differential privacy starts with a clip norm")
         return
@@ -68,22 +84,39 @@ def check_privacy(config: RunConfig) -> None:
     if config.method == "local":
         raise ConfigError("--dp_clip with --method local: a local client sends nothing, there is nothing to protect")
     if config.max_update_norm is not None:
+        if record:
+            raise ConfigError("--max_update_norm with --dp_unit record: the change norm a client reports for the "
+                              "bound is computed outside DP-SGD and would leave the DP guarantee")
         raise ConfigError("--max_update_norm with --dp_clip: the DP clip already bounds every client's change, and "
                           "the change norm a client reports for the bound would leave it outside the DP guarantee")
     if config.dp_epsilon is not None and config.dp_noise is not None:
         raise ConfigError("--dp_epsilon calibrates the noise and --dp_noise sets it: pass one of them")
     if config.dp_epsilon is None and config.dp_noise is None:
         raise ConfigError("--dp_clip needs --dp_noise (the noise multiplier) or --dp_epsilon (a budget to meet)")
-    if config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
+    if record:
+        check_record(config)
+    elif config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
         raise ConfigError(f"--dp_delta {config.dp_delta} is at least 1/{config.num_clients} clients: a delta that "
                           f"large allows one client's data to be released outright; take it well below 1/clients")
     if config.dp_epsilon is not None and config.dp_delta is None:
         raise ConfigError("--dp_epsilon needs --dp_delta (for example 1e-5)")
 
 
+def check_record(config: RunConfig) -> None:
+    """Record-level DP's own refusals."""
+    examples = int(config.train_samples)  # 0: all of a task's examples, known once the data is read
+    if config.dp_delta is not None and (config.dp_delta >= 1 or (examples and config.dp_delta >= 1 / examples)):
+        raise ConfigError(f"--dp_delta {config.dp_delta} is at least 1/{examples or 1} training examples per "
+                          f"client: a delta that large allows one example to be released outright; take it well "
+                          f"below 1/examples (for example 1e-5)")
+
+
 def delta(config: RunConfig) -> float:
-    """The delta epsilon is reported at: --dp_delta, else 1/(10 x clients)."""
-    return config.dp_delta if config.dp_delta is not None else 1 / (10 * config.num_clients)
+    """The delta epsilon is reported at: --dp_delta, else 1/(10 x clients) (client level) or 1e-5 (record
+    level)."""
+    if config.dp_delta is not None:
+        return config.dp_delta
+    return RECORD_DELTA if config.dp_unit == "record" else 1 / (10 * config.num_clients)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ import dp_accounting
 from dp_accounting import rdp
 
 ACCOUNTANT = f"dp-accounting {version('dp-accounting')} RdpAccountant (add or remove one client)"
+RECORD_ACCOUNTANT = f"dp-accounting {version('dp-accounting')} RdpAccountant (add or remove one example)"
 # noise multipliers the calibration searches between
 NOISE_RANGE = (1e-3, 1e3)
 
@@ -81,3 +82,9 @@ def calibrate(target_epsilon: float, delta: float, plan: Iterable[Release]) -> f
     return float(noise)
 
 
+
+
+def sgd_steps(sample_rate: float, steps: int) -> list[Release]:
+    """``steps`` DP-SGD steps of one client (record-level DP): each a Gaussian mechanism on a batch that holds a
+    given example with probability ``sample_rate`` (Poisson sampling), charged as the releases above are."""
+    return [Release("step", step, sample_rate) for step in range(steps)]

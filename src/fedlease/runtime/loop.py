@@ -39,7 +39,8 @@ import torch
 from fedlease.config import RunConfig
 from fedlease.methods.base import FederatedMethod, Instruction, RoundReport, Update
 from fedlease.model.experts import ExpertLayout
-from fedlease.privacy import PrivacyLedger, enabled
+from fedlease.privacy import PrivacyLedger, enabled, record_level
+from fedlease.privacy.record import RecordLedger
 from fedlease.report.artifacts import METRIC_LABELS, RunRecorder, headline
 from fedlease.runtime.checkpoint import Checkpoint, save_checkpoint
 from fedlease.runtime.client_state import NO_ROUND
@@ -145,6 +146,13 @@ class Federation:
             log.info("differential privacy: clip %g, noise multiplier %.4f, delta %g; the run's plan spends "
                      "epsilon %.3f (%s)", self.config.dp_clip, self.privacy.noise, self.privacy.delta,
                      self.privacy.record()["planned_epsilon"], self.privacy.record()["accountant"])
+        self.record_privacy = RecordLedger(self.config) if record_level(self.config) else None
+        if self.record_privacy is not None:
+            config = self.config
+            log.info("differential privacy per example (DP-SGD on every client): clip %g, %s, delta %g (%s)",
+                     config.dp_clip, f"noise multiplier {config.dp_noise:g}" if config.dp_noise is not None else
+                     f"each client's noise multiplier calibrated to spend epsilon {config.dp_epsilon:g} over every "
+                     f"round", self.record_privacy.delta, self.record_privacy.record()["accountant"])
         # one message per client and round: a round's evaluation rides on the next round's training messages,
         # which only reach the same clients when every client trains every round
         self.fuse = getattr(self.transport, "fuses_evaluation", False) and not self.participation.partial
@@ -184,6 +192,8 @@ class Federation:
             self.finish(waiting, evaluations, waiting.seconds)
         # in client order: replies arrive in any order, and a floating-point average depends on its order
         updates = dict(sorted(updates.items()))
+        if self.record_privacy is not None:  # every upload that arrived was seen, accepted or not
+            self.record_privacy.observe(updates)
         for cid in sorted(set(instructions) - set(updates)):
             log.info("round %d: client %d did not reply; left out of this round", rnd + 1, cid)
         accepted, rejected = self.validator.filter(instructions, updates)
@@ -236,6 +246,10 @@ class Federation:
             spent = self.privacy.charge(rnd)
             self.recorder.history["privacy"] = self.privacy.record()
             log.info("round %d: privacy spent epsilon %.3f at delta %g", rnd + 1, spent, self.privacy.delta)
+        if self.record_privacy is not None:
+            self.recorder.history["privacy"] = self.record_privacy.record()
+            log.info("round %d: privacy per example: the largest epsilon a client spent is %.3f at delta %g",
+                     rnd + 1, self.record_privacy.largest(), self.record_privacy.delta)
         last = rnd == self.config.global_rounds - 1
         summary = self.recorder.record_round(rnd, report, trained.instructions, trained.accepted, metrics,
                                              self.method.client_map(), seconds, rejected=trained.rejected,
@@ -254,6 +268,8 @@ class Federation:
                  "accepted": {str(cid): r for cid, r in sorted(self.accepted.items())}}
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
+        if self.record_privacy is not None:
+            state["record_privacy"] = self.record_privacy.state_dict()
         save_checkpoint(self.out, Checkpoint(rnd, self.config.to_dict(), state, stores or {},
                                              self.recorder.history, dict(self.info)))
 
@@ -263,6 +279,8 @@ class Federation:
         self.validator.load_state_dict(ckpt.method_state["validator"])
         if self.privacy is not None:
             self.privacy.load_state_dict(ckpt.method_state["privacy"])
+        if self.record_privacy is not None:
+            self.record_privacy.load_state_dict(ckpt.method_state["record_privacy"])
         self.recorder.history = ckpt.history
         self.info["federation"] = ckpt.info.get("federation", self.info["federation"])
         # where and how each later session ran (device, precision, ...): the history's own keys are the first's

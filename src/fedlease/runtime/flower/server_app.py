@@ -300,6 +300,9 @@ class FlowerTransport:
 
 
 def refuse_privacy_on_flower(config: RunConfig) -> None:
+    if config.dp_clip is not None and config.dp_unit == "record":
+        raise ConfigError("--dp_unit record runs in process only so far: its per-client DP-SGD accounting has not "
+                          "been tested on Flower nodes; run it with fedlease run")
     if config.dp_clip is not None:
         raise ConfigError("--dp_clip runs in process only so far: the server keeps each aggregate as a change "
                           "against the seeded initial state, which a Flower ServerApp (it loads no model) does not "
