@@ -78,7 +78,8 @@ def test_run_config_round_trip():
     back, runtime = from_run_config(values)
     assert dataclasses.replace(back, tasks=["snli", "snli", "sst2"]) == config
     assert runtime == {"round-timeout": 3600.0, "wait-nodes-timeout": 120.0, "resume": False,
-                       "allow-mixed-precision": False, "rejoin-timeout": 60.0}
+                       "allow-mixed-precision": False, "rejoin-timeout": 60.0,
+                       "secure-aggregation": False}
     assert from_run_config({"resume": "true", "top-k": 0})[1]["resume"] is True
 
 

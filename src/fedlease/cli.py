@@ -131,6 +131,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                         help="fedlease (default): one long-lived process per SuperNode runs its ClientApp, so "
                              "the model is loaded once per node; flower: Flower's own executor, a new process "
                              "(and model load) per message")
+    deploy.add_argument("--secure_aggregation", action="store_true",
+                        help="Flower's SecAgg+ for every aggregate that is a sum over a known group of clients: the "
+                             "server learns each group's sum, never a client's upload (FedLEASE's warmup still "
+                             "travels in the clear; at least 3 clients a round; docs/deployment.md)")
     executor = sub.add_parser(
         "executor", help="run a SuperNode's ClientApp tasks in one long-lived process (model loaded once)",
         description="Serve the ClientApp tasks of one SuperNode started with --isolation process, in this "
@@ -257,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             base = config_from_args(args)
             workdir = Path(args.workdir) if args.workdir else Path(base.output_dir).expanduser() / "flower"
-            out = deploy(base, workdir, tls=args.tls, executor=args.executor)
+            out = deploy(base, workdir, tls=args.tls, executor=args.executor,
+                         secure_aggregation=args.secure_aggregation)
             print((out / "results.md").read_text(encoding="utf-8"))
             print(f"artifacts: {out}")
             return 0

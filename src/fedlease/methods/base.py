@@ -234,6 +234,14 @@ class FederatedMethod(ABC):
     def load_server_state(self, state: Mapping[str, Any]) -> None:
         """Restore what ``server_state`` returned."""
 
+    # -- secure aggregation (Flower's SecAgg+: one sum over the round's clients) ----------------------------
+    def secure_slots(self, rnd: int, instructions: Mapping[int, Instruction]
+                     ) -> dict[int, dict[str, tuple[str, ...]]] | str:
+        """Where this round's aggregation is nothing but example-weighted means of the uploads over known groups of
+        clients: for each client, the sums its upload enters (slot name -> the parts of its upload summed there;
+        the slots must cover its whole upload). Else why not, in one line: the round then trains in the clear."""
+        return f"{self.name}'s server needs each client's own upload"
+
     # -- client half --------------------------------------------------------------------------------------
     # ``store`` is the client's own persistent state (a name -> tensor mapping the runtime keeps for it across
     # rounds: a dict in process, the node's state under Flower). It never travels to the server.

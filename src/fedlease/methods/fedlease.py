@@ -296,6 +296,21 @@ class FedLease(FederatedMethod):
             lambda key: [cid for cid in groups[int(key.partition("/")[0])] if self.head_key(cid) == key]))
         return report
 
+    def secure_slots(self, rnd: int, instructions: Mapping[int, Instruction]
+                     ) -> dict[int, dict[str, tuple[str, ...]]] | str:
+        """Adaptive rounds: expert k and router k over cluster k; each head over its cluster's label set. Warmup
+        rounds and rounds in which clients place themselves are not sums (see docs/deployment.md)."""
+        if self.in_warmup(rnd):
+            return ("FedLEASE's warmup uploads each client's own LoRA" +
+                    (" and data signature" if self.config.allocation == "embedding" else "") +
+                    ", which the allocation clusters")
+        placing = sorted(cid for cid, ins in instructions.items() if PLACE in ins.extra)
+        if placing:
+            return (f"client(s) {placing} place themselves this round, and the server checks each one's signature "
+                    f"before it averages that client's update")
+        return {cid: {f"expert {self.cluster_of(cid)}": (*LORA_PARTS, "router"),
+                      f"head {self.head_key(cid)}": ("head",)} for cid in instructions}
+
     def place(self, joiners: Mapping[int, Update], report: RoundReport) -> dict[int, int | None]:
         """Assign each client that placed itself this round, by the signature it uploaded against the centroids it
         was sent (those of the members before this round's placements). Returns client -> its expert, or None

@@ -72,6 +72,11 @@ class SharedAdapterMethod(FederatedMethod):
         return RoundReport("federated", [f"FedAvg of {'/'.join(self.shared)} over {len(updates)} clients; "
                                          f"heads per label set"])
 
+    def secure_slots(self, rnd: int, instructions: Mapping[int, Instruction]
+                     ) -> dict[int, dict[str, tuple[str, ...]]] | str:
+        """The shared parts over all of the round's clients; each head over its label set's."""
+        return {cid: {"shared": self.shared, f"head {self.head_key(cid)}": ("head",)} for cid in instructions}
+
     def client_map(self) -> dict[int, list[int]]:
         return {0: [c.client_id for c in self.clients]}
 

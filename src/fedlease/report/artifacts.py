@@ -123,6 +123,9 @@ class RunRecorder:
             ins, update, values = instructions.get(cid), updates.get(cid), metrics.get(cid)
             down_params, down_bytes = state_size(ins.state) if ins and cid in delivered else (0, 0)
             up_params, up_bytes = state_size(update.state) if update else (0, 0)
+            if update and "secure_upload_bytes" in update.metrics:  # SecAgg+: the masked packed vector it sent
+                up_params, up_bytes = int(update.metrics["secure_upload_params"]), \
+                    int(update.metrics["secure_upload_bytes"])
             clients[str(cid)] = {
                 "task": self.clients[cid].task,
                 **({"unseen": True} if cid in self.unseen else {}),

@@ -53,16 +53,19 @@ from fedlease.runtime.flower.messages import (
     encode_evaluation,
     encode_training_error,
     encode_update,
+    instruction_from,
 )
 from fedlease.runtime.flower.run_config import from_run_config
+from fedlease.runtime.flower.secure import RECORD, schema_of, secure_aggregation_mod, secure_reply
 from fedlease.runtime.loop import Evaluation
 from fedlease.runtime.simulation import prepare_config
 from fedlease.train import LocalClient, TrainingDiverged, resolve_precision
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ on the training messages of a secure round only
 log = logging.getLogger("fedlease")
 
 STATE = "fedlease-client-state"  # the record holding the client's state in Flower's node state
+SCHEMA_ACTION = "schema"  # query.schema
 ERROR_CODE = 0x7E1E  # a user-fixable problem on the node (Flower's own error codes are small integers)
 
 
@@ -227,6 +230,20 @@ def partition(msg: Message, context: Context) -> Message:
     return answer(msg, context, handle)
 
 
+@app.query(SCHEMA_ACTION)
+def schema(msg: Message, context: Context) -> Message:
+    """Secure aggregation: the names, shapes and dtypes (no values) of what this client uploads under the message's
+    layout, for the server's slot layout (it loads no model)."""
+    def handle(msg: Message, context: Context) -> Message:
+        current = session(context)
+        ins = instruction_from(msg.content["config"], {})
+        current.client.adapted.configure(ins.layout)
+        return Message(RecordDict({"schema": ConfigRecord({"tensors": schema_of(current.client.state(ins.upload))})}),
+                       reply_to=msg)
+
+    return answer(msg, context, handle)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train a round; first, where the message carries one, run the previous round's evaluation (on the same
@@ -252,7 +269,7 @@ def train(msg: Message, context: Context) -> Message:
         try:
             update = current.method.client_update(current.client, ins, rnd, store)
         except Exception as exc:
-            if evaluation is None:
+            if evaluation is None or RECORD in msg.content:  # secure: an error reply, and the node leaves the sum
                 raise
             # the evaluation that came first is still worth its reply, as a separate message's would have been
             log.exception("client %d: training round %d failed", current.partition_id, rnd + 1)
@@ -265,6 +282,9 @@ def train(msg: Message, context: Context) -> Message:
         if evaluation is not None:
             update.metrics["evaluation_seconds"] = evaluation_seconds  # the evaluation this message asked for first
         update.metrics["node_seconds"] = time.perf_counter() - start  # the whole message on the node
+        if RECORD in msg.content:  # secure aggregation: the packed vector, which secaggplus_mod masks
+            return Message(secure_reply(update, current.partition_id, msg.content[RECORD], evaluation,
+                                        evaluation_error), reply_to=msg)
         return Message(encode_update(update, current.partition_id, evaluation, evaluation_error), reply_to=msg)
 
     return answer(msg, context, handle)

@@ -250,10 +250,10 @@ class LoopbackDeployment:
         return home
 
     def submit(self, config: RunConfig, round_timeout: float = 600.0, resume: bool = False,
-               stream_to=None) -> subprocess.CompletedProcess:
+               stream_to=None, secure_aggregation: bool = False) -> subprocess.CompletedProcess:
         """Run ``config`` with ``flwr run --stream`` and wait for it; its output goes to ``stream_to``."""
         values = {**to_run_config(config), "round-timeout": round_timeout, "resume": resume,
-                  "wait-nodes-timeout": HEALTH_TIMEOUT}
+                  "wait-nodes-timeout": HEALTH_TIMEOUT, "secure-aggregation": secure_aggregation}
         overrides = self.workdir / "run-config.toml"
         overrides.write_text("\n".join(f"{k} = {toml_value(v)}" for k, v in values.items()) + "\n", encoding="utf-8")
         app = write_app(self.workdir / "app")
@@ -263,7 +263,8 @@ class LoopbackDeployment:
                               check=False)
 
 
-def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = "fedlease") -> Path:
+def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = "fedlease",
+           secure_aggregation: bool = False) -> Path:
     """Start, run ``config`` on one SuperNode per client, stream the log, stop. Returns the output directory.
 
     Everything that can be checked here (flags, tasks, data, model location, output directory) is checked
@@ -273,13 +274,17 @@ def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = 
 
     config = prepare_config(dataclasses.replace(config, output_dir=str(Path(config.output_dir).expanduser().resolve())))
     refuse_privacy_on_flower(config)
+    if secure_aggregation:
+        from fedlease.runtime.flower.secure import refuse
+
+        refuse(config)
     check_output_dir(config)
     load_partition(config)
     check_model_source(config)
     out = Path(config.output_dir)
     with LoopbackDeployment(workdir, config.num_clients, tls=tls, log=lambda line: print(line, flush=True),
                             executor=executor) as dep:
-        dep.submit(config, stream_to=None)
+        dep.submit(config, stream_to=None, secure_aggregation=secure_aggregation)
     history = out / "training_history.json"
     if not history.exists() or json.loads(history.read_text()).get("final") is None:
         raise DeploymentError(f"the Flower run did not finish; see {workdir / 'logs'} and {out / 'training_log.txt'}")

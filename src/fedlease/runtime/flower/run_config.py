@@ -2,12 +2,13 @@
 
 Every RunConfig field is a run-config key spelled with dashes (``global_rounds`` -> ``global-rounds``). Flower
 run-config values are bool, int, float or str only, so lists are space-separated strings (``tasks =
-"sst2:2 qnli:2"``) and an unset optional value is "" (strings) or 0 (numbers). Five keys belong to the Flower
+"sst2:2 qnli:2"``) and an unset optional value is "" (strings) or 0 (numbers). Six keys belong to the Flower
 runtime alone: ``round-timeout`` (seconds to wait for the clients' replies in a round), ``wait-nodes-timeout``
 (seconds to wait at start for one SuperNode per client), ``resume`` (continue from the checkpoint in
 ``output-dir``), ``allow-mixed-precision`` (accept nodes that train in different precisions) and
 ``rejoin-timeout`` (seconds a round waits for a client whose node became unavailable to come back on a new
-node, which then gets the round's message again).
+node, which then gets the round's message again) and ``secure-aggregation`` (Flower's SecAgg+ for the aggregates
+that are sums over known groups of clients: docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fedlease.errors import ConfigError
 Scalar = bool | int | float | str
 
 FLOWER_DEFAULTS: dict[str, Scalar] = {"round-timeout": 3600.0, "wait-nodes-timeout": 120.0, "resume": False,
-                                       "allow-mixed-precision": False, "rejoin-timeout": 60.0}
+                                       "allow-mixed-precision": False, "rejoin-timeout": 60.0,
+                                       "secure-aggregation": False}
 
 
 def key(name: str) -> str:

@@ -14,6 +14,7 @@ from then on, and placed by its signature when it first trains.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -26,10 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedlease.config import RunConfig
 from fedlease.errors import ConfigError
 from fedlease.methods import create_method
-from fedlease.methods.base import Instruction, Update
+from fedlease.methods.base import Instruction, Update, select
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
+from fedlease.runtime.flower import secure
 from fedlease.runtime.flower.messages import (
     DIVERGED_CODE,
     STATE_LOST,
@@ -299,6 +301,124 @@ class FlowerTransport:
         return None  # each client's store lives on its own node
 
 
+class SecureTransport(FlowerTransport):
+    """Training rounds through Flower's SecAgg+ wherever the method's round is a set of sums over known groups of
+    clients (``FederatedMethod.secure_slots``; ``fedlease.runtime.flower.secure``): the server gets each slot's
+    sum, never a client's upload, and hands every participant its slots' averages as its update. Other rounds
+    (FedLEASE's warmup, a round in which clients place themselves) train in the clear, logged."""
+
+    def __init__(self, grid: Grid, config: RunConfig, round_timeout: float, allow_mixed_precision: bool = False,
+                 on_node=None, rejoin_timeout: float = 60.0, method=None, context: Context | None = None) -> None:
+        super().__init__(grid, config, round_timeout, allow_mixed_precision, on_node, rejoin_timeout)
+        self.method = method
+        self.context = context
+        self.schemas: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}  # slot -> tensor -> (shape, dtype)
+
+    def evaluate_then_train(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
+                            instructions: Mapping[int, Instruction], sync: Sync
+                            ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
+        plan = self.method.secure_slots(rnd, instructions)
+        if isinstance(plan, str):
+            log.info("round %d is trained without secure aggregation: %s", rnd + 1, plan)
+            return super().evaluate_then_train(evaluated, evaluations, rnd, instructions, sync)
+        return self.secure_round(evaluated, evaluations, rnd, instructions, sync, plan)
+
+    def slot_layout(self, plan: Mapping[int, Mapping[str, tuple[str, ...]]], instructions: Mapping[int, Instruction]
+                    ) -> list[secure.Slot] | None:
+        """The round's slots; a slot whose tensors the server has not seen yet is asked of one of its members
+        (names, shapes and dtypes: the server loads no model)."""
+        wanted = {slot for own in plan.values() for slot in own}
+        unknown, ask = wanted - set(self.schemas), {}
+        for cid in sorted(plan):
+            if set(plan[cid]) & (unknown - {s for c in ask for s in plan[c]}):
+                ask[cid] = self.node_of[cid]
+        if ask:
+            queries = {nid: Message(secure.schema_query(instructions[cid]), dst_node_id=nid,
+                                    message_type=f"query.{secure.SCHEMA}") for cid, nid in ask.items()}
+            replies = self.exchange(queries, timeout=self.round_timeout)
+            for cid, nid in ask.items():
+                if nid not in replies:
+                    continue
+                tensors = json.loads(str(replies[nid].content["schema"]["tensors"]))
+                for slot, parts in plan[cid].items():
+                    self.schemas.setdefault(slot, {k: (tuple(v[0]), v[1]) for k, v in select(tensors, parts).items()})
+        if missing := sorted(wanted - set(self.schemas)):
+            log.info("no member of slot %s told its tensors' shapes", missing[0])
+            return None
+        return secure.build_layout({slot: self.schemas[slot] for slot in wanted})
+
+    def secure_round(self, evaluated: int | None, evaluations: Mapping[int, Instruction], rnd: int,
+                     instructions: Mapping[int, Instruction], sync: Sync,
+                     plan: Mapping[int, Mapping[str, tuple[str, ...]]]
+                     ) -> tuple[dict[int, Evaluation], dict[int, Update]]:
+        self.discover(self.grid.get_node_ids())
+        reachable = sorted(cid for cid in instructions if cid in self.node_of)
+        self.diverged, self.delivered, self.round_trip = {}, set(), {}
+        plan = {cid: plan[cid] for cid in reachable}
+        slots = self.slot_layout(plan, instructions) if len(reachable) >= secure.MIN_CLIENTS else None
+        if slots is None:
+            log.info("round %d: %d clients reachable; secure aggregation needs %d that answer: nothing is aggregated",
+                     rnd + 1, len(reachable), secure.MIN_CLIENTS)
+            return {}, {}
+        bound = secure.weight_bound(self.config)
+        client_of, contents = {}, {}
+        for cid in reachable:
+            first = (evaluated, evaluations[cid]) if cid in evaluations else None
+            content = encode_instruction(instructions[cid], rnd, False, sync.federation, sync.of(cid), first)
+            contents[self.node_of[cid]] = secure.secure_message(content, slots, plan[cid], bound)
+            client_of[self.node_of[cid]] = cid
+        start = time.monotonic()
+        total, results, failures, fast = secure.run_secure_round(self.grid, self.context, rnd, contents,
+                                                                 self.round_timeout)
+        seconds = round(time.monotonic() - start, 3)
+        diverged = []
+        for error in failures:
+            code, reason = secure.describe_error(error)
+            if code == DIVERGED_CODE:
+                diverged.append(reason)
+            else:
+                log.info("round %d: a node left secure aggregation: error %s: %s", rnd + 1, code, reason)
+        answers, scores = {}, {}
+        for nid, fitres in results:
+            cid, metrics = client_of.get(nid), dict(fitres.metrics)
+            if cid is None or int(metrics.pop("partition-id", -1)) != cid:
+                continue
+            self.delivered.add(cid)
+            self.round_trip[cid] = seconds
+            if (score := {k.removeprefix("evaluation."): float(v) for k, v in metrics.items()
+                          if k.startswith("evaluation.")}):
+                scores[cid] = Evaluation(score)
+            if (reason := metrics.pop("evaluation-error", None)) is not None:
+                log.info("client %d could not evaluate round %d on its node (%s)", cid, evaluated + 1, reason)
+            metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("evaluation.")}
+            self.note_lost_state(cid, metrics, sync)
+            metrics.update(round_trip_seconds=seconds, secure_upload_bytes=float(fast.masked_bytes.get(nid, 0)),
+                           secure_upload_params=float(secure.layout_length(slots) + 1))
+            answers[cid] = metrics
+        if diverged:
+            raise Diverged(f"round {rnd + 1}, {diverged[0]}", scores)
+        if total is None:
+            log.info("round %d: secure aggregation did not complete (%d of %d clients sent a masked vector; SecAgg+ "
+                     "needs %d): nothing is aggregated", rnd + 1, len(answers), len(contents),
+                     secure.threshold(len(contents)))
+            return scores, {}
+        secure.audit(rnd, "sum", {"sum": total})
+        averages = secure.unpack(total, slots, {slot for cid in answers for slot in plan[cid]})
+        updates = {}
+        for cid, metrics in sorted(answers.items()):
+            if not all(slot in averages for slot in plan[cid]):
+                continue
+            state = {key: value for slot in plan[cid] for key, value in averages[slot][0].items()}
+            updates[cid] = Update(state, 1, metrics)
+        for slot in sorted(averages):
+            members = [cid for cid in updates if slot in plan[cid]]
+            log.info("round %d: secure sum of %s over %d client(s)%s", rnd + 1, slot, len(members),
+                     ": the server learns that client's own upload" if len(members) == 1 else "")
+        secure.audit(rnd, "updates", {f"{cid}/{key}": value.numpy() for cid, u in updates.items()
+                                      for key, value in u.state.items()})
+        return scores, updates
+
+
 def refuse_privacy_on_flower(config: RunConfig) -> None:
     if config.dp_clip is not None and config.dp_unit == "record":
         raise ConfigError("--dp_unit record runs in process only so far: its per-client DP-SGD accounting has not "
@@ -331,6 +451,8 @@ def main(grid: Grid, context: Context) -> None:
     config, runtime = from_run_config(context.run_config)
     config = prepare_config(config)
     refuse_privacy_on_flower(config)
+    if runtime["secure-aggregation"]:
+        secure.refuse(config)
     out = Path(config.output_dir).expanduser()
     ckpt = load_checkpoint(out) if runtime["resume"] else None
     if ckpt is None:
@@ -347,9 +469,13 @@ def main(grid: Grid, context: Context) -> None:
         recorder = RunRecorder(out, config, infos, info, Participation(config).unseen)
         recorder.describe_clients([{"client_id": c.client_id, "task": c.task, "labels": list(c.labels)}
                                    for c in infos])
-        transport = FlowerTransport(grid, config, float(runtime["round-timeout"]),
-                                    bool(runtime["allow-mixed-precision"]), recorder.describe_node,
-                                    float(runtime["rejoin-timeout"]))
+        options = (grid, config, float(runtime["round-timeout"]), bool(runtime["allow-mixed-precision"]),
+                   recorder.describe_node, float(runtime["rejoin-timeout"]))
+        if runtime["secure-aggregation"]:
+            log.info("secure aggregation: Flower's SecAgg+ wherever a round's aggregate is a set of sums")
+            transport = SecureTransport(*options, method=method, context=context)
+        else:
+            transport = FlowerTransport(*options)
         federation = Federation(config, method, transport, recorder, out, info)
         start = federation.restore(ckpt) if ckpt is not None else 0  # first: the nodes below join its history
         transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
