@@ -23,7 +23,7 @@ BENCHMARKS = REPO / "benchmarks"
 RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline.py", "allocation_table.py",
             "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
-            "test_prompt_cut.py", "signature_heldout.py"}
+            "test_prompt_cut.py", "signature_heldout.py", "round_profile.py"}
 ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
@@ -283,3 +283,20 @@ def test_signature_heldout_runs_a_setting_resumes_and_tabulates(tiny_model, tmp_
     right = sum(r["signatures"]["default"]["ari_vs_tasks"] == 1.0 for r in rows)
     assert f"| {right} of 3 |" in line and f"{right} of 3 runs." in table
     assert line in first.stdout
+
+
+def test_round_profile_splits_the_adaptive_rounds_cpu_time_by_function(tiny_model, tmp_path):
+    result = last_json(run_script("round_profile.py", "--quick", "--model_name", tiny_model, cwd=tmp_path,
+                                  timeout=400))
+    assert result["benchmark"] == "round_profile" and result["profiled_rounds"] == [3, 4]
+    for size in ("8", "40"):
+        entry = result["sizes"][size]
+        assert sorted(entry["cpu_seconds_by_round"], key=int) == ["1", "2", "3", "4"]  # stopped before the last
+        profiled = [entry["cpu_seconds_by_round"][r] for r in ("3", "4")]
+        assert entry["cpu_seconds_per_profiled_round"] == pytest.approx(sum(profiled) / 2, abs=2e-3)
+        # the profiled rounds train clients, and a function's CPU time is within its round's
+        fit = entry["functions"]["train.py:fit"]
+        assert fit["calls"] >= 2 and 0 < fit["cpu_seconds"] <= sum(profiled) + 1e-6
+    # at 40 clients most of the sampled clients are new and compute their data signature in these rounds
+    assert result["sizes"]["40"]["functions"]["methods/fedlease.py:data_signature"]["calls"] > \
+        result["sizes"]["8"]["functions"].get("methods/fedlease.py:data_signature", {"calls": 0})["calls"]
