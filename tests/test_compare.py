@@ -388,3 +388,15 @@ def test_merging_refuses_runs_of_other_settings_other_methods_and_twice_finished
     finished("e", "fedit", 1, method="fedit")  # seed 1 again, in another folder
     refused = merge([tmp_path / "a", tmp_path / "e"], tmp_path / "out", "fedit")
     assert "fedit seed 1 finished twice" in refused
+
+
+def test_the_comparisons_setting_line_names_the_privacy_the_runs_had():
+    from fedlease.report.comparison import participation_text
+
+    assert "DP" not in participation_text(RunConfig())
+    assert participation_text(RunConfig(dp_clip=1.0, dp_unit="record", dp_epsilon=6.0, dp_delta=1e-5)) == \
+        (", record-level DP (DP-SGD on every client, epsilon per client for one example), clip 1, epsilon 6 at "
+         "delta 1e-05")
+    assert participation_text(RunConfig(dp_clip=0.5, dp_noise=1.2, sample_rate=0.1)) == \
+        (", each client sampled with probability 0.1 a round, client-level DP (DP-FedAvg), clip 0.5, "
+         "noise multiplier 1.2")

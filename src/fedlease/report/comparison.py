@@ -234,7 +234,8 @@ def write_comparison(out: Path, results: list[MethodResult], base: RunConfig) ->
 
 
 def participation_text(base: RunConfig) -> str:
-    """The setting's partition and sampling, where they differ from the paper's closed, balanced federation."""
+    """The setting's partition, sampling and differential privacy, where they differ from the paper's closed, balanced
+    federation without DP."""
     parts = []
     if base.partition == "dirichlet":
         parts.append(f"Dirichlet({base.alpha:g}) label skew")
@@ -244,6 +245,12 @@ def participation_text(base: RunConfig) -> str:
         parts.append(f"each client sampled with probability {base.sample_rate:g} a round")
     if base.unseen_clients:
         parts.append(f"{base.unseen_clients} clients held out as newcomers")
+    if base.dp_clip is not None:
+        unit = ("record-level DP (DP-SGD on every client, epsilon per client for one example)"
+                if base.dp_unit == "record" else "client-level DP (DP-FedAvg)")
+        budget = (f"epsilon {base.dp_epsilon:g} at delta {base.dp_delta:g}" if base.dp_epsilon is not None
+                  else f"noise multiplier {base.dp_noise:g}")
+        parts.append(f"{unit}, clip {base.dp_clip:g}, {budget}")
     return "".join(f", {part}" for part in parts)
 
 
