@@ -82,8 +82,6 @@ def calibrate(target_epsilon: float, delta: float, plan: Iterable[Release]) -> f
     return float(noise)
 
 
-
-
 def sgd_steps(sample_rate: float, steps: int) -> list[Release]:
     """``steps`` DP-SGD steps of one client (record-level DP): each a Gaussian mechanism on a batch that holds a
     given example with probability ``sample_rate`` (Poisson sampling), charged as the releases above are."""

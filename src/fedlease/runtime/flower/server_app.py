@@ -28,6 +28,7 @@ from fedlease.config import RunConfig
 from fedlease.errors import ConfigError
 from fedlease.methods import create_method
 from fedlease.methods.base import Instruction, Update, select
+from fedlease.privacy import record_level
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
@@ -420,7 +421,7 @@ class SecureTransport(FlowerTransport):
 
 
 def refuse_privacy_on_flower(config: RunConfig) -> None:
-    if config.dp_clip is not None and config.dp_unit == "record":
+    if record_level(config):
         raise ConfigError("--dp_unit record runs in process only so far: its per-client DP-SGD accounting has not "
                           "been tested on Flower nodes; run it with fedlease run")
     if config.dp_clip is not None:
