@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "open_federation.py"
 
 
@@ -23,3 +25,11 @@ def test_open_federation_benchmark_quick_measures_each_size(tiny_model, tmp_path
     ratio = result["ratio_largest_vs_smallest"]
     assert ratio["peak_rss"] == result["runs"][1]["peak_rss_mb"] / result["runs"][0]["peak_rss_mb"]
     assert result["allocation"]["clients"] == 200 and result["allocation"]["seconds"] > 0
+    # at 40 clients nearly every sampled client is new after the allocation: its placement is timed and set apart
+    large = result["runs"][1]
+    assert large["clients_placed_per_round"] >= 1
+    assert 0 < large["placement_seconds_per_round"] < large["seconds_per_round_after_allocation"]
+    assert large["seconds_per_round_placements_apart"] == pytest.approx(
+        large["seconds_per_round_after_allocation"] - large["placement_seconds_per_round"])
+    assert ratio["seconds_per_round_placements_apart"] == pytest.approx(
+        large["seconds_per_round_placements_apart"] / result["runs"][0]["seconds_per_round_placements_apart"])

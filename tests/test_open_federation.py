@@ -14,6 +14,7 @@ from fedlease.cli import main
 from fedlease.config import RunConfig
 from fedlease.errors import ConfigError
 from fedlease.methods import METHODS
+from fedlease.methods.base import PLACEMENT_SECONDS
 from fedlease.methods.fedlease import PLACE, SIGNATURE, FedLease
 from fedlease.methods.ifca import IFCA
 from fedlease.runtime.participation import Participation, check_participation, unseen_clients
@@ -151,13 +152,16 @@ def test_fedlease_places_a_late_client_by_its_data_signature_and_trains_that_exp
     method = FedLease(dataclasses.replace(config, num_experts=2, warmup_rounds=1), infos)
     stores = {c.client_id: {} for c in clients}
     warmup = method.configure_train(0, [0, 1, 2])  # client 3 (snli) is not sampled in the warmup
-    method.aggregate_train(0, {cid: method.client_train(clients[cid], ins, 0, stores[cid])
-                               for cid, ins in warmup.items()})
+    warmed = {cid: method.client_train(clients[cid], ins, 0, stores[cid]) for cid, ins in warmup.items()}
+    method.aggregate_train(0, warmed)
     assert method.clustering.num_clusters == 2 and 3 not in method.assignment
     ins = method.configure_train(1, [3])[3]
     assert PLACE in ins.extra and ins.layout.num_experts == 2
     update = method.client_train(clients[3], ins, 1, stores[3])
     chosen = update.metrics["expert"]
+    # placing (its signature's inference pass) is timed apart from training, and only a placed client reports it
+    assert update.metrics[PLACEMENT_SECONDS] > 0
+    assert not any(PLACEMENT_SECONDS in u.metrics for u in warmed.values())
     assert torch.equal(update.state[SIGNATURE], stores[3][SIGNATURE])
     # the client's choice, made from the centroids alone, is the nearest cluster by mean distance to the members
     evaluated = method.client_evaluate(clients[3], method.configure_evaluate(1, [3])[3], 1, {})

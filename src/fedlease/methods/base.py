@@ -36,7 +36,10 @@ Scalar = int | float | str | bool
 LORA_PARTS = ("lora_A", "lora_B")
 SECRET = "privacy.secret"  # a client's store: the seed of the noise it adds itself
 CHANGE_NORM = "change_norm"  # an update's metric with --max_update_norm: its change's L2 norm, as the client measured
-SIZE_METRICS = ("examples", "steps", "seconds")  # training metrics that tell how much data a client holds
+# a late client's metric (FedLEASE): the seconds it took to place itself (its data signature: one inference pass)
+PLACEMENT_SECONDS = "placement_seconds"
+# training metrics that tell how much data a client holds
+SIZE_METRICS = ("examples", "steps", "seconds", PLACEMENT_SECONDS)
 PART_SUFFIXES = {"lora_A": (".lora_A",), "lora_B": (".lora_B",), "router": (".router",),
                  "experts": (".experts_A", ".experts_B")}
 

@@ -35,6 +35,7 @@ cluster's experts and router. With K = 1 every client holds the one expert and n
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -53,6 +54,7 @@ from fedlease.clustering import (
 from fedlease.config import RunConfig
 from fedlease.methods.base import (
     LORA_PARTS,
+    PLACEMENT_SECONDS,
     ClientInfo,
     FederatedMethod,
     Instruction,
@@ -418,9 +420,12 @@ class FedLease(FederatedMethod):
         and kept in the client's store (a client that missed rounds still delivers it). A client without an
         expert places itself first and uploads its signature with what it trained."""
         if PLACE in ins.extra:
+            start = time.perf_counter()
             k, signature = self.client_place(client, ins, rnd, store)
+            placing = time.perf_counter() - start
             metrics = client.fit(ins.train, seed=derive_seed(self.config.seed, "train", rnd, client.client_id))
-            return Update({**client.state(ins.train), **signature}, client.num_train, {**metrics, "expert": k})
+            return Update({**client.state(ins.train), **signature}, client.num_train,
+                          {**metrics, "expert": k, PLACEMENT_SECONDS: placing})
         blocks = int(ins.extra.get(SEND_SIGNATURE, 0))
         if blocks:
             self.keep_signature(client, store, blocks)
