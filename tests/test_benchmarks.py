@@ -8,6 +8,7 @@ test_benchmark_open_federation.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ BENCHMARKS = REPO / "benchmarks"
 RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline.py", "allocation_table.py",
             "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
-            "test_prompt_cut.py", "signature_heldout.py", "round_profile.py"}
+            "test_prompt_cut.py", "signature_heldout.py", "round_profile.py", "dp_step_cost.py",
+            "peak_batches.py"}
 ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
@@ -255,6 +257,25 @@ def test_rss_timeline_samples_a_whole_run(tiny_model, tmp_path):
     assert all(s["to_mib"] - s["from_mib"] > 15 and s["stack"] for s in result["stacks"])
 
 
+def test_peak_batches_records_every_training_batch_and_the_peaks_rises(tiny_model, tmp_path):
+    out = tmp_path / "peaks.json"
+    args = ["run", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:2", "snli:2", "--global_rounds", "2",
+            "--warmup_rounds", "1", "--train_samples", "16", "--test_samples", "8", "--batch_size", "8",
+            "--local_epochs", "1", "--max_length", "24", "--output_dir", str(tmp_path / "run"), "--no_progress"]
+    summary = last_json(run_script("peak_batches.py", "--step_mib", "0", str(out), *args, cwd=tmp_path))
+    result = json.loads(out.read_text())
+    assert result["command"] == ["fedlease", *args] and summary["final_peak_mib"] == result["final_peak_mib"]
+    # 4 clients x 2 rounds x 2 batches of 8, each recorded once with its shape
+    assert sum(s["batches"] for s in result["shapes"]) == 16
+    assert {s["task"] for s in result["shapes"]} == {"rotten_tomatoes", "snli"}
+    assert all(s["tokens"] == s["rows"] * s["width"] and s["width"] <= 24 for s in result["shapes"])
+    assert result["largest_batch"]["tokens"] == max(s["tokens"] for s in result["shapes"])
+    rises = result["rises"]
+    assert rises and all(r["to_mib"] > r["from_mib"] for r in rises)
+    assert all(a["to_mib"] <= b["from_mib"] for a, b in itertools.pairwise(rises))  # the peak never falls
+    assert rises[-1]["to_mib"] <= result["final_peak_mib"]
+
+
 def test_test_prompt_cut_counts_every_test_prompt(tiny_causal_lm, tmp_path):
     proc = run_script("test_prompt_cut.py", "--model_name", tiny_causal_lm, "--tasks", "instruct_edit:2",
                       "instruct_commonsense:1", "--max_length", "384", "--train_samples", "8", "--test_samples", "4",
@@ -300,3 +321,15 @@ def test_round_profile_splits_the_adaptive_rounds_cpu_time_by_function(tiny_mode
     # at 40 clients most of the sampled clients are new and compute their data signature in these rounds
     assert result["sizes"]["40"]["functions"]["methods/fedlease.py:data_signature"]["calls"] > \
         result["sizes"]["8"]["functions"].get("methods/fedlease.py:data_signature", {"calls": 0})["calls"]
+
+
+def test_dp_step_cost_times_dp_sgd_against_the_same_training_without_it(tiny_model, tmp_path):
+    result = last_json(run_script("dp_step_cost.py", "--quick", "--model_name", tiny_model, cwd=tmp_path))
+    assert result["benchmark"] == "dp_step_cost" and result["quick"] is True
+    (row,) = result["rows"]
+    grads, call = row["gradients"], row["local_call"]
+    assert row["batch_size"] == 8 and grads["examples"] == 16 and grads["batches"] == 2
+    assert grads["ratio"] == pytest.approx(grads["micro_batched_cpu_s"] / grads["batched_cpu_s"], rel=0.01)
+    # a DP call takes as many steps as a plain one, at q = batch / examples
+    assert call["steps"] == call["dp_steps"] == 2 and call["poisson_rate"] == 0.5
+    assert call["ratio"] == pytest.approx(call["dp_cpu_s_per_step"] / call["plain_cpu_s_per_step"], rel=0.01)
