@@ -6,6 +6,11 @@ Usage: python kill_harness.py POINT[:N] fedlease-args...
   checkpoint-write:N during the N-th atomic write of a checkpoint file: the temporary file is complete,
                      the rename has not happened
   round:N            right after round N's artifacts are written, before its checkpoint
+
+With KILL_HARNESS_SECRETS=S in the environment, the secrets that fedlease's methods draw (the clients' DP seeds,
+``fedlease.methods.base.secrets``) come from ``pin_secrets(S)`` instead, so that a test can compare the cut run with
+an uninterrupted one that pins the same secrets. Only fedlease's draws: numpy seeds itself from ``secrets`` too, on
+imports that happen in one process and not in another.
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+
+
+def pin_secrets(seed: int):
+    """A stand-in for the ``secrets`` module in fedlease's methods: the same sequence of ``randbits`` draws for
+    the same ``seed``, in any process."""
+    import random
+    from types import SimpleNamespace
+
+    return SimpleNamespace(randbits=random.Random(seed).getrandbits)
 
 
 def die() -> None:
@@ -39,6 +53,10 @@ def on_nth_call(owner, name: str, nth: int, before: bool = True) -> None:
 
 def main() -> None:
     point, args = sys.argv[1], sys.argv[2:]
+    if "KILL_HARNESS_SECRETS" in os.environ:
+        from fedlease.methods import base
+
+        base.secrets = pin_secrets(int(os.environ["KILL_HARNESS_SECRETS"]))
     kind, _, count = point.partition(":")
     nth = int(count or 1)
     if kind == "fit":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -319,21 +320,32 @@ def test_an_instruction_client_trains_with_dp_sgd(tiny_causal_lm, tmp_path):
 
 
 @pytest.mark.parametrize("point", ["round:2", "fit:7"])
-def test_a_record_level_run_resumes_with_the_same_accounting_and_results(tiny_model, tmp_path, point):
+def test_a_record_level_run_resumes_with_the_same_accounting_and_results(tiny_model, tmp_path, point,
+                                                                          monkeypatch):
     """Killed after round 2's artifacts, or during round 2's training of its third client, and resumed: every
-    client's steps, noise and epsilon are the uninterrupted run's, and so are its results (the batches and the
-    noise follow each client's secret and step count, which its store keeps)."""
+    client's steps, noise and epsilon are the uninterrupted run's, and so are its results and final weights (the
+    batches and the noise follow each client's secret and step count, which its store keeps). The clients'
+    secrets are drawn at random in every run: both runs pin the same draws, or their noise would differ."""
+    from kill_harness import pin_secrets
+
+    from fedlease.methods import base
+
     args = [*RUN, "--model_name", tiny_model, "--method", "fedit", "--dp_unit", "record", "--dp_clip", "0.5",
             "--dp_noise", "0.9"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    monkeypatch.setattr(base, "secrets", pin_secrets(7))
     assert main([*args, "--output_dir", str(whole)]) == 0
     proc = subprocess.run([sys.executable, str(HARNESS), point, *args, "--output_dir", str(cut)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_HARNESS_SECRETS": "7"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    monkeypatch.setattr(base, "secrets", pin_secrets(8))  # a resumed run draws no secret: its stores keep them
     assert main(["run", "--resume", str(cut), "--no_progress"]) == 0
     a, b = (json.loads((p / "training_history.json").read_text()) for p in (whole, cut))
     assert a["privacy"] == b["privacy"] and a["privacy"]["clients"]["3"]["steps"] == 12
     assert [r["mean"] for r in a["rounds"]] == [r["mean"] for r in b["rounds"]]
+    for name in ("client_0.safetensors", "client_3.safetensors"):
+        x, y = (load_file(p / "final" / name) for p in (whole, cut))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
