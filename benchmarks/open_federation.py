@@ -15,6 +15,7 @@ signatures of the real shape (the encoder's width x the largest label set) drawn
 
 Prints one JSON object as the last line of stdout. ``--quick`` (the test suite runs it): a small size pair,
 one round after the allocation, few examples; give ``--model_name`` to run on another model (the tests' tiny one).
+Arguments after ``--`` go to every run as they are (for instance ``-- --max_batch_tokens 1024``) and are recorded.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ CHILD = ("import resource, sys\n"
 TASKS = ("rotten_tomatoes", "snli", "newsgroups", "election_tweets")
 
 
-def run_size(clients: int, per_round: int, rounds: int, warmup: int, samples: int, model: str | None) -> dict:
+def run_size(clients: int, per_round: int, rounds: int, warmup: int, samples: int, model: str | None,
+             extra: list[str]) -> dict:
     """One run in a fresh process: peak RSS, wall time and the history's round times."""
     with tempfile.TemporaryDirectory() as tmp:
         args = ["run", "--tasks", *(f"{task}:{clients // len(TASKS)}" for task in TASKS),
                 "--clients_per_round", str(per_round), "--global_rounds", str(rounds), "--warmup_rounds", str(warmup),
                 "--local_epochs", "1", "--train_samples", str(samples), "--test_samples", str(max(4, samples // 2)),
                 "--batch_size", "16", "--allow_overlap", "--precision", "fp32", "--output_dir", f"{tmp}/run",
-                "--no_progress", *(["--model_name", model] if model else [])]
+                "--no_progress", *(["--model_name", model] if model else []), *extra]
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--model_name", default=None, help="model to run (default: the offline MiniLM encoder)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="federation sizes to run, smallest first (default: 20 200 1000; quick: 8 40)")
+    parser.add_argument("run_args", nargs="*", help="after --: more fedlease run arguments for every run")
     args = parser.parse_args()
     if args.quick:
         sizes, per_round, rounds, warmup, samples, allocation_clients = (8, 40), 4, 3, 1, 8, 200
@@ -96,9 +99,9 @@ def main() -> None:
         sizes, per_round, rounds, warmup, samples, allocation_clients = (20, 200, 1000), 10, 8, 2, 20, 1000
     sizes = args.sizes or sizes
     result: dict = {"benchmark": "open_federation", "samples_per_client": samples, "local_epochs": 1,
-                    "rounds": rounds, "warmup_rounds": warmup, "runs": []}
+                    "rounds": rounds, "warmup_rounds": warmup, "extra_run_args": args.run_args, "runs": []}
     for clients in sizes:
-        row = run_size(clients, per_round, rounds, warmup, samples, args.model_name)
+        row = run_size(clients, per_round, rounds, warmup, samples, args.model_name, args.run_args)
         result["runs"].append(row)
         print(f"{clients} clients, {per_round} a round: peak RSS {row['peak_rss_mb']:.0f} MB, "
               f"{row['seconds_per_round_after_allocation']:.2f} s/round after the allocation "

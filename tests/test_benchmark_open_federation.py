@@ -13,10 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "open_federation.p
 
 
 def test_open_federation_benchmark_quick_measures_each_size(tiny_model, tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--model_name", tiny_model], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--model_name", tiny_model, "--",
+                           "--max_batch_tokens", "64"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["extra_run_args"] == ["--max_batch_tokens", "64"]
     assert [run["clients"] for run in result["runs"]] == [8, 40]
     for run in result["runs"]:
         assert run["clients_per_round"] == 4 and run["rounds_measured"] == 1
@@ -33,3 +34,9 @@ def test_open_federation_benchmark_quick_measures_each_size(tiny_model, tmp_path
         large["seconds_per_round_after_allocation"] - large["placement_seconds_per_round"])
     assert ratio["seconds_per_round_placements_apart"] == pytest.approx(
         large["seconds_per_round_placements_apart"] / result["runs"][0]["seconds_per_round_placements_apart"])
+
+
+def test_arguments_after_a_double_dash_reach_every_run(tiny_model, tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--model_name", tiny_model, "--",
+                           "--max_batch_tokens", "-1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "--max_batch_tokens must be zero or positive" in proc.stderr

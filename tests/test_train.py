@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import logging
 import string
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.profiler import profile
 
 from fedlease.data.tasks import Example
 from fedlease.model.backbone import load_backbone
-from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch
+from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch, token_chunks
 
 
 def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_model, tiny_clients):
@@ -148,3 +152,82 @@ def test_f1_of_a_client_whose_test_set_lacks_a_class():
     assert compute_metrics(mrpc, negatives, negatives.copy(), 0.0)["f1"] == 1.0
     assert compute_metrics(mrpc, negatives, np.array([1, 0, 0, 0]), 0.0)["f1"] == 0.0
     assert compute_metrics(mrpc, np.array([1, 0]), np.array([0, 0]), 0.0)["f1"] == 0.0
+
+
+def test_token_chunks_cut_a_batch_into_runs_within_the_budget():
+    lengths = torch.tensor([30, 25, 20, 9, 8, 3, 2, 40])
+
+    def tokens(rows: torch.Tensor) -> int:
+        return len(rows) * int(lengths[rows].max())
+
+    index = torch.arange(8)
+    assert [c.tolist() for c in token_chunks(index, tokens, 0)] == [index.tolist()]
+    assert [c.tolist() for c in token_chunks(index, tokens, 10_000)] == [index.tolist()]
+    chunks = token_chunks(index, tokens, 60)
+    assert torch.equal(torch.cat(chunks), index)  # every row once, in order
+    assert all(tokens(c) <= 60 or len(c) == 1 for c in chunks)
+    # greedy: no run could have taken its successor's first row
+    assert all(tokens(torch.cat([a, b[:1]])) > 60 for a, b in zip(chunks, chunks[1:], strict=False))
+    assert [c.tolist() for c in token_chunks(index, tokens, 35)][-1] == [7]  # a row over the budget runs alone
+
+
+def budget_clients(kind: str, tiny_model: str, tiny_causal_lm: str, tmp_path) -> list:
+    from conftest import tiny_instruction_config, tiny_run_config
+    from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
+
+    if kind == "instructions":
+        config = tiny_instruction_config(tiny_causal_lm, tmp_path, train_samples=8, tasks=["instruct_struct2text"],
+                                         precision="fp32", max_length=512)  # rows of unequal lengths, uncut
+    else:  # fp32: bf16 autocast rounds a part's products unlike the whole batch's
+        config = tiny_run_config(tiny_model, tmp_path, tasks=["snli:1"], pair_encoding=kind, precision="fp32")
+    config = prepare_config(config)
+    return build_clients(config, load_partition(config)[1])[1]
+
+
+@pytest.mark.parametrize("kind", ["joint", "separate", "instructions"])
+def test_a_batch_over_max_batch_tokens_trains_in_parts_to_the_batchs_gradient(kind, tiny_model, tiny_causal_lm,
+                                                                             tmp_path):
+    client = budget_clients(kind, tiny_model, tiny_causal_lm, tmp_path)[0]
+    data = client.train_data
+    index = batch_indices(data.example_lengths, 8, torch.Generator().manual_seed(0))[0]
+    whole = client.batch_tokens(data, index)
+    params = client.adapted.set_trainable(("lora_A", "lora_B", "head") if kind != "instructions" else
+                                          ("lora_A", "lora_B"))
+    with torch.no_grad():  # B away from 0, so that A has gradients too
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    client.adapted.model.eval()  # no dropout: the parts must add up to the batch's gradient exactly
+    results = {}
+    for budget in (0, whole * 3 // 8):  # parts of unequal sizes
+        client.settings = dataclasses.replace(client.settings, max_batch_tokens=budget)
+        parts = token_chunks(index, functools.partial(client.batch_tokens, data), budget)
+        loss = client.backward_batch(data, index, torch.amp.GradScaler(enabled=False))
+        results[budget] = len(parts), float(loss), [p.grad.clone() for p in params]
+        client.adapted.model.zero_grad(set_to_none=True)
+    (one, loss, grads), (many, parts_loss, parts_grads) = results.values()
+    assert one == 1 and many >= 2 and len({client.loss_weight(data, rows) for rows in parts}) > 1
+    assert parts_loss == pytest.approx(loss, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for g, h in zip(grads, parts_grads, strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6)
+
+
+def test_max_batch_tokens_reaches_the_clients_of_a_run(tiny_model, tmp_path, monkeypatch):
+    """From the command line to every client's training: a small budget splits its batches (more loss calls than
+    steps), the default does not."""
+    from conftest import tiny_run_config
+    from fedlease.runtime.simulation import run
+    from fedlease.train import LocalClient
+
+    calls = []
+    original = LocalClient.batch_loss
+    monkeypatch.setattr(LocalClient, "batch_loss", lambda self, *a: calls.append(1) or original(self, *a))
+    steps = {}
+    for budget in (0, 48):
+        calls.clear()
+        out = tmp_path / str(budget)
+        run(tiny_run_config(tiny_model, out, method="fedit", global_rounds=2, max_batch_tokens=budget), progress=False)
+        history = json.loads((out / "training_history.json").read_text())
+        trained = [c["train"] for r in history["rounds"] for c in r["clients"].values()]
+        steps[budget] = len(calls), sum(int(t["steps"]) for t in trained)
+    assert steps[0][0] == steps[0][1] and steps[48][0] > steps[48][1] == steps[0][1]

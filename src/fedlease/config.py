@@ -154,6 +154,13 @@ class RunConfig:
     weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay."))
     max_grad_norm: float = field(default=1.0, metadata=_opt("Gradient clipping norm (0 turns clipping off)."))
     eval_batch_size: int = field(default=256, metadata=_opt("Batch size for evaluation."))
+    max_batch_tokens: int = field(default=0, metadata=_opt(
+        "Bound a training step's activation memory: a batch whose padded tokens (rows x width; a separately encoded "
+        "pair counts both texts) exceed this is run as consecutive parts of at most this many tokens whose "
+        "gradients add up to the batch's (one optimiser step, the same --batch_size; dropout draws differ). A "
+        "single example over it runs alone. 0, the default: never split. Peak memory then follows this bound "
+        "rather than the longest batch a client's data makes (record-level DP computes per-example gradients "
+        "and ignores it)."))
     max_update_norm: float | None = field(default=None, metadata=_opt(
         "Bound the L2 norm of each client's change: its upload minus what it started the round from (what it "
         "downloaded, and the seeded initial values for the rest), over every array it sends that has such a starting "
@@ -240,7 +247,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
-        for name in ("clients_per_round", "unseen_clients", "eval_every"):
+        for name in ("clients_per_round", "unseen_clients", "eval_every", "max_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be zero or positive, got {getattr(self, name)}")
         if self.sample_rate is not None:

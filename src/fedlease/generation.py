@@ -132,9 +132,14 @@ def encode_instructions(tokenizer, examples: list[InstructionExample], max_lengt
                      tokenizer.pad_token_id)
 
 
+def lm_width(data: LMEncoded, index: torch.Tensor) -> int:
+    """The width of rows ``index``: their longest rounded up to a multiple of 8, at most the encoded width."""
+    return min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
+
+
 def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """Rows ``index`` trimmed to their longest (rounded up to 8), with the response-token targets."""
-    width = min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
+    width = lm_width(data, index)
     ids = data.input_ids[index, :width]
     positions = torch.arange(width)
     attention = positions < data.lengths[index, None]
@@ -217,6 +222,13 @@ class GenerationClient(LocalClient):
     def batch_loss(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         total, count = self.token_losses(data, index)
         return total / max(count, 1)
+
+    def batch_tokens(self, data: LMEncoded, index: torch.Tensor) -> int:  # type: ignore[override]
+        return len(index) * lm_width(data, index)
+
+    def loss_weight(self, data: LMEncoded, index: torch.Tensor) -> int:  # type: ignore[override]
+        """``batch_loss`` is a mean over the rows' response tokens (EOS included): their number."""
+        return int((data.lengths[index] - data.prompt_lengths[index]).sum())
 
     @torch.inference_mode()
     def mean_loss(self, data: LMEncoded, mixture: torch.Tensor | None = None) -> float:

@@ -22,9 +22,10 @@ AdamW and linear decay; the global gradient clipping is replaced by the per-exam
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,11 +120,30 @@ def batch_indices(lengths: torch.Tensor, batch_size: int, generator: torch.Gener
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def batch_width(texts: Sequence[Encoded], index: torch.Tensor) -> int:
+    """The width of rows ``index``: their longest text rounded up to a multiple of 8, at most the encoded width."""
+    return max(min(round_up(int(t.lengths[index].max())), t.input_ids.shape[1]) for t in texts)
+
+
+def token_chunks(index: torch.Tensor, tokens_of: Callable[[torch.Tensor], int], budget: int) -> list[torch.Tensor]:
+    """``index`` cut into consecutive runs of rows of at most ``budget`` padded tokens each (``tokens_of``: what a
+    run of rows takes as one batch); a row over the budget alone is a run of its own. ``budget`` 0: one run."""
+    if budget <= 0 or tokens_of(index) <= budget:
+        return [index]
+    chunks, start = [], 0
+    for end in range(2, len(index) + 1):
+        if tokens_of(index[start:end]) > budget:
+            chunks.append(index[start:end - 1])
+            start = end - 1
+    chunks.append(index[start:])
+    return chunks
+
+
 def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
     """The batch of rows ``index``, trimmed to its longest row rounded up to a multiple of 8. A separately
     encoded pair gives the first texts' rows, then the second texts' rows, at one width."""
     texts = [data] if data.second is None else [data, data.second]
-    width = max(min(round_up(int(t.lengths[index].max())), t.input_ids.shape[1]) for t in texts)
+    width = batch_width(texts, index)
     ids = torch.cat([F.pad(t.input_ids[index, :width], (0, max(0, width - t.input_ids.shape[1]))) for t in texts])
     lengths = torch.cat([t.lengths[index] for t in texts])
     batch: dict[str, torch.Tensor | int] = {
@@ -167,6 +187,7 @@ class TrainSettings:
     eval_batch_size: int
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype; None trains in fp32
+    max_batch_tokens: int = 0  # a training batch over this many padded tokens is accumulated in parts; 0: never
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.amp_dtype
@@ -221,6 +242,36 @@ class LocalClient:
         batch = make_batch(data, index, self.settings.device)
         return F.cross_entropy(self.logits(batch), data.labels[index].to(self.settings.device, non_blocking=True))
 
+    def batch_tokens(self, data: Encoded, index: torch.Tensor) -> int:
+        """The padded tokens rows ``index`` take as one batch (a separately encoded pair: both texts' rows)."""
+        texts = [data] if data.second is None else [data, data.second]
+        return len(index) * len(texts) * batch_width(texts, index)
+
+    def loss_weight(self, data: Encoded, index: torch.Tensor) -> int:
+        """What ``batch_loss`` of rows ``index`` is a mean over: its examples."""
+        return len(index)
+
+    def backward_batch(self, data: Encoded, index: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
+        """The batch's mean loss, differentiated (its gradients accumulated on the trainable parameters). Over
+        --max_batch_tokens, in parts of at most that many padded tokens, each part's loss weighted by its share of
+        the batch (its examples, or response tokens), so the gradient is the whole batch's while the activations
+        held at once are one part's. Returns the batch's loss, detached."""
+        settings = self.settings
+        parts = token_chunks(index, functools.partial(self.batch_tokens, data), settings.max_batch_tokens)
+        if len(parts) == 1:
+            with settings.autocast():
+                loss = self.batch_loss(data, index)
+            scaler.scale(loss).backward()
+            return loss.detach()
+        total = max(self.loss_weight(data, index), 1)
+        loss = torch.zeros((), device=settings.device)
+        for rows in parts:
+            with settings.autocast():
+                part = self.batch_loss(data, rows) * (self.loss_weight(data, rows) / total)
+            scaler.scale(part).backward()
+            loss += part.detach()
+        return loss
+
     def fit(self, parts: Iterable[str], seed: int, epochs: int | None = None) -> dict[str, float]:
         """Train ``parts`` on the local train split; return mean loss, steps, examples and seconds."""
         if self.record is not None:
@@ -238,9 +289,7 @@ class LocalClient:
         start = time.perf_counter()
         for _ in range(epochs):
             for index in batch_indices(data.example_lengths, settings.batch_size, order):
-                with settings.autocast():
-                    loss = self.batch_loss(data, index)
-                scaler.scale(loss).backward()
+                loss = self.backward_batch(data, index, scaler)
                 if settings.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -248,7 +297,7 @@ class LocalClient:
                 scaler.update()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
+                loss_sum += loss
         return self.finished(params, float(loss_sum) / max(steps, 1), steps, epochs * len(data), start)
 
     def optimizer(self, parts: Iterable[str], steps: int
