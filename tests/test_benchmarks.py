@@ -307,7 +307,7 @@ def test_signature_heldout_runs_a_setting_resumes_and_tabulates(tiny_model, tmp_
 
 
 def test_round_profile_splits_the_adaptive_rounds_cpu_time_by_function(tiny_model, tmp_path):
-    result = last_json(run_script("round_profile.py", "--quick", "--model_name", tiny_model, cwd=tmp_path,
+    result = last_json(run_script("round_profile.py", "--quick", "--top", "1000", "--model_name", tiny_model, cwd=tmp_path,
                                   timeout=400))
     assert result["benchmark"] == "round_profile" and result["profiled_rounds"] == [3, 4]
     for size in ("8", "40"):
