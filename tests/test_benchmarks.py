@@ -25,7 +25,7 @@ RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline
             "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
             "test_prompt_cut.py", "signature_heldout.py", "round_profile.py", "dp_step_cost.py",
-            "peak_batches.py"}
+            "peak_batches.py", "dp_utility.py"}
 ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
@@ -208,6 +208,36 @@ def test_open_federation_label_mix_describes_every_allocated_client(compared, tm
             assert 1 / len(client_of[c["client"]]["labels"]) <= c["majority_share"] <= 1
 
 
+def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_model, tmp_path):
+    out = tmp_path / "utility"
+    args = ("dp_utility.py", "--out", str(out), "--epsilons", "inf", "4", "--methods", "fedlease", "fedit",
+            "--clip", "0.5", "--", "--model_name", tiny_model, "--tasks", "rotten_tomatoes:3", "snli:3",
+            "--sample_rate", "0.5", "--global_rounds", "3", "--warmup_rounds", "1", "--train_samples", "16",
+            "--test_samples", "8", "--batch_size", "8", "--max_length", "24", "--local_epochs", "1")
+    first = run_script(*args, cwd=tmp_path, timeout=400)
+    rows = [json.loads(line) for line in (out / "utility.jsonl").read_text().splitlines()]
+    by = {(r["method"].split(" ")[0], r["target_epsilon"]): r for r in rows}
+    assert set(by) == {("fedlease", None), ("fedlease", 4), ("fedit", None), ("fedit", 4)}
+    for method in ("fedlease", "fedit"):
+        plain, private = by[method, None], by[method, 4]
+        # the run without DP reports its changes' norms and has no noise; the DP run spends at most its budget
+        assert plain["noise_multiplier"] is None and plain["median_change_norm"] > 0 and "contributors" not in plain
+        assert private["noise_multiplier"] > 0 and 0 < private["epsilon_spent"] <= 4 + 1e-6
+        assert private["clip"] == 0.5 and private["median_change_norm"] is None and private["clients"] == 6
+        assert private["noise_over_clip"] == pytest.approx(
+            private["noise_multiplier"] * private["upload_params"] ** 0.5 / private["contributors"])
+        assert private["contributors"] <= 0.5 * 6 + 1e-9
+        history = json.loads(Path(private["run"], "training_history.json").read_text())
+        assert history["config"]["dp_epsilon"] == 4 and history["config"]["sample_rate"] == 0.5
+    assert by["fedlease", None]["method"] == "fedlease (data signature)"
+    # everything has run: a second call trains nothing, and the table is re-derived from the histories alone
+    again = run_script(*args, cwd=tmp_path)
+    assert "compare" not in again.stdout.split("| method |")[0]
+    table = run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout
+    assert table.strip() == (out / "utility.md").read_text().strip() and table.strip() in first.stdout
+    assert table.count("\n| fed") == 4
+
+
 def test_private_allocation_runs_each_epsilon_and_rederives_its_table(tiny_model, tmp_path):
     out = tmp_path / "private"
     run_script("private_allocation.py", "--out", str(out), "--epsilons", "inf", "4", "--allocations", "embedding",
@@ -307,8 +337,8 @@ def test_signature_heldout_runs_a_setting_resumes_and_tabulates(tiny_model, tmp_
 
 
 def test_round_profile_splits_the_adaptive_rounds_cpu_time_by_function(tiny_model, tmp_path):
-    result = last_json(run_script("round_profile.py", "--quick", "--top", "1000", "--model_name", tiny_model, cwd=tmp_path,
-                                  timeout=400))
+    result = last_json(run_script("round_profile.py", "--quick", "--top", "1000", "--model_name", tiny_model,
+                                  cwd=tmp_path, timeout=400))
     assert result["benchmark"] == "round_profile" and result["profiled_rounds"] == [3, 4]
     for size in ("8", "40"):
         entry = result["sizes"][size]

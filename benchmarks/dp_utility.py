@@ -1,0 +1,132 @@
+"""Utility against client-level privacy in a large federation: accuracy of each method at each epsilon.
+
+Client-level DP (DP-FedAvg) noises every aggregate at ``sigma x clip`` and divides by the expected number of its
+contributors, so it can only work where many clients contribute to each aggregate in a round. Each (epsilon,
+method, seed) is one ``fedlease compare`` run under ``--out/runs/eps<E>/<method>/``; epsilon ``inf`` is the run
+without DP, with ``--max_update_norm 1e9`` so that each update reports its change's L2 norm (nothing is rejected):
+the norms the clip cuts at the other epsilons. A run that was cut resumes (``--resume``). The table (one JSON line
+per run and a Markdown table) is re-derived from the histories by ``--table-only``.
+
+For each DP run the table gives what each aggregate receives in a round: ``contributors``, the expected number of
+clients per aggregate (the sample rate times the federation for a shared adapter; times a cluster's share of it for
+FedLEASE's experts), and ``noise / clip``, the L2 norm of the noise the average gets relative to the clip,
+``sigma x sqrt(d) / contributors`` (d: the parameters of one client's upload). An average of clipped changes has
+norm at most ``clip``, so while this ratio is above 1 the noise outweighs anything the clients can agree on in
+that round; ``cohort for ratio 1`` is the contributors that would bring it to 1 at the same sigma (the same sample
+rate and rounds keep sigma: a federation that many times larger).
+
+    python benchmarks/dp_utility.py --out benchmarks/results/dp_utility_builtin [--epsilons inf 8 2]
+        [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] -- <fedlease compare settings>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from fedlease.report.comparison import describe_allocation, row_name
+
+
+def run_dir(out: Path, epsilon: str, method: str) -> Path:
+    return out / "runs" / f"eps{epsilon}" / method
+
+
+def histories(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "runs").glob("eps*/*/*/seed_*/training_history.json")
+                  if json.loads(p.read_text()).get("final") is not None)
+
+
+def finished(out: Path, epsilon: str, method: str, seed: int) -> bool:
+    path = run_dir(out, epsilon, method) / method / f"seed_{seed}" / "training_history.json"
+    return path.exists() and json.loads(path.read_text()).get("final") is not None
+
+
+def row(path: Path) -> dict:
+    history = json.loads(path.read_text())
+    config, privacy = history["config"], history.get("privacy") or {}
+    trained = [c for r in history["rounds"] for c in r["clients"].values() if c.get("train")]
+    norms = [c["train"]["change_norm"] for c in trained if "change_norm" in c["train"]]
+    upload = max(c["upload_params"] for c in trained)
+    method = config["method"]
+    label = row_name(method, config)
+    clustering = history.get("clustering") or {}
+    experts = clustering.get("num_clusters", 1) if method == "fedlease" else 1
+    result = {"run": str(path.parent), "method": label, "seed": config["seed"],
+              "target_epsilon": config.get("dp_epsilon"), "epsilon_spent": privacy.get("epsilon"),
+              "delta": privacy.get("delta"), "noise_multiplier": privacy.get("noise_multiplier"),
+              "clip": privacy.get("clip"), "sample_rate": config.get("sample_rate"),
+              "clients": len(history["clients"]), "rounds": len(history["rounds"]), "experts": experts,
+              "allocation": describe_allocation(history) or "-",
+              "upload_params": upload, "accuracy": history["final"]["mean"]["accuracy"],
+              "best_round_accuracy": history["final"]["oracle_best_mean"]["accuracy"],
+              "median_change_norm": statistics.median(norms) if norms else None,
+              "minutes": sum(r["seconds"] for r in history["rounds"]) / 60}
+    if result["noise_multiplier"] is not None:
+        # the smallest expected group an aggregate of this run averages over: FedLEASE's clusters split the
+        # federation, so its experts each see a share of the sampled clients (the smallest cluster's)
+        sizes = [clustering["labels"].count(k) for k in set(clustering["labels"])] if experts > 1 else [None]
+        share = min(sizes) / len(clustering["labels"]) if experts > 1 else 1.0
+        contributors = result["sample_rate"] * result["clients"] * share
+        result["contributors"] = contributors
+        result["noise_over_clip"] = result["noise_multiplier"] * math.sqrt(upload) / contributors
+        result["cohort_for_ratio_1"] = math.ceil(result["noise_multiplier"] * math.sqrt(upload))
+    return result
+
+
+def table(out: Path) -> str:
+    rows = [row(path) for path in histories(out)]
+    (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = ["| method | target epsilon | noise multiplier | epsilon spent | allocation | contributors per aggregate "
+             "| noise / clip | cohort for ratio 1 | final accuracy | best-round accuracy | median change norm "
+             "| seed | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in sorted(rows, key=lambda r: (r["method"], -(r["target_epsilon"] or math.inf), r["seed"])):
+        eps = "inf (no DP)" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
+        lines.append(f"| {r['method']} | {eps} | {fmt(r['noise_multiplier'], '.3f')} | "
+                     f"{fmt(r['epsilon_spent'], '.2f')} | {r['allocation']} | {fmt(r.get('contributors'), '.1f')} | "
+                     f"{fmt(r.get('noise_over_clip'), '.1f')} | {fmt(r.get('cohort_for_ratio_1'), 'd')} | "
+                     f"{100 * r['accuracy']:.2f} | {100 * r['best_round_accuracy']:.2f} | "
+                     f"{fmt(r['median_change_norm'], '.3f')} | {r['seed']} | {r['minutes']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "utility.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epsilons", nargs="+", default=["inf", "8", "2"])
+    parser.add_argument("--methods", nargs="+", default=["fedlease", "fedit", "ffa_lora"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--clip", default="0.5")
+    parser.add_argument("--delta", default="1e-5")
+    parser.add_argument("--table-only", action="store_true")
+    args, settings = parser.parse_known_args()
+    settings = [s for s in settings if s != "--"]
+    if not args.table_only:
+        for epsilon in args.epsilons:
+            for method in args.methods:
+                folder = run_dir(args.out, epsilon, method)
+                if all(finished(args.out, epsilon, method, seed) for seed in args.seeds):
+                    continue
+                dp = (["--max_update_norm", "1e9"] if epsilon == "inf" else
+                      ["--dp_clip", args.clip, "--dp_epsilon", epsilon, "--dp_delta", args.delta])
+                command = [sys.executable, "-m", "fedlease", "compare", "--methods", method, "--seeds",
+                           *map(str, args.seeds), *settings, *dp, "--output_dir", str(folder), "--no_progress",
+                           *(["--resume"] if folder.exists() else [])]
+                print(" ".join(command[1:]), flush=True)
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
