@@ -136,6 +136,54 @@ def test_every_method_aggregates_clipped_changes_against_what_its_clients_starte
     assert log.count("privacy spent epsilon") == 4
 
 
+def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(tiny_model, tmp_path, monkeypatch):
+    """In an open federation most clients are placed after the allocation, when first sampled. An expert's
+    divisor is fixed before the round: its members, plus each client not placed yet by the share of the placed
+    clients of its label set that hold the expert; so the divisors of a round add up to the sample rate times the
+    trainable clients, as FedIT's one divisor does. Counting only the members (this round's newcomers included)
+    divided a sum that holds every sampled newcomer's change by far fewer than contributed."""
+    from fedlease.methods.fedlease import FedLease
+
+    divisors: dict[int, dict[str, float]] = {}
+    original = NoisyMean.mean
+
+    def spy(self, states, reference, expected, label):
+        divisors.setdefault(self.round, {})[label] = expected
+        return original(self, states, reference, expected, label)
+
+    sizes: list[tuple[dict, dict]] = []
+    original_sizes = FedLease.group_sizes
+
+    def sizes_spy(self, placed):
+        out = original_sizes(self, placed)
+        sizes.append((dict(placed), dict(out)))
+        return out
+
+    monkeypatch.setattr(NoisyMean, "mean", spy)
+    monkeypatch.setattr(FedLease, "group_sizes", sizes_spy)
+    config = tiny_run_config(tiny_model, tmp_path / "run", tasks=["rotten_tomatoes:5", "snli:5"], global_rounds=5,
+                             warmup_rounds=1, num_experts=2, dp_clip=0.05, dp_noise=0.3, sample_rate=0.4,
+                             train_samples=16, local_epochs=1)
+    run(config, progress=False)
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    assert len(history["clustering"]["clients"]) < 10  # some clients were placed after the allocation
+    assert any(len(placed) < 10 for placed, _ in sizes)
+    for placed, size in sizes:
+        experts = {k: v for k, v in size.items() if isinstance(k, int)}
+        assert sum(experts.values()) == pytest.approx(10)  # every trainable client once, by its chances
+        for k, members in experts.items():
+            assert members >= sum(1 for c in placed.values() if c == k)
+        heads = {k: v for k, v in size.items() if isinstance(k, str)}
+        for k in experts:  # an expert's head groups (one per label set) split its clients
+            assert sum(v for key, v in heads.items() if key.startswith(f"{k}/")) == pytest.approx(experts[k])
+    adaptive = [labels for rnd, labels in divisors.items() if rnd >= 1]
+    assert adaptive
+    for labels in adaptive:
+        experts = [v for label, v in labels.items() if label.startswith("expert")]
+        if len(experts) == 2:  # both experts had a member sampled
+            assert sum(experts) == pytest.approx(0.4 * 10)
+
+
 def test_a_fedlease_client_noises_its_own_warmup_upload_and_signature(tiny_model, tiny_clients):
     """Under DP a warmup upload is a release of one client: clipped and noised on the client (two clients with
     the same data would send different uploads), and the data signature is noised once and kept."""

@@ -24,7 +24,14 @@ import torch
 from fedlease.clustering import ClusteringResult
 from fedlease.config import RunConfig
 from fedlease.model.experts import ExpertLayout, own_expert_from_bank
-from fedlease.privacy import LOCAL_NOISE, delta, expected_contributors, noise_multiplier, record_level
+from fedlease.privacy import (
+    LOCAL_NOISE,
+    delta,
+    expected_contributors,
+    expected_fraction,
+    noise_multiplier,
+    record_level,
+)
 from fedlease.privacy import record as record_dp
 from fedlease.privacy.accounting import Release
 from fedlease.privacy.mechanism import NoisyMean, add_noise, clip_change
@@ -175,27 +182,33 @@ class FederatedMethod(ABC):
 
     def mean(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
              reference: Callable[[], Mapping[str, torch.Tensor]], members: Iterable[int], name: str,
-             share: float = 1.0) -> dict[str, torch.Tensor]:
+             share: float = 1.0, size: float | None = None) -> dict[str, torch.Tensor]:
         """The aggregate of ``states``: their example-weighted mean, or under DP the noised mean change against
         ``reference()`` (what the clients started from), divided by the contributors expected among
-        ``members`` (the group's clients; ``share`` of them where membership is chosen each round)."""
+        ``members`` (the group's clients; ``share`` of them where membership is chosen each round). ``size``:
+        instead of ``members``, the group's trainable clients in expectation, where clients still to join it
+        count by their chance of joining (FedLEASE's experts in an open federation)."""
         if self.noisy is None:
             return average_states(states, weights)
-        return self.noisy.mean(states, reference(), share * expected_contributors(self.config, members), name)
+        expected = expected_contributors(self.config, members) if size is None else \
+            expected_fraction(self.config) * size
+        return self.noisy.mean(states, reference(), share * expected, name)
 
     def mean_groups(self, states: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float],
                     group_of: Callable[[int], Hashable], parts: Iterable[str],
                     reference_of: Callable[[Hashable], Mapping[str, torch.Tensor]],
-                    members_of: Callable[[Hashable], Iterable[int]], share: float = 1.0
+                    members_of: Callable[[Hashable], Iterable[int]], share: float = 1.0,
+                    size_of: Callable[[Hashable], float] | None = None
                     ) -> dict[Hashable, dict[str, torch.Tensor]]:
-        """``average_groups``, or under DP each group's noised mean (``mean``)."""
+        """``average_groups``, or under DP each group's noised mean (``mean``; ``size_of``: its ``size``)."""
         if self.noisy is None:
             return average_groups(states, weights, group_of, parts)
         groups: dict[Hashable, list[int]] = {}
         for cid in states:
             groups.setdefault(group_of(cid), []).append(cid)
         return {group: self.mean([select(states[c], parts) for c in cids], [], lambda g=group: reference_of(g),
-                                 members_of(group), f"group {group}", share)
+                                 members_of(group), f"group {group}", share,
+                                 None if size_of is None else size_of(group))
                 for group, cids in groups.items()}
 
     # -- server half --------------------------------------------------------------------------------------
