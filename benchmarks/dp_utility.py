@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedlease.privacy.accounting import Release, epsilon
 from fedlease.report.comparison import describe_allocation, row_name
 
 
@@ -75,6 +76,13 @@ def row(path: Path) -> dict:
         result["contributors"] = contributors
         result["noise_over_clip"] = result["noise_multiplier"] * math.sqrt(upload) / contributors
         result["cohort_for_ratio_1"] = math.ceil(result["noise_multiplier"] * math.sqrt(upload))
+        # what FedLEASE's allocation alone spends (its signature, unsampled, and its warmup uploads), by the
+        # same accountant
+        kinds = privacy.get("releases", {})
+        allocation = ([Release("signature", 0, 1.0)] * kinds.get("signature", 0)
+                      + [Release("warmup", r, privacy["sample_rate"]) for r in range(kinds.get("warmup", 0))])
+        result["allocation_epsilon"] = (epsilon(result["noise_multiplier"], allocation, result["delta"])
+                                        if allocation else None)
     return result
 
 
@@ -82,9 +90,9 @@ def table(out: Path) -> str:
     rows = [row(path) for path in histories(out)]
     (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["| method | target epsilon | noise multiplier | epsilon spent | allocation | contributors per aggregate "
-             "| noise / clip | cohort for ratio 1 | final accuracy | best-round accuracy | median change norm "
-             "| seed | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| allocation's epsilon | noise / clip | cohort for ratio 1 | final accuracy | best-round accuracy "
+             "| median change norm | seed | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -93,6 +101,7 @@ def table(out: Path) -> str:
         eps = "inf (no DP)" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         lines.append(f"| {r['method']} | {eps} | {fmt(r['noise_multiplier'], '.3f')} | "
                      f"{fmt(r['epsilon_spent'], '.2f')} | {r['allocation']} | {fmt(r.get('contributors'), '.1f')} | "
+                     f"{fmt(r.get('allocation_epsilon'), '.2f')} | "
                      f"{fmt(r.get('noise_over_clip'), '.1f')} | {fmt(r.get('cohort_for_ratio_1'), 'd')} | "
                      f"{100 * r['accuracy']:.2f} | {100 * r['best_round_accuracy']:.2f} | "
                      f"{fmt(r['median_change_norm'], '.3f')} | {r['seed']} | {r['minutes']:.0f} |")

@@ -230,6 +230,9 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
         history = json.loads(Path(private["run"], "training_history.json").read_text())
         assert history["config"]["dp_epsilon"] == 4 and history["config"]["sample_rate"] == 0.5
     assert by["fedlease", None]["method"] == "fedlease (data signature)"
+    # FedLEASE's allocation (its signature and warmup uploads) spends part of the budget; FedIT has none
+    assert 0 < by["fedlease", 4]["allocation_epsilon"] < by["fedlease", 4]["epsilon_spent"]
+    assert by["fedit", 4]["allocation_epsilon"] is None
     # everything has run: a second call trains nothing, and the table is re-derived from the histories alone
     again = run_script(*args, cwd=tmp_path)
     assert "compare" not in again.stdout.split("| method |")[0]
