@@ -22,6 +22,7 @@ rate and rounds keep sigma: a federation that many times larger).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
@@ -37,9 +38,17 @@ def run_dir(out: Path, epsilon: str, method: str) -> Path:
     return out / "runs" / f"eps{epsilon}" / method
 
 
+def read_history(path: Path) -> dict:
+    """A run's history; committed ones are gzipped (a 1,000-client history is megabytes of JSON)."""
+    if path.suffix == ".gz":
+        return json.loads(gzip.decompress(path.read_bytes()))
+    return json.loads(path.read_text())
+
+
 def histories(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "runs").glob("eps*/*/*/seed_*/training_history.json")
-                  if json.loads(p.read_text()).get("final") is not None)
+    found = [p for pattern in ("training_history.json", "training_history.json.gz")
+             for p in (out / "runs").glob(f"eps*/*/*/seed_*/{pattern}")]
+    return sorted(p for p in found if read_history(p).get("final") is not None)
 
 
 def finished(out: Path, epsilon: str, method: str, seed: int) -> bool:
@@ -48,7 +57,7 @@ def finished(out: Path, epsilon: str, method: str, seed: int) -> bool:
 
 
 def row(path: Path) -> dict:
-    history = json.loads(path.read_text())
+    history = read_history(path)
     config, privacy = history["config"], history.get("privacy") or {}
     trained = [c for r in history["rounds"] for c in r["clients"].values() if c.get("train")]
     norms = [c["train"]["change_norm"] for c in trained if "change_norm" in c["train"]]

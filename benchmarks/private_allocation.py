@@ -1,9 +1,10 @@
 """What differential privacy does to FedLEASE's allocation: its ARI against the clients' tasks at each epsilon.
 
 Each (allocation, epsilon) is one ``fedlease run`` that stops right after the allocation (``--global_rounds`` =
-warmup + 1): the clients warm up, their warmup uploads (and with the default allocation their data signatures) are
-clipped and noised on the client at the noise ``--dp_epsilon`` calibrates for the whole run, and the server clusters
-what it received. epsilon ``inf`` is the run without DP. ``--unit record`` runs record-level DP instead
+warmup + 1): the clients warm up; with the paper's allocation their warmup uploads, with the default allocation
+their data signatures, are noised on the client at the noise ``--dp_epsilon`` calibrates for the whole run (the
+default allocation's warmup uploads are clipped only, and released as the experts' noised starting means), and the
+server clusters what it received. epsilon ``inf`` is the run without DP. ``--unit record`` runs record-level DP instead
 (``--dp_unit record``: DP-SGD on every client, epsilon per client for one example, the signature noised at the
 client's noise multiplier over its example count; a record run's noise multiplier in the table is the largest over
 its clients). Every run writes its history under ``--out``; the table

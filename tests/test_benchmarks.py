@@ -8,6 +8,7 @@ test_benchmark_open_federation.py).
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import os
@@ -239,6 +240,11 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
     table = run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout
     assert table.strip() == (out / "utility.md").read_text().strip() and table.strip() in first.stdout
     assert table.count("\n| fed") == 4
+    # a committed history is gzipped: the table is the same
+    for path in out.glob("runs/eps*/*/*/seed_*/training_history.json"):
+        path.with_suffix(".json.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    assert run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout == table
 
 
 def test_private_allocation_runs_each_epsilon_and_rederives_its_table(tiny_model, tmp_path):

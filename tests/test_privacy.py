@@ -136,6 +136,19 @@ def test_every_method_aggregates_clipped_changes_against_what_its_clients_starte
     assert log.count("privacy spent epsilon") == 4
 
 
+def record_noisy_means(monkeypatch) -> list[tuple[int, str, int, float]]:
+    """Record every DP aggregate the server forms: (round, name, contributors, expected contributors)."""
+    calls: list[tuple[int, str, int, float]] = []
+    original = NoisyMean.mean
+
+    def spy(self, states, reference, expected, label):
+        calls.append((self.round, label, len(states), expected))
+        return original(self, states, reference, expected, label)
+
+    monkeypatch.setattr(NoisyMean, "mean", spy)
+    return calls
+
+
 def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(tiny_model, tmp_path, monkeypatch):
     """In an open federation most clients are placed after the allocation, when first sampled. An expert's
     divisor is fixed before the round: its members, plus each client not placed yet by the share of the placed
@@ -144,13 +157,7 @@ def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(t
     divided a sum that holds every sampled newcomer's change by far fewer than contributed."""
     from fedlease.methods.fedlease import FedLease
 
-    divisors: dict[int, dict[str, float]] = {}
-    original = NoisyMean.mean
-
-    def spy(self, states, reference, expected, label):
-        divisors.setdefault(self.round, {})[label] = expected
-        return original(self, states, reference, expected, label)
-
+    calls = record_noisy_means(monkeypatch)
     sizes: list[tuple[dict, dict]] = []
     original_sizes = FedLease.group_sizes
 
@@ -159,7 +166,6 @@ def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(t
         sizes.append((dict(placed), dict(out)))
         return out
 
-    monkeypatch.setattr(NoisyMean, "mean", spy)
     monkeypatch.setattr(FedLease, "group_sizes", sizes_spy)
     config = tiny_run_config(tiny_model, tmp_path / "run", tasks=["rotten_tomatoes:5", "snli:5"], global_rounds=5,
                              warmup_rounds=1, num_experts=2, dp_clip=0.05, dp_noise=0.3, sample_rate=0.4,
@@ -176,6 +182,9 @@ def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(t
         heads = {k: v for k, v in size.items() if isinstance(k, str)}
         for k in experts:  # an expert's head groups (one per label set) split its clients
             assert sum(v for key, v in heads.items() if key.startswith(f"{k}/")) == pytest.approx(experts[k])
+    divisors: dict[int, dict[str, float]] = {}
+    for rnd, label, _, expected in calls:
+        divisors.setdefault(rnd, {})[label] = expected
     adaptive = [labels for rnd, labels in divisors.items() if rnd >= 1]
     assert adaptive
     for labels in adaptive:
@@ -184,27 +193,74 @@ def test_a_fedlease_expert_counts_the_clients_still_to_join_it_by_their_chance(t
             assert sum(experts) == pytest.approx(0.4 * 10)
 
 
-def test_a_fedlease_client_noises_its_own_warmup_upload_and_signature(tiny_model, tiny_clients):
-    """Under DP a warmup upload is a release of one client: clipped and noised on the client (two clients with
-    the same data would send different uploads), and the data signature is noised once and kept."""
+def test_a_fedlease_client_noises_its_signature_and_with_the_paper_allocation_its_warmup_upload(tiny_model,
+                                                                                              tiny_clients):
+    """Under DP the data signature is a release of one client: noised once on the client and kept. With the
+    paper's allocation each warmup upload is one too (the allocation compares each client's own B): clipped and
+    noised on the client. With the embedding allocation a warmup upload is clipped only: the server releases it
+    only inside the experts' noised starting means (the next test)."""
     from fedlease.methods.fedlease import SIGNATURE, FedLease
 
     config, clients, infos = tiny_clients
-    private = FedLease(config.__class__(**{**config.to_dict(), "dp_clip": 0.1, "dp_noise": 1.0}), infos)
-    ins = private.configure_train(0, [0])[0]
-    store: dict = {}
-    first = private.client_update(clients[0], ins, 0, store)
-    signature = store[SIGNATURE].clone()
-    second = private.client_update(clients[0], ins, 0, {k: v for k, v in store.items() if k != SIGNATURE}
-                                   | {"privacy.secret": torch.tensor(7)})
+    dp = {**config.to_dict(), "dp_clip": 0.1, "dp_noise": 1.0}
+
+    def upload(method, secret):
+        ins = method.configure_train(0, [0])[0]
+        store = {"privacy.secret": torch.tensor(secret)}
+        return method.client_update(clients[0], ins, 0, store), store
+
+    private = FedLease(config.__class__(**dp), infos)
+    first, store = upload(private, 5)
+    second, _ = upload(private, 7)
     keys = [k for k in first.state if k != SIGNATURE]
-    assert change_norm(first.state, second.state, keys) > 0.1  # the noise (sd 0.1 per number) is each client's
-    assert torch.equal(first.state[SIGNATURE], signature)
+    assert change_norm(first.state, second.state, keys) == 0  # clipped, not noised: the same data, the same upload
+    assert change_norm(first.state, private.reference, keys) <= 0.1 * (1 + 1e-4)
+    assert torch.equal(first.state[SIGNATURE], store[SIGNATURE])
+    assert not torch.equal(first.state[SIGNATURE], second.state[SIGNATURE])  # each client's own noise
     plain = FedLease(config, infos).client_update(clients[0], FedLease(config, infos).configure_train(0, [0])[0], 0,
                                                   {})
-    assert (signature - plain.state[SIGNATURE]).norm() > 1.0  # sigma 1 over its numbers: the noise dominates
+    assert (first.state[SIGNATURE] - plain.state[SIGNATURE]).norm() > 1.0  # sigma 1 over its numbers
     assert first.num_examples == 1  # no example count leaves a DP client, nor a step count or a duration
     assert not {"examples", "steps", "seconds"} & set(first.metrics) and "train_loss" in first.metrics
+    paper = FedLease(config.__class__(**{**dp, "allocation": "paper"}), infos)
+    first, _ = upload(paper, 5)
+    second, _ = upload(paper, 7)
+    assert SIGNATURE not in first.state
+    assert change_norm(first.state, second.state, list(first.state)) > 0.1  # the noise (sd 0.1 per number)
+
+
+def test_with_the_embedding_allocation_the_experts_start_from_a_noised_mean_of_the_clipped_warmup_uploads(
+        tiny_model, tmp_path, monkeypatch):
+    """The server keeps the clients' clipped warmup uploads and releases them only as each expert's and head's
+    starting mean, noised at noise x clip on the sum over its members and divided by their number: one release,
+    charged once, in which a client takes part if it was sampled in any warmup round."""
+    from fedlease.methods.fedlease import FedLease
+
+    calls = record_noisy_means(monkeypatch)
+    config = tiny_run_config(tiny_model, tmp_path / "run", tasks=["rotten_tomatoes:3", "snli:3"], global_rounds=3,
+                             warmup_rounds=2, num_experts=2, dp_clip=0.05, dp_noise=0.5, sample_rate=0.5,
+                             train_samples=16, local_epochs=1)
+    run(config, progress=False)
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    warmed = history["clustering"]["clients"] or list(range(6))
+    starts = [(label, n, expected) for rnd, label, n, expected in calls if label.startswith("warmup ")]
+    assert {rnd for rnd, label, _, _ in calls if label.startswith("warmup ")} == {1}  # released after the warmup
+    experts = [c for c in starts if c[0].startswith("warmup expert")]
+    assert len(experts) == history["clustering"]["num_clusters"] == 2
+    assert sum(n for _, n, _ in experts) == len(warmed)  # every client that warmed up, in one expert
+    assert all(expected == n for _, n, expected in starts)  # divided by the members that are in it
+    heads = [c for c in starts if c[0].startswith("warmup head")]
+    assert sum(n for _, n, _ in heads) == len(warmed)
+    privacy = history["privacy"]
+    assert privacy["releases"] == {"signature": 1, "warmup": 1, "round": 1}
+    plan = FedLease.privacy_plan(config)
+    assert [(r.kind, r.round, r.sample_rate) for r in plan] == [("signature", 0, 1.0), ("warmup", 1, 0.75),
+                                                                  ("round", 2, 0.5)]
+    assert privacy["epsilon"] == pytest.approx(epsilon(0.5, plan, privacy["delta"]))
+    paper = FedLease.privacy_plan(tiny_run_config(tiny_model, tmp_path, allocation="paper", global_rounds=3,
+                                                  warmup_rounds=2, dp_clip=0.05, dp_noise=0.5, sample_rate=0.5))
+    assert [(r.kind, r.round, r.sample_rate) for r in paper] == [("warmup", 0, 0.5), ("warmup", 1, 0.5),
+                                                                   ("round", 2, 0.5)]
 
 
 def test_a_dp_run_resumes_with_the_same_accounting(tiny_model, tmp_path):

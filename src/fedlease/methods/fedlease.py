@@ -61,7 +61,6 @@ from fedlease.methods.base import (
     Instruction,
     RoundReport,
     Update,
-    average_groups,
     average_states,
     client_secret,
     label_set_key,
@@ -103,13 +102,18 @@ class FedLease(FederatedMethod):
 
     @classmethod
     def privacy_plan(cls, config: RunConfig) -> list[Release]:
-        """Under DP: each warmup round, every sampled client's clipped warmup upload, noised by the client itself
-        (the allocation needs each client's own LoRA); with the embedding allocation, once, each client's data
-        signature, noised by the client; then one aggregate release per adaptive round."""
+        """Under DP, with the paper's allocation: each warmup round, every sampled client's clipped warmup upload,
+        noised by the client itself (the allocation compares each client's own B). With the embedding allocation:
+        once, each client's data signature, noised by the client (the allocation compares them); the warmup
+        uploads are clipped but not noised, and leave the server only as the experts' and heads' noised starting
+        means, one release after the last warmup round, in which a client takes part if it was sampled in any
+        warmup round. Then one aggregate release per adaptive round."""
         rate = accounting_rate(config)
-        plan = [Release("warmup", rnd, rate) for rnd in range(config.warmup_rounds)]
+        last = config.warmup_rounds - 1
         if config.allocation == "embedding":
-            plan.insert(0, Release("signature", 0, 1.0))
+            plan = [Release("signature", 0, 1.0), Release("warmup", last, 1 - (1 - rate) ** config.warmup_rounds)]
+        else:
+            plan = [Release("warmup", rnd, rate) for rnd in range(config.warmup_rounds)]
         return plan + [Release("round", rnd, rate) for rnd in range(config.warmup_rounds, config.global_rounds)]
 
     @classmethod
@@ -235,7 +239,7 @@ class FedLease(FederatedMethod):
         seeded init, later ones continue what it keeps. With ``--allocation embedding`` the update carries the
         client's data signature."""
         extra = {SEND_SIGNATURE: self.signature_blocks()} if self.config.allocation == "embedding" else {}
-        if enabled(self.config):
+        if enabled(self.config) and self.config.allocation == "paper":
             extra[LOCAL_NOISE] = 1
         return Instruction(PLAIN_LORA, train=WARMUP_PARTS, upload=WARMUP_PARTS, keep=WARMUP_PARTS,
                            restore=WARMUP_PARTS, extra=extra)
@@ -432,8 +436,9 @@ class FedLease(FederatedMethod):
         if self.config.top_k is not None and result.num_clusters > 1:
             report.log.append(f"routing: fixed top-{min(self.config.top_k, result.num_clusters)} of "
                               f"{result.num_clusters} experts (ablation)")
-        self.experts = [average_states([select(self.warmup_loras[cid], LORA_PARTS) for cid in members],
-                                       [1.0] * len(members)) for members in result.members().values()]
+        self.experts = [self.starting_mean([select(self.warmup_loras[cid], LORA_PARTS) for cid in members],
+                                           LORA_PARTS, f"warmup expert {k}")
+                        for k, members in result.members().items()]
         self.routers = []
         if result.num_clusters > 1:
             slots = self.layout(0).num_slots
@@ -443,9 +448,25 @@ class FedLease(FederatedMethod):
                     site = key.removesuffix(".lora_A")
                     router[f"{site}.router"] = init_router(value.shape[1], slots, self.config.seed, site)
             self.routers = [dict(router) for _ in range(result.num_clusters)]
-        # under DP the warmup uploads were noised by each client: their averages need no more noise
-        self.heads.update(average_groups({cid: self.warmup_loras[cid] for cid in clients},
-                                         dict.fromkeys(clients, 1.0), self.head_key, ("head",)))
+        groups: dict[str, list[int]] = {}
+        for cid in clients:
+            groups.setdefault(self.head_key(cid), []).append(cid)
+        self.heads.update({key: self.starting_mean([select(self.warmup_loras[cid], ("head",)) for cid in members],
+                                                   ("head",), f"warmup head {key}")
+                           for key, members in groups.items()})
+
+    def starting_mean(self, states: list[dict[str, torch.Tensor]], parts: tuple[str, ...],
+                      name: str) -> dict[str, torch.Tensor]:
+        """An expert's or head's starting value: the mean of its members' warmup uploads. Under client-level DP
+        with the paper's allocation those were noised by each client (the allocation needs each one), so their
+        mean needs no more noise; with the embedding allocation they are clipped changes from the seeded initial
+        state, which the server keeps to itself and releases only as this mean, noised at noise x clip on the
+        sum (the ``warmup`` release of ``privacy_plan``): a client-side noise of that size on each upload left
+        a mean of m of them with sqrt(m) times the noise, and a 1,000-client run's one expert started from noise
+        larger than the encoder's own weights."""
+        if self.noisy is None or self.config.allocation == "paper":
+            return average_states(states, [1.0] * len(states))
+        return self.noisy.mean(states, self.initial_parts(parts), float(len(states)), name)
 
     # -- client half --------------------------------------------------------------------------------------
     def client_train(self, client: LocalClient, ins: Instruction, rnd: int,
