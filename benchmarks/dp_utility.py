@@ -7,13 +7,12 @@ without DP, with ``--max_update_norm 1e9`` so that each update reports its chang
 the norms the clip cuts at the other epsilons. A run that was cut resumes (``--resume``). The table (one JSON line
 per run and a Markdown table) is re-derived from the histories by ``--table-only``.
 
-For each DP run the table gives what each aggregate receives in a round: ``contributors``, the expected number of
-clients per aggregate (the sample rate times the federation for a shared adapter; times a cluster's share of it for
-FedLEASE's experts), and ``noise / clip``, the L2 norm of the noise the average gets relative to the clip,
-``sigma x sqrt(d) / contributors`` (d: the parameters of one client's upload). An average of clipped changes has
-norm at most ``clip``, so while this ratio is above 1 the noise outweighs anything the clients can agree on in
-that round; ``cohort for ratio 1`` is the contributors that would bring it to 1 at the same sigma (the same sample
-rate and rounds keep sigma: a federation that many times larger).
+For each DP run the table gives what each aggregate receives in a round: the contributors it expects (the sample
+rate times its clients: the federation for a shared adapter, a cluster for FedLEASE's experts, one label set for a
+head, within a cluster for FedLEASE; the smallest such group) and the standard deviation of the noise per number of
+its average, noise x clip / contributors; and how much of the epsilon spent went to what the method releases before
+its aggregates (FedLEASE's data signature, released once and unsampled, and its warmup release), by the same
+accountant.
 
     python benchmarks/dp_utility.py --out benchmarks/results/dp_utility_builtin [--epsilons inf 8 2]
         [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] -- <fedlease compare settings>
@@ -28,9 +27,12 @@ import math
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
-from fedlease.privacy.accounting import Release, epsilon
+from fedlease.config import RunConfig
+from fedlease.methods import METHODS
+from fedlease.privacy.accounting import epsilon
 from fedlease.report.comparison import describe_allocation, row_name
 
 
@@ -61,7 +63,6 @@ def row(path: Path) -> dict:
     config, privacy = history["config"], history.get("privacy") or {}
     trained = [c for r in history["rounds"] for c in r["clients"].values() if c.get("train")]
     norms = [c["train"]["change_norm"] for c in trained if "change_norm" in c["train"]]
-    upload = max(c["upload_params"] for c in trained)
     method = config["method"]
     label = row_name(method, config)
     clustering = history.get("clustering") or {}
@@ -72,48 +73,55 @@ def row(path: Path) -> dict:
               "clip": privacy.get("clip"), "sample_rate": config.get("sample_rate"),
               "clients": len(history["clients"]), "rounds": len(history["rounds"]), "experts": experts,
               "allocation": describe_allocation(history) or "-",
-              "upload_params": upload, "accuracy": history["final"]["mean"]["accuracy"],
+              "accuracy": history["final"]["mean"]["accuracy"],
               "best_round_accuracy": history["final"]["oracle_best_mean"]["accuracy"],
               "median_change_norm": statistics.median(norms) if norms else None,
               "minutes": sum(r["seconds"] for r in history["rounds"]) / 60}
     if result["noise_multiplier"] is not None:
-        # the smallest expected group an aggregate of this run averages over: FedLEASE's clusters split the
-        # federation, so its experts each see a share of the sampled clients (the smallest cluster's)
-        sizes = [clustering["labels"].count(k) for k in set(clustering["labels"])] if experts > 1 else [None]
-        share = min(sizes) / len(clustering["labels"]) if experts > 1 else 1.0
-        contributors = result["sample_rate"] * result["clients"] * share
-        result["contributors"] = contributors
-        result["noise_over_clip"] = result["noise_multiplier"] * math.sqrt(upload) / contributors
-        result["cohort_for_ratio_1"] = math.ceil(result["noise_multiplier"] * math.sqrt(upload))
-        # what FedLEASE's allocation alone spends (its signature, unsampled, and its warmup uploads), by the
-        # same accountant
-        kinds = privacy.get("releases", {})
-        allocation = ([Release("signature", 0, 1.0)] * kinds.get("signature", 0)
-                      + [Release("warmup", r, privacy["sample_rate"]) for r in range(kinds.get("warmup", 0))])
-        result["allocation_epsilon"] = (epsilon(result["noise_multiplier"], allocation, result["delta"])
-                                        if allocation else None)
+        # the contributors each aggregate expects in a round, and the noise per number that gives its average
+        q, total = result["sample_rate"], result["clients"]
+        labels_of = {c["client_id"]: json.dumps(c["labels"]) for c in history["clients"]}
+        if experts > 1:  # FedLEASE's clusters split the federation: shares as the allocation found them
+            allocated = clustering.get("clients") or list(range(len(clustering["labels"])))
+            adapters = Counter(clustering["labels"])
+            heads = Counter(zip(clustering["labels"], (labels_of[c] for c in allocated), strict=True))
+            scale = total / len(allocated)
+        else:
+            adapters, heads, scale = Counter({0: total}), Counter(labels_of.values()), 1.0
+        noise = result["noise_multiplier"] * result["clip"]
+        result["adapter_contributors"] = q * scale * min(adapters.values())
+        result["head_contributors"] = q * scale * min(heads.values())
+        result["adapter_noise_sd"] = noise / result["adapter_contributors"]
+        result["head_noise_sd"] = noise / result["head_contributors"]
+        # what the method releases before its aggregates (FedLEASE: its signature, unsampled, and its warmup
+        # release), by the same accountant
+        before = [r for r in METHODS[method].privacy_plan(RunConfig.from_dict(config)) if r.kind != "round"]
+        result["allocation_epsilon"] = (epsilon(result["noise_multiplier"], before, result["delta"])
+                                        if before else None)
     return result
 
 
 def table(out: Path) -> str:
     rows = [row(path) for path in histories(out)]
     (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = ["| method | target epsilon | noise multiplier | epsilon spent | allocation | contributors per aggregate "
-             "| allocation's epsilon | noise / clip | cohort for ratio 1 | final accuracy | best-round accuracy "
-             "| median change norm | seed | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | target epsilon | noise multiplier | epsilon spent | of it, before the aggregates | allocation "
+             "| contributors per adapter / head aggregate | noise sd per number, adapter / head | final accuracy "
+             "| best-round accuracy | median change norm (no DP) | seed | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for r in sorted(rows, key=lambda r: (r["method"], -(r["target_epsilon"] or math.inf), r["seed"])):
         eps = "inf (no DP)" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
+        private = r["noise_multiplier"] is not None
+        groups = f"{r['adapter_contributors']:.1f} / {r['head_contributors']:.1f}" if private else "-"
+        noise = f"{r['adapter_noise_sd']:.4f} / {r['head_noise_sd']:.4f}" if private else "-"
         lines.append(f"| {r['method']} | {eps} | {fmt(r['noise_multiplier'], '.3f')} | "
-                     f"{fmt(r['epsilon_spent'], '.2f')} | {r['allocation']} | {fmt(r.get('contributors'), '.1f')} | "
-                     f"{fmt(r.get('allocation_epsilon'), '.2f')} | "
-                     f"{fmt(r.get('noise_over_clip'), '.1f')} | {fmt(r.get('cohort_for_ratio_1'), 'd')} | "
-                     f"{100 * r['accuracy']:.2f} | {100 * r['best_round_accuracy']:.2f} | "
-                     f"{fmt(r['median_change_norm'], '.3f')} | {r['seed']} | {r['minutes']:.0f} |")
+                     f"{fmt(r['epsilon_spent'], '.2f')} | {fmt(r.get('allocation_epsilon'), '.2f')} | "
+                     f"{r['allocation']} | {groups} | {noise} | {100 * r['accuracy']:.2f} | "
+                     f"{100 * r['best_round_accuracy']:.2f} | {fmt(r['median_change_norm'], '.3f')} | {r['seed']} | "
+                     f"{r['minutes']:.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "utility.md").write_text(text)
     return text

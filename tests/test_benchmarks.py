@@ -222,18 +222,22 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
     for method in ("fedlease", "fedit"):
         plain, private = by[method, None], by[method, 4]
         # the run without DP reports its changes' norms and has no noise; the DP run spends at most its budget
-        assert plain["noise_multiplier"] is None and plain["median_change_norm"] > 0 and "contributors" not in plain
+        assert plain["noise_multiplier"] is None and plain["median_change_norm"] > 0 and "head_noise_sd" not in plain
         assert private["noise_multiplier"] > 0 and 0 < private["epsilon_spent"] <= 4 + 1e-6
         assert private["clip"] == 0.5 and private["median_change_norm"] is None and private["clients"] == 6
-        assert private["noise_over_clip"] == pytest.approx(
-            private["noise_multiplier"] * private["upload_params"] ** 0.5 / private["contributors"])
-        assert private["contributors"] <= 0.5 * 6 + 1e-9
+        # each aggregate's expected contributors: at most the rate times the federation, a head's at most one task's
+        assert private["head_contributors"] <= 0.5 * 3 + 1e-9 and private["adapter_contributors"] <= 0.5 * 6 + 1e-9
+        assert private["adapter_noise_sd"] == pytest.approx(0.5 * private["noise_multiplier"]
+                                                            / private["adapter_contributors"])
+        assert private["head_noise_sd"] >= private["adapter_noise_sd"]
         history = json.loads(Path(private["run"], "training_history.json").read_text())
         assert history["config"]["dp_epsilon"] == 4 and history["config"]["sample_rate"] == 0.5
     assert by["fedlease", None]["method"] == "fedlease (data signature)"
     # FedLEASE's allocation (its signature and warmup uploads) spends part of the budget; FedIT has none
     assert 0 < by["fedlease", 4]["allocation_epsilon"] < by["fedlease", 4]["epsilon_spent"]
     assert by["fedit", 4]["allocation_epsilon"] is None
+    assert by["fedit", 4]["adapter_contributors"] == pytest.approx(3.0)  # one shared adapter: 0.5 x 6
+    assert by["fedit", 4]["head_contributors"] == pytest.approx(1.5)  # a head per task: 0.5 x 3
     # everything has run: a second call trains nothing, and the table is re-derived from the histories alone
     again = run_script(*args, cwd=tmp_path)
     assert "compare" not in again.stdout.split("| method |")[0]
