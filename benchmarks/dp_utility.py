@@ -10,9 +10,11 @@ per run and a Markdown table) is re-derived from the histories by ``--table-only
 For each DP run the table gives what each aggregate receives in a round: the contributors it expects (the sample
 rate times its clients: the federation for a shared adapter, a cluster for FedLEASE's experts, one label set for a
 head, within a cluster for FedLEASE; the smallest such group) and the standard deviation of the noise per number of
-its average, noise x clip / contributors; and how much of the epsilon spent went to what the method releases before
-its aggregates (FedLEASE's data signature, released once and unsampled, and its warmup release), by the same
-accountant.
+its average, noise x clip / contributors; the contributors per aggregate at which that noise would equal the most
+a round's average can move one number, clip / sqrt(d) when every contributor's clipped change points the same way
+(d: the numbers of one upload), which is noise x sqrt(d); and how much of the epsilon spent went to what the method
+releases before its aggregates (FedLEASE's data signature, released once and unsampled, and its warmup release), by
+the same accountant.
 
     python benchmarks/dp_utility.py --out benchmarks/results/dp_utility_builtin [--epsilons inf 8 2]
         [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] -- <fedlease compare settings>
@@ -73,6 +75,7 @@ def row(path: Path) -> dict:
               "clip": privacy.get("clip"), "sample_rate": config.get("sample_rate"),
               "clients": len(history["clients"]), "rounds": len(history["rounds"]), "experts": experts,
               "allocation": describe_allocation(history) or "-",
+              "upload_params": statistics.median(c["upload_params"] for c in trained),
               "accuracy": history["final"]["mean"]["accuracy"],
               "best_round_accuracy": history["final"]["oracle_best_mean"]["accuracy"],
               "median_change_norm": statistics.median(norms) if norms else None,
@@ -93,6 +96,10 @@ def row(path: Path) -> dict:
         result["head_contributors"] = q * scale * min(heads.values())
         result["adapter_noise_sd"] = noise / result["adapter_contributors"]
         result["head_noise_sd"] = noise / result["head_contributors"]
+        # the contributors at which the noise per number equals the most a round's average can move a number:
+        # clip / sqrt(d), every contributor's clipped change pointing the same way (d: the upload's numbers)
+        result["cohort_for_noise_at_most_signal"] = math.ceil(result["noise_multiplier"]
+                                                              * math.sqrt(result["upload_params"]))
         # what the method releases before its aggregates (FedLEASE: its signature, unsampled, and its warmup
         # release), by the same accountant
         before = [r for r in METHODS[method].privacy_plan(RunConfig.from_dict(config)) if r.kind != "round"]
@@ -105,9 +112,10 @@ def table(out: Path) -> str:
     rows = [row(path) for path in histories(out)]
     (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["| method | target epsilon | noise multiplier | epsilon spent | of it, before the aggregates | allocation "
-             "| contributors per adapter / head aggregate | noise sd per number, adapter / head | final accuracy "
+             "| contributors per adapter / head aggregate | noise sd per number, adapter / head "
+             "| contributors for noise <= largest signal | final accuracy "
              "| best-round accuracy | median change norm (no DP) | seed | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -119,7 +127,8 @@ def table(out: Path) -> str:
         noise = f"{r['adapter_noise_sd']:.4f} / {r['head_noise_sd']:.4f}" if private else "-"
         lines.append(f"| {r['method']} | {eps} | {fmt(r['noise_multiplier'], '.3f')} | "
                      f"{fmt(r['epsilon_spent'], '.2f')} | {fmt(r.get('allocation_epsilon'), '.2f')} | "
-                     f"{r['allocation']} | {groups} | {noise} | {100 * r['accuracy']:.2f} | "
+                     f"{r['allocation']} | {groups} | {noise} | {fmt(r.get('cohort_for_noise_at_most_signal'), 'd')} | "
+                     f"{100 * r['accuracy']:.2f} | "
                      f"{100 * r['best_round_accuracy']:.2f} | {fmt(r['median_change_norm'], '.3f')} | {r['seed']} | "
                      f"{r['minutes']:.0f} |")
     text = "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -230,6 +231,9 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
         assert private["adapter_noise_sd"] == pytest.approx(0.5 * private["noise_multiplier"]
                                                             / private["adapter_contributors"])
         assert private["head_noise_sd"] >= private["adapter_noise_sd"]
+        assert private["cohort_for_noise_at_most_signal"] == math.ceil(
+            private["noise_multiplier"] * math.sqrt(private["upload_params"]))
+        assert plain["upload_params"] == private["upload_params"] > 0  # DP sends the same arrays
         history = json.loads(Path(private["run"], "training_history.json").read_text())
         assert history["config"]["dp_epsilon"] == 4 and history["config"]["sample_rate"] == 0.5
     assert by["fedlease", None]["method"] == "fedlease (data signature)"
