@@ -233,7 +233,7 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
         assert private["head_noise_sd"] >= private["adapter_noise_sd"]
         assert private["cohort_for_noise_at_most_signal"] == math.ceil(
             private["noise_multiplier"] * math.sqrt(private["upload_params"]))
-        assert plain["upload_params"] == private["upload_params"] > 0  # DP sends the same arrays
+        assert private["upload_params"] > 0
         history = json.loads(Path(private["run"], "training_history.json").read_text())
         assert history["config"]["dp_epsilon"] == 4 and history["config"]["sample_rate"] == 0.5
     assert by["fedlease", None]["method"] == "fedlease (data signature)"
@@ -242,6 +242,7 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
     assert by["fedit", 4]["allocation_epsilon"] is None
     assert by["fedit", 4]["adapter_contributors"] == pytest.approx(3.0)  # one shared adapter: 0.5 x 6
     assert by["fedit", 4]["head_contributors"] == pytest.approx(1.5)  # a head per task: 0.5 x 3
+    assert by["fedit", None]["upload_params"] == by["fedit", 4]["upload_params"]  # DP sends the same arrays
     # everything has run: a second call trains nothing, and the table is re-derived from the histories alone
     again = run_script(*args, cwd=tmp_path)
     assert "compare" not in again.stdout.split("| method |")[0]
