@@ -1,4 +1,5 @@
-"""Utility against client-level privacy in a large federation: accuracy of each method at each epsilon.
+"""Utility against privacy: accuracy of each method at each epsilon, client-level (a large federation) or
+record-level (DP-SGD on each client, ``--unit record``).
 
 Client-level DP (DP-FedAvg) noises every aggregate at ``sigma x clip`` and divides by the expected number of its
 contributors, so it can only work where many clients contribute to each aggregate in a round. Each (epsilon,
@@ -16,8 +17,16 @@ a round's average can move one number, clip / sqrt(d) when every contributor's c
 releases before its aggregates (FedLEASE's data signature, released once and unsampled, and its warmup release), by
 the same accountant.
 
+``--unit record`` runs each client's local training as DP-SGD instead (``--dp_unit record``: per-example clipping
+at ``--clip``, noise every step, epsilon per client and per example, the server adding nothing), FFA-LoRA's paper's
+setting (arXiv 2403.12313: epsilon 6, 3, 1, delta 1e-5). Its rows give each client's noise multiplier (they differ
+with the clients' sizes) and the largest epsilon a client spent; the aggregate columns, client-level notions, are
+left empty. Both units end with a summary over seeds: per method and epsilon the final accuracy's mean and sd and
+its change from the same seed's run without DP (a drop that freezing A makes smaller is FFA-LoRA's finding).
+
     python benchmarks/dp_utility.py --out benchmarks/results/dp_utility_builtin [--epsilons inf 8 2]
-        [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] -- <fedlease compare settings>
+        [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] [--unit client|record]
+        -- <fedlease compare settings>
 """
 
 from __future__ import annotations
@@ -80,7 +89,13 @@ def row(path: Path) -> dict:
               "best_round_accuracy": history["final"]["oracle_best_mean"]["accuracy"],
               "median_change_norm": statistics.median(norms) if norms else None,
               "minutes": sum(r["seconds"] for r in history["rounds"]) / 60}
-    if result["noise_multiplier"] is not None:
+    result["unit"] = privacy.get("unit", "client") if privacy else "-"
+    if result["unit"] == "record":
+        # each client's noise multiplier is calibrated for its own rate q = batch / examples; the largest spends most
+        noises = [c["noise_multiplier"] for c in privacy["clients"].values()]
+        result["noise_multiplier"], result["noise_multiplier_min"] = max(noises), min(noises)
+        result["sample_rate"] = max(c["sample_rate"] for c in privacy["clients"].values())
+    elif result["noise_multiplier"] is not None:
         # the contributors each aggregate expects in a round, and the noise per number that gives its average
         q, total = result["sample_rate"], result["clients"]
         labels_of = {c["client_id"]: json.dumps(c["labels"]) for c in history["clients"]}
@@ -108,29 +123,60 @@ def row(path: Path) -> dict:
     return result
 
 
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per method and epsilon: the final accuracy over seeds, and its change from the same seed's run without DP."""
+    plain = {(r["method"], r["seed"]): r["accuracy"] for r in rows if r["target_epsilon"] is None}
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target_epsilon"] or math.inf), []).append(r)
+    lines = ["| method | epsilon | seeds | final accuracy | change from no DP (paired by seed) | noise multiplier "
+             "| epsilon spent (record: the largest client's) |", "|---|---|---|---|---|---|---|"]
+    for (method, target), group in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        group.sort(key=lambda r: r["seed"])
+        changes = [100 * (r["accuracy"] - plain[method, r["seed"]]) for r in group if (method, r["seed"]) in plain]
+        noises = sorted({round(n, 3) for r in group for n in (r["noise_multiplier"], r.get("noise_multiplier_min"))
+                         if n is not None})
+        noise = "-" if not noises else (f"{noises[0]:.3f}" if len(noises) == 1 else f"{noises[0]:.3f}-{noises[-1]:.3f}")
+        spent = max((r["epsilon_spent"] for r in group if r["epsilon_spent"] is not None), default=None)
+        lines.append(f"| {method} | {'inf (no DP)' if target == math.inf else f'{target:g}'} | "
+                     f"{' '.join(str(r['seed']) for r in group)} | {mean_sd([100 * r['accuracy'] for r in group])} | "
+                     f"{mean_sd(changes) if changes and target != math.inf else '-'} | {noise} | "
+                     f"{'-' if spent is None else f'{spent:.2f}'} |")
+    return lines
+
+
 def table(out: Path) -> str:
     rows = [row(path) for path in histories(out)]
     (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = ["| method | target epsilon | noise multiplier | epsilon spent | of it, before the aggregates | allocation "
-             "| contributors per adapter / head aggregate | noise sd per number, adapter / head "
+    lines = ["| method | unit | target epsilon | noise multiplier | epsilon spent | of it, before the aggregates "
+             "| allocation | contributors per adapter / head aggregate | noise sd per number, adapter / head "
              "| contributors for noise <= largest signal | final accuracy (every client) "
              "| median change norm (no DP) | seed | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for r in sorted(rows, key=lambda r: (r["method"], -(r["target_epsilon"] or math.inf), r["seed"])):
         eps = "inf (no DP)" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
-        private = r["noise_multiplier"] is not None
-        groups = f"{r['adapter_contributors']:.1f} / {r['head_contributors']:.1f}" if private else "-"
-        noise = f"{r['adapter_noise_sd']:.4f} / {r['head_noise_sd']:.4f}" if private else "-"
-        lines.append(f"| {r['method']} | {eps} | {fmt(r['noise_multiplier'], '.3f')} | "
+        aggregates = "adapter_contributors" in r  # client-level DP only
+        groups = f"{r['adapter_contributors']:.1f} / {r['head_contributors']:.1f}" if aggregates else "-"
+        noise = f"{r['adapter_noise_sd']:.4f} / {r['head_noise_sd']:.4f}" if aggregates else "-"
+        multiplier = fmt(r["noise_multiplier"], ".3f")
+        if r.get("noise_multiplier_min") is not None and f"{r['noise_multiplier_min']:.3f}" != multiplier:
+            multiplier = f"{r['noise_multiplier_min']:.3f}-{multiplier}"
+        lines.append(f"| {r['method']} | {r['unit']} | {eps} | {multiplier} | "
                      f"{fmt(r['epsilon_spent'], '.2f')} | {fmt(r.get('allocation_epsilon'), '.2f')} | "
                      f"{r['allocation']} | {groups} | {noise} | {fmt(r.get('cohort_for_noise_at_most_signal'), 'd')} | "
                      f"{100 * r['accuracy']:.2f} | {fmt(r['median_change_norm'], '.3f')} | {r['seed']} | "
                      f"{r['minutes']:.0f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\nOver seeds:\n\n" + "\n".join(summary(rows)) + "\n"
     (out / "utility.md").write_text(text)
     return text
 
@@ -143,6 +189,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--clip", default="0.5")
     parser.add_argument("--delta", default="1e-5")
+    parser.add_argument("--unit", choices=["client", "record"], default="client",
+                        help="client: DP-FedAvg (noise on the server); record: DP-SGD on each client")
     parser.add_argument("--table-only", action="store_true")
     args, settings = parser.parse_known_args()
     settings = [s for s in settings if s != "--"]
@@ -153,7 +201,8 @@ def main() -> None:
                 if all(finished(args.out, epsilon, method, seed) for seed in args.seeds):
                     continue
                 dp = (["--max_update_norm", "1e9"] if epsilon == "inf" else
-                      ["--dp_clip", args.clip, "--dp_epsilon", epsilon, "--dp_delta", args.delta])
+                      ["--dp_clip", args.clip, "--dp_epsilon", epsilon, "--dp_delta", args.delta,
+                       "--dp_unit", args.unit])
                 command = [sys.executable, "-m", "fedlease", "compare", "--methods", method, "--seeds",
                            *map(str, args.seeds), *settings, *dp, "--output_dir", str(folder), "--no_progress",
                            *(["--resume"] if folder.exists() else [])]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -248,12 +249,51 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
     assert "compare" not in again.stdout.split("| method |")[0]
     table = run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout
     assert table.strip() == (out / "utility.md").read_text().strip() and table.strip() in first.stdout
-    assert table.count("\n| fed") == 4
+    runs, over_seeds = table.split("Over seeds:")
+    assert runs.count("\n| fed") == 4 and over_seeds.count("\n| fed") == 4
     # a committed history is gzipped: the table is the same
     for path in out.glob("runs/eps*/*/*/seed_*/training_history.json"):
         path.with_suffix(".json.gz").write_bytes(gzip.compress(path.read_bytes()))
         path.unlink()
     assert run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout == table
+
+
+def test_dp_utility_record_unit_runs_dp_sgd_and_sums_up_each_epsilon_over_seeds(tiny_model, tmp_path):
+    out = tmp_path / "record"
+    run_script("dp_utility.py", "--out", str(out), "--unit", "record", "--epsilons", "inf", "4", "--methods",
+               "fedit", "ffa_lora", "--seeds", "1", "2", "--clip", "1.0", "--", "--model_name", tiny_model, "--tasks",
+               "rotten_tomatoes:2", "snli:2", "--global_rounds", "2", "--warmup_rounds", "1", "--train_samples",
+               "12", "--test_samples", "8", "--batch_size", "4", "--max_length", "24", "--local_epochs", "1",
+               cwd=tmp_path, timeout=400)
+    rows = [json.loads(line) for line in (out / "utility.jsonl").read_text().splitlines()]
+    by = {(r["method"], r["target_epsilon"], r["seed"]): r for r in rows}
+    assert set(by) == {(m, e, s) for m in ("fedit", "ffa_lora") for e in (None, 4) for s in (1, 2)}
+    for (_, target, _), r in by.items():
+        history = json.loads(Path(r["run"], "training_history.json").read_text())
+        if target is None:
+            assert r["unit"] == "-" and r["noise_multiplier"] is None and "privacy" not in history
+            continue
+        # DP-SGD on every client, each with its own noise multiplier; the row gives their range and the largest
+        # epsilon a client spent, and no server-side aggregate figures
+        clients = history["privacy"]["clients"]
+        assert r["unit"] == "record" and history["config"]["dp_unit"] == "record" and len(clients) == 4
+        assert r["noise_multiplier"] == max(c["noise_multiplier"] for c in clients.values())
+        assert r["noise_multiplier_min"] == min(c["noise_multiplier"] for c in clients.values()) > 0
+        assert r["epsilon_spent"] == pytest.approx(max(c["epsilon"] for c in clients.values()))
+        assert 0 < r["epsilon_spent"] <= 4 + 1e-6 and "adapter_contributors" not in r
+    # the summary: mean and sd over the seeds, and the change from the same seed's run without DP
+    summary = (out / "utility.md").read_text().split("Over seeds:")[1]
+    for method in ("fedit", "ffa_lora"):
+        plain = [100 * by[method, None, s]["accuracy"] for s in (1, 2)]
+        private = [100 * by[method, 4, s]["accuracy"] for s in (1, 2)]
+        change = [p - q for p, q in zip(private, plain, strict=True)]
+        line = next(x for x in summary.splitlines() if x.startswith(f"| {method} | 4 |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[2] == "1 2"
+        assert cells[3] == f"{statistics.mean(private):.2f} ± {statistics.stdev(private):.2f}"
+        assert cells[4] == f"{statistics.mean(change):.2f} ± {statistics.stdev(change):.2f}"
+        assert f"| {method} | inf (no DP) | 1 2 | {statistics.mean(plain):.2f} ± {statistics.stdev(plain):.2f} | - |" \
+            in summary
 
 
 def test_private_allocation_runs_each_epsilon_and_rederives_its_table(tiny_model, tmp_path):
