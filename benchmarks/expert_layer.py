@@ -8,6 +8,11 @@ Shape: MiniLM-L6 size (384 -> 384), batch 32, 64 tokens, rank 4, per M in {1, 2,
 - LoRA: one plain PEFT LoRA layer (``peft.tuners.lora.Linear``) of the same rank.
 The input requires grad (as inside a network), LoRA weights and routers are trained, the base weight frozen.
 
+Beside the times, the operations one forward+backward issues, counted under ``torch.profiler`` (the same on any
+machine and load, so comparable across commits): every aten call the dispatcher sees (views and nested calls
+included: the host's work) and the compute operations among them (those that write memory: products,
+element-wise, reductions, copies, fills, concatenations, top-k: roughly what a GPU launches as kernels).
+
 Prints one JSON object as the last line of stdout; ``--quick`` runs fewer repetitions (well under a minute).
 """
 
@@ -112,6 +117,27 @@ def time_fwd_bwd(module: nn.Module, repeats: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
+# aten operators that compute (write memory); views, allocations, dtype no-ops and dispatch wrappers are left out
+COMPUTE_OPS = frozenset(f"aten::{name}" for name in (
+    "mm", "addmm", "bmm", "mul", "mul_", "add", "add_", "sub", "div", "div_", "neg", "copy_", "cat", "_softmax",
+    "_softmax_backward_data", "topk", "ge", "fill_", "zero_", "bernoulli_", "index_copy_", "index_select",
+    "scatter_add_", "scatter_", "gather", "sum", "index", "repeat_interleave", "masked_fill_", "where",
+    "value_selecting_reduction_backward"))
+
+
+def count_ops(module: nn.Module) -> dict[str, int]:
+    """aten calls and compute operations of one forward+backward (after a warm-up call), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 8, D, requires_grad=True)
+    module.train()
+    module(x).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        module(x).sum().backward()
+    names = [event.name for event in prof.events() if event.name.startswith("aten::")]
+    return {"aten_calls": len(names), "compute_ops": sum(name in COMPUTE_OPS for name in names)}
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -127,12 +153,14 @@ def main() -> None:
     base = nn.Linear(D, D)
     base.requires_grad_(False)
     results = {}
-    lora = time_fwd_bwd(peft_lora(base), repeats, warmup)
+    lora_layer = peft_lora(base)
+    lora, lora_ops = time_fwd_bwd(lora_layer, repeats, warmup), count_ops(lora_layer)
     for m in (1, 2, 4, 8):
-        ours_s = time_fwd_bwd(ours(base, m), repeats, warmup)
+        layer = ours(base, m)
+        ours_s = time_fwd_bwd(layer, repeats, warmup)
         ref_s = time_fwd_bwd(ReleasedAlgorithm(base, m, own=m // 2), repeats, warmup) if m > 1 else None
         results[f"m{m}"] = {"ours_ms": 1e3 * ours_s, "reference_ms": None if ref_s is None else 1e3 * ref_s,
-                            "lora_ms": 1e3 * lora}
+                            "lora_ms": 1e3 * lora, "ours_ops": count_ops(layer), "lora_ops": lora_ops}
         print(f"M={m}: ours {1e3 * ours_s:.3f} ms, reference "
               f"{'-' if ref_s is None else f'{1e3 * ref_s:.3f} ms'}, LoRA {1e3 * lora:.3f} ms")
     m4 = results["m4"]

@@ -74,6 +74,11 @@ def test_expert_layer_times_every_expert_count(tmp_path):
     assert result["benchmark"] == "expert_layer" and result["repeats"] == 8
     assert set(result["results"]) == {"m1", "m2", "m4", "m8"}
     assert result["results"]["m1"]["reference_ms"] is None and result["speedup_vs_reference_m4"] > 0
+    ops = {m: result["results"][m]["ours_ops"] for m in result["results"]}
+    # the mixture costs the same operations for any number of experts (one rank-(M*r) pair, no loop over them),
+    # more than plain LoRA (M = 1: exactly LoRA's path); compute operations are a part of all aten calls
+    assert ops["m2"] == ops["m4"] == ops["m8"] and ops["m4"]["compute_ops"] > ops["m1"]["compute_ops"]
+    assert all(0 < o["compute_ops"] < o["aten_calls"] for o in ops.values())
 
 
 def test_memory_measures_each_federation_size(tiny_model, tmp_path):

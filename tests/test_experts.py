@@ -40,7 +40,7 @@ def test_adaptive_routing_always_keeps_the_own_expert(m):
     for own in range(m):
         layout = ExpertLayout(num_experts=m, own_expert=own, routing="adaptive")
         logits = torch.randn(64, 50, layout.num_slots) * 3
-        weights = route(logits, layout, layout.slot_to_expert())
+        weights = route(logits, layout)
         assert weights.shape == (64, 50, m)
         torch.testing.assert_close(weights.sum(-1), torch.ones(64, 50))
         assert (weights[..., own] > 0).all(), "own expert must be selected for every token"
@@ -54,17 +54,17 @@ def test_route_matches_hand_computation():
     # M=2, own expert 1: slots (0 -> e0, 1 -> e1, 2 -> e1). probs (0.5, 0.2, 0.3): top-2 slots 0 and 2.
     layout = ExpertLayout(num_experts=2, own_expert=1, routing="adaptive")
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
-    weights = route(logits, layout, layout.slot_to_expert())
+    weights = route(logits, layout)
     torch.testing.assert_close(weights, torch.tensor([[0.5 / 0.8, 0.3 / 0.8]]))
     # the own expert wins all kept slots when the extra slots dominate
     logits = torch.log(torch.tensor([[0.1, 0.45, 0.45]]))
-    torch.testing.assert_close(route(logits, layout, layout.slot_to_expert()), torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(route(logits, layout), torch.tensor([[0.0, 1.0]]))
 
 
 def test_fixed_topk_routing_keeps_k_experts():
     layout = ExpertLayout(num_experts=4, own_expert=2, routing="topk", top_k=2)
     logits = torch.randn(100, 4)
-    weights = route(logits, layout, layout.slot_to_expert())
+    weights = route(logits, layout)
     assert ((weights > 0).sum(-1) == 2).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(100))
     chosen = logits.topk(2, dim=-1).indices
@@ -74,7 +74,7 @@ def test_fixed_topk_routing_keeps_k_experts():
 def test_top1_routing_keeps_the_raw_probability_and_trains_the_router():
     layout = ExpertLayout(num_experts=3, own_expert=1, routing="topk", top_k=1)
     logits = torch.randn(50, 3)
-    weights = route(logits, layout, layout.slot_to_expert())
+    weights = route(logits, layout)
     # Switch Transformers: the chosen expert is scaled by its gate probability, not renormalised to 1
     torch.testing.assert_close(weights.max(-1).values, logits.softmax(-1).max(-1).values)
     assert ((weights > 0).sum(-1) == 1).all()
@@ -84,6 +84,24 @@ def test_top1_routing_keeps_the_raw_probability_and_trains_the_router():
     assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
 
 
+def naive_route(logits: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """The routing as the paper's code writes it: top-k slots, renormalised (k > 1), added up per expert."""
+    probs = logits.softmax(dim=-1)
+    top_p, top_slot = probs.topk(layout.kept_slots, dim=-1)
+    if layout.kept_slots > 1:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    weights = probs.new_zeros(*probs.shape[:-1], layout.num_experts)
+    return weights.scatter_add(-1, layout.slot_to_expert()[top_slot], top_p)
+
+
+@pytest.mark.parametrize("layout", [ExpertLayout(num_experts=4, own_expert=2, routing="adaptive"),
+                                    ExpertLayout(num_experts=3, own_expert=0, routing="topk", top_k=2),
+                                    ExpertLayout(num_experts=3, own_expert=1, routing="topk", top_k=1)])
+def test_route_equals_the_top_k_slots_added_up_per_expert(layout):
+    logits = torch.randn(40, 9, layout.num_slots) * 2
+    torch.testing.assert_close(route(logits, layout), naive_route(logits, layout))
+
+
 def naive_forward(layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k B_k A_k x with a Python loop over experts: the definition, not the implementation."""
     layout = layer.layout
@@ -91,7 +109,7 @@ def naive_forward(layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
     experts_B = layer.experts_B.clone()
     experts_A[layout.own_expert] = layer.lora_A
     experts_B[layout.own_expert] = layer.lora_B
-    weights = route(x @ layer.router.t(), layout, layout.slot_to_expert())
+    weights = naive_route(x @ layer.router.t(), layout)
     out = layer.base(x)
     for k in range(layout.num_experts):
         out = out + weights[..., k : k + 1] * (x @ experts_A[k].t() @ experts_B[k].t()) * layer.scaling
@@ -106,6 +124,45 @@ def test_vectorised_forward_equals_naive_loop(m, own, routing):
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_follows_every_change_of_the_bank_it_keeps_in_its_own_layout():
+    # the B bank's (d_out, M*r) layout is kept between steps: an in-place load, a new layout and a moved own
+    # expert must each reach the next forward
+    layer = make_layer()
+    model = AdaptedModel(nn.Sequential(layer), {"0": layer}, head_names=[])
+    randomize(layer, ExpertLayout(num_experts=4, own_expert=1, routing="adaptive"))
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        layer(x)
+        g = torch.Generator().manual_seed(5)
+        model.load_state({"0.experts_B": torch.randn(layer.experts_B.shape, generator=g)})  # copy_ in place
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+        layer.experts_B[2].mul_(3.0)
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+        randomize(layer, ExpertLayout(num_experts=4, own_expert=3, routing="adaptive"), seed=7)
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+        randomize(layer, ExpertLayout(num_experts=2, own_expert=0, routing="adaptive"), seed=8)
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+    # a layout made while evaluating (inference mode) serves training: the own expert gets its gradient
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).pow(2).sum().backward()
+    grads = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.lora_A.grad = layer.lora_B.grad = None
+    naive_forward(layer, x).pow(2).sum().backward()
+    torch.testing.assert_close(grads, (layer.lora_A.grad, layer.lora_B.grad), rtol=1e-5, atol=1e-3)
+    with torch.inference_mode():  # a bank made in inference mode keeps no version: used as it is each time
+        layer.configure(ExpertLayout(num_experts=3, own_expert=2, routing="adaptive"))
+        layer.router.normal_()  # a zero router's ties would keep only the own expert's slots
+        layer.experts_A.normal_()
+        layer.experts_B.normal_()
+        first = layer(x)
+        layer.experts_B.normal_()
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(first, layer(x))
 
 
 def test_single_expert_without_router_is_exactly_peft_lora():

@@ -13,7 +13,8 @@ number of distinct experts a token uses adapts between 1 and M.
 
 Only the client's own expert is trained, so the layer keeps it as the parameters ``lora_A``/``lora_B`` and
 the other experts as a frozen buffer bank; the forward splices the own expert into the bank. All M experts
-run as one rank-(M*r) matmul pair with the routing weights applied between them: no Python loop over
+run as one rank-(M*r) matmul pair with the routing weights applied between them, spread over each expert's r
+columns (and scaled by alpha / r) by one product with a constant (slots, M*r) matrix: no Python loop over
 experts or slots and no host sync. With M = 1 and no router the layer is exactly plain LoRA.
 
 State moves as a flat mapping ``name -> tensor``: ``<site>.lora_A`` (r, d_in), ``<site>.lora_B`` (d_out, r),
@@ -83,17 +84,28 @@ class ExpertLayout:
         return cls(**{key: config[key] for key in ("num_experts", "own_expert", "routing", "top_k")})
 
 
-def route(router_logits: torch.Tensor, layout: ExpertLayout, slot_to_expert: torch.Tensor) -> torch.Tensor:
+def route(router_logits: torch.Tensor, layout: ExpertLayout, assign: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token expert weights (..., M) from router logits (..., slots): top-k slots, renormalised, merged.
 
-    A single kept slot keeps its raw probability, as in Switch Transformers (Fedus et al., 2022): renormalised
-    it would always weigh 1, and the router would get no gradient."""
-    probs = router_logits.float().softmax(dim=-1)
-    top_p, top_slot = probs.topk(layout.kept_slots, dim=-1)
-    if layout.kept_slots > 1:
-        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-    weights = probs.new_zeros(*probs.shape[:-1], layout.num_experts)
-    return weights.scatter_add(-1, slot_to_expert[top_slot], top_p)
+    ``assign`` (slots, X) maps a slot's weight onto X outputs; the default, one-hot rows of the slots' experts,
+    gives (..., M). The expert layer passes each expert's weight repeated over its r rank columns and scaled by
+    alpha / r, so that one product gives what multiplies its rank-(M*r) activations. The kept slots are those
+    whose logit reaches the k-th largest (exact ties at the k-th are all kept); their renormalised probabilities
+    are the softmax over them alone. A single kept slot keeps its
+    raw probability, as in Switch Transformers (Fedus et al., 2022): renormalised it would always weigh 1, and the
+    router would get no gradient."""
+    if assign is None:
+        assign = F.one_hot(layout.slot_to_expert(), layout.num_experts).to(router_logits.device, torch.float32)
+    logits = router_logits.float()
+    kth = logits.topk(layout.kept_slots, dim=-1).values[..., -1:]
+    if layout.kept_slots > 1:  # the kept slots' probabilities renormalised: a softmax over them alone
+        return logits.masked_fill(logits < kth, -math.inf).softmax(dim=-1) @ assign
+    return (logits.softmax(dim=-1) * (logits >= kth)) @ assign
+
+
+def expert_columns(experts: int, rank: int, scaling: float, rows: torch.Tensor) -> torch.Tensor:
+    """(len(rows), experts * rank): row i holds ``scaling`` in the rank columns of expert ``rows[i]``."""
+    return F.one_hot(rows, experts).float().repeat_interleave(rank, dim=1) * scaling
 
 
 class ExpertLinear(nn.Module):
@@ -114,10 +126,10 @@ class ExpertLinear(nn.Module):
         self.register_parameter("router", None)
         self.register_buffer("experts_A", torch.zeros(0, rank, d_in, **factory), persistent=False)
         self.register_buffer("experts_B", torch.zeros(0, d_out, rank, **factory), persistent=False)
-        self.register_buffer("own_index", torch.zeros(1, dtype=torch.long, device=factory["device"]),
-                             persistent=False)
-        self.register_buffer("slot_to_expert", torch.zeros(0, dtype=torch.long, device=factory["device"]),
-                             persistent=False)
+        # the B bank in its (d_out, M*r) layout (spliced_bank)
+        self._flat_B: torch.Tensor | None = None
+        self._flat_B_of: tuple[torch.Tensor, int] | None = None  # the bank and version _flat_B was made from
+        self.register_buffer("assign", torch.zeros(0, 0, device=factory["device"]), persistent=False)
         # "fixed" routing: expert weights (M,) or per example (batch, 1, M), set by AdaptedModel.set_mixture
         self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
@@ -138,8 +150,9 @@ class ExpertLinear(nn.Module):
                 self.router = None
             elif self.router is None or self.router.shape[0] != slots:
                 self.router = nn.Parameter(torch.zeros(slots, self.base.in_features, device=device, dtype=dtype))
-        self.own_index.fill_(layout.own_expert)
-        self.slot_to_expert = layout.slot_to_expert().to(device)
+        # what turns slot (or, for "fixed" routing, expert) weights into the rank columns' multipliers
+        rows = layout.slot_to_expert() if slots else torch.arange(m)
+        self.assign = expert_columns(m, self.rank, self.scaling, rows).to(device)
         self.mixture = torch.full((m,), 1.0 / m, device=device)
         self.layout = layout
 
@@ -148,17 +161,31 @@ class ExpertLinear(nn.Module):
         h = self.dropout(x).to(self.lora_A.dtype)
         if self.layout.routing == "none":
             return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
-        m, r = self.layout.num_experts, self.rank
-        experts_A = self.experts_A.index_copy(0, self.own_index, self.lora_A.unsqueeze(0))  # (M, r, d_in)
-        experts_B = self.experts_B.index_copy(0, self.own_index, self.lora_B.unsqueeze(0))  # (M, d_out, r)
-        if self.router is None:
-            weights = self.mixture
+        experts_A, experts_B = self.spliced_bank()  # (M*r, d_in), (d_out, M*r)
+        if self.router is None:  # "fixed": the mixture set from outside, (M,) or (batch, 1, M)
+            columns = self.mixture @ self.assign
         else:
-            weights = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.slot_to_expert)
-        z = h @ experts_A.reshape(m * r, -1).t()  # every expert's A at once: (..., M*r)
-        z = (z.unflatten(-1, (m, r)) * weights.unsqueeze(-1).to(z.dtype)).flatten(-2)
-        delta = z @ experts_B.permute(1, 0, 2).reshape(-1, m * r).t()  # (..., d_out)
-        return result + (delta * self.scaling).to(result.dtype)
+            columns = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.assign)
+        z = h @ experts_A.t()  # every expert's A at once: (..., M*r)
+        return result + ((z * columns.to(z.dtype)) @ experts_B.t()).to(result.dtype)
+
+    def spliced_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts as one rank-(M*r) pair, (M*r, d_in) and (d_out, M*r), the own expert's rows and columns
+        the trained ``lora_A``/``lora_B`` (one concatenation each, whose backward is a view). The B bank's
+        (d_out, M*r) layout is a copy, made again only when the bank changes (a new tensor, or an in-place load,
+        which bumps its version): not in every step."""
+        bank = self.experts_B
+        # an inference tensor (made under torch.inference_mode) keeps no version: its layout is never reused
+        version = None if bank.is_inference() else bank._version
+        if version is None or self._flat_B_of is None or self._flat_B_of[0] is not bank or \
+                self._flat_B_of[1] != version:
+            with torch.inference_mode(version is None):  # one made while evaluating serves training later
+                self._flat_B = bank.permute(1, 0, 2).reshape(bank.shape[1], -1)
+            self._flat_B_of = None if version is None else (bank, version)
+        start, end = self.layout.own_expert * self.rank, (self.layout.own_expert + 1) * self.rank
+        flat_A, flat_B = self.experts_A.flatten(0, 1), self._flat_B
+        return (torch.cat([flat_A[:start], self.lora_A, flat_A[end:]]),
+                torch.cat([flat_B[:, :start], self.lora_B, flat_B[:, end:]], dim=1))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, layout={self.layout}"
