@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 from torch.profiler import profile
 
+from fedlease.config import ConfigError
 from fedlease.data.tasks import Example
 from fedlease.model.backbone import load_backbone
-from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch, token_chunks
+from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch, resolve_precision, token_chunks
 
 
 def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_model, tiny_clients):
@@ -231,3 +232,16 @@ def test_max_batch_tokens_reaches_the_clients_of_a_run(tiny_model, tmp_path, mon
         trained = [c["train"] for r in history["rounds"] for c in r["clients"].values()]
         steps[budget] = len(calls), sum(int(t["steps"]) for t in trained)
     assert steps[0][0] == steps[0][1] and steps[48][0] > steps[48][1] == steps[0][1]
+
+
+def test_8bit_weights_compute_in_fp16_and_refuse_bf16(monkeypatch):
+    # bitsandbytes' LLM.int8 products take fp16 inputs; a bf16 one is cast (with a warning) in every call
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) is torch.bfloat16
+    assert resolve_precision("auto", cuda, "4bit") is torch.bfloat16
+    assert resolve_precision("auto", cuda, "8bit") is torch.float16
+    assert resolve_precision("fp16", cuda, "8bit") is torch.float16
+    assert resolve_precision("fp32", cuda, "8bit") is None
+    with pytest.raises(ConfigError, match="8bit"):
+        resolve_precision("bf16", cuda, "8bit")

@@ -118,7 +118,8 @@ class RunConfig:
     device: str = field(default="auto", metadata=_opt(
         "auto uses CUDA when present, else the CPU.", choices=("auto", "cpu", "cuda")))
     precision: str = field(default="auto", metadata=_opt(
-        "Autocast dtype of matrix products. auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing) "
+        "Autocast dtype of matrix products. auto: bf16 on CUDA (fp16 with loss scaling where bf16 is missing, and "
+        "with --quantization 8bit, whose products take fp16; bf16 is refused there) "
         "and on CPUs with native bf16 (AVX512-BF16 / AMX, about 1.7x faster there), else fp32.",
         choices=("auto", "fp32", "bf16", "fp16")))
     max_length: int = field(default=128, metadata=_opt(
@@ -127,7 +128,8 @@ class RunConfig:
         "Instruction tasks: the most tokens generated per test prompt (greedy decoding)."))
     quantization: str = field(default="none", metadata=_opt(
         "Instruction tasks on CUDA: store the frozen decoder in 8-bit or 4-bit (NF4) with bitsandbytes, as the "
-        "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]').", choices=("none", "8bit", "4bit")))
+        "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]'). 8-bit loads the rest of the "
+        "model in fp16 and trains under fp16 autocast (LLM.int8's precision).", choices=("none", "8bit", "4bit")))
     instruction_dir: str | None = field(default=None, metadata=_opt(
         "A folder of your own instruction data: train.jsonl (and test.jsonl) with one JSON object per line, "
         "{instruction, input (optional), output, category}; each category becomes a task for --tasks."))

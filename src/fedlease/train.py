@@ -163,11 +163,18 @@ def native_cpu_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32)."""
+def resolve_precision(precision: str, device: torch.device, quantization: str = "none") -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device`` (None: plain fp32). 8-bit weights compute in fp16:
+    bitsandbytes' LLM.int8 products take fp16 inputs (a bf16 one is cast, with a warning, in every call), so
+    ``auto`` is fp16 there and bf16 is refused."""
     cuda = device.type == "cuda"
+    if quantization == "8bit" and precision == "bf16":
+        raise ConfigError("--precision bf16 with --quantization 8bit: bitsandbytes' 8-bit products take fp16 "
+                          "inputs and would cast every bf16 one (with a warning per call); use auto or fp16")
     if precision == "auto":
         if cuda:
+            if quantization == "8bit":
+                return torch.float16
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if native_cpu_bf16() else None
     if precision == "fp16" and not cuda:

@@ -155,7 +155,10 @@ def load_causal_lm(model_name: str, *, rank: int, alpha: float, dropout: float,
     if not attention_dropout:
         config.attention_dropout = 0.0
     quant = quantization_config(quantization, torch_device)
-    dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if quantization == "8bit":  # what LLM.int8 computes in: fp16 activations reach its products uncast
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, quantization_config=quant,

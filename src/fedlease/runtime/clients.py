@@ -86,7 +86,8 @@ def load_shared_backbone(config: RunConfig) -> Backbone:
 def train_settings(config: RunConfig, backbone: Backbone) -> TrainSettings:
     return TrainSettings(config.lr, config.weight_decay, config.batch_size, config.local_epochs,
                          config.max_grad_norm, config.eval_batch_size, backbone.device,
-                         resolve_precision(config.precision, backbone.device), config.max_batch_tokens)
+                         resolve_precision(config.precision, backbone.device, config.quantization),
+                         config.max_batch_tokens)
 
 
 def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings, split: ClientSplit) -> LocalClient:

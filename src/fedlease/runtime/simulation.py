@@ -285,7 +285,7 @@ def run(config: RunConfig, *, progress: bool = True, resume: bool = False) -> Ru
                           f"(flwr run ... --run-config \"resume=true output-dir='{out}'\")")
     _, splits = load_partition(config)
     check_model_source(config)
-    resolve_precision(config.precision, resolve_device(config.device))
+    resolve_precision(config.precision, resolve_device(config.device), config.quantization)
     created = create_output_dir(out) if ckpt is None else False
     recorder = None
     try:

@@ -208,7 +208,7 @@ def node_description(config) -> dict[str, str]:
     from importlib.metadata import version
 
     device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
+    dtype = resolve_precision(config.precision, device, config.quantization)
     described = {"device": str(device), "precision": "fp32" if dtype is None else f"autocast {dtype}",
                  "python": platform.python_version()}
     if device.type == "cuda":
