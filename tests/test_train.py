@@ -16,7 +16,15 @@ from torch.profiler import profile
 from fedlease.config import ConfigError
 from fedlease.data.tasks import Example
 from fedlease.model.backbone import load_backbone
-from fedlease.train import PAD_MULTIPLE, batch_indices, encode, make_batch, resolve_precision, token_chunks
+from fedlease.train import (
+    PAD_MULTIPLE,
+    batch_indices,
+    encode,
+    make_batch,
+    resolve_precision,
+    to_device,
+    token_chunks,
+)
 
 
 def test_batches_are_padded_to_a_multiple_of_eight_without_changing_predictions(tiny_model, tiny_clients):
@@ -245,3 +253,22 @@ def test_8bit_weights_compute_in_fp16_and_refuse_bf16(monkeypatch):
     assert resolve_precision("fp32", cuda, "8bit") is None
     with pytest.raises(ConfigError, match="8bit"):
         resolve_precision("bf16", cuda, "8bit")
+
+
+def test_a_batch_goes_to_a_gpu_through_pinned_memory_without_waiting():
+    # a copy from pageable memory waits for every queued kernel: the host could not run ahead of the GPU
+    class HostTensor:
+        pinned, non_blocking = False, None
+
+        def pin_memory(self):
+            self.pinned = True
+            return self
+
+        def to(self, device, non_blocking=False):
+            self.device, self.non_blocking = device, non_blocking
+            return self
+
+    moved = to_device(HostTensor(), torch.device("cuda"))
+    assert moved.pinned and moved.non_blocking is True and moved.device == torch.device("cuda")
+    on_cpu = to_device(HostTensor(), torch.device("cpu"))
+    assert not on_cpu.pinned  # pinning needs CUDA; a CPU run copies nothing

@@ -28,7 +28,7 @@ from fedlease.data.instructions import InstructionExample, prompt_text
 from fedlease.data.tasks import TaskSpec
 from fedlease.errors import ConfigError
 from fedlease.model.experts import AdaptedModel
-from fedlease.train import LocalClient, TrainSettings, batch_indices, masked_mean, round_up
+from fedlease.train import LocalClient, TrainSettings, batch_indices, masked_mean, round_up, to_device
 
 IGNORE = -100
 ALPACA = "### Instruction:\n{text}\n\n### Response:\n"
@@ -137,15 +137,23 @@ def lm_width(data: LMEncoded, index: torch.Tensor) -> int:
     return min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
 
 
-def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rows ``index`` trimmed to their longest (rounded up to 8), with the response-token targets."""
+def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
+    """Rows ``index`` trimmed to their longest (rounded up to 8), with the response-token targets; and, found on
+    the host so that the loss needs no wait for the device, the positions (row x width + position) whose next
+    token is a target, those targets and their number."""
     width = lm_width(data, index)
     ids = data.input_ids[index, :width]
     positions = torch.arange(width)
     attention = positions < data.lengths[index, None]
     response = attention & (positions >= data.prompt_lengths[index, None])
     targets = torch.where(response, ids, IGNORE)
-    return {"input_ids": ids.to(device), "attention_mask": attention.long().to(device), "targets": targets.to(device)}
+    following = torch.full_like(targets, IGNORE)  # what position p of each row predicts: its token at p + 1
+    following[:, :-1] = targets[:, 1:]
+    following = following.flatten()
+    scored = (following != IGNORE).nonzero().squeeze(1)
+    return {"input_ids": to_device(ids, device), "attention_mask": to_device(attention.long(), device),
+            "targets": to_device(targets, device), "scored_positions": to_device(scored, device),
+            "scored_targets": to_device(following[scored], device), "scored_tokens": len(scored)}
 
 
 def left_padded_prompts(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -156,7 +164,7 @@ def left_padded_prompts(data: LMEncoded, index: torch.Tensor, device: torch.devi
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": to_device(ids, device), "attention_mask": to_device(mask, device)}
 
 
 def normalize_answer(text: str) -> str:
@@ -213,11 +221,9 @@ class GenerationClient(LocalClient):
     def token_losses(self, data: LMEncoded, index: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy of the response tokens of rows ``index``, and their number."""
         batch = lm_batch(data, index, self.settings.device)
-        hidden = self.hidden_states(batch)
-        targets = batch["targets"][:, 1:]
-        keep = targets != IGNORE
-        logits = self.adapted.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+        hidden = self.hidden_states(batch).flatten(0, 1).index_select(0, batch["scored_positions"])
+        logits = self.adapted.model.get_output_embeddings()(hidden).float()  # the LM head on scored positions only
+        return F.cross_entropy(logits, batch["scored_targets"], reduction="sum"), batch["scored_tokens"]
 
     def batch_loss(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         total, count = self.token_losses(data, index)
@@ -234,14 +240,14 @@ class GenerationClient(LocalClient):
     def mean_loss(self, data: LMEncoded, mixture: torch.Tensor | None = None) -> float:
         """Mean cross-entropy per response token; ``mixture`` (N, M): per-example expert weights."""
         self.adapted.model.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=self.settings.device), 0  # read once, at the end
         for index in batch_indices(data.example_lengths, self.settings.eval_batch_size, None):
             if mixture is not None:
                 self.adapted.set_mixture(mixture[index])
             with self.settings.autocast():
                 loss, n = self.token_losses(data, index)
-            total, count = total + float(loss), count + n
-        return total / max(count, 1)
+            total, count = total + loss, count + n
+        return float(total) / max(count, 1)
 
     @torch.inference_mode()
     def generate(self, data: LMEncoded, mixture: torch.Tensor | None = None) -> list[str]:
@@ -275,7 +281,7 @@ class GenerationClient(LocalClient):
         mask = batch["attention_mask"]
         if inputs_only:
             positions = torch.arange(mask.shape[1], device=mask.device)
-            mask = mask * (positions < data.prompt_lengths[index, None].to(mask.device))
+            mask = mask * (positions < to_device(data.prompt_lengths[index, None], mask.device))
         return masked_mean(self.hidden_states(batch), mask)
 
     def train_loss(self) -> float:

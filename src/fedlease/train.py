@@ -139,6 +139,15 @@ def token_chunks(index: torch.Tensor, tokens_of: Callable[[torch.Tensor], int], 
     return chunks
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; onto a GPU through pinned memory, without waiting. A copy from pageable memory
+    first waits for every kernel queued before it, so the host could never run ahead of the GPU: with a batch
+    copied in every step, each step's host work and the GPU's would take turns instead of overlapping."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
     """The batch of rows ``index``, trimmed to its longest row rounded up to a multiple of 8. A separately
     encoded pair gives the first texts' rows, then the second texts' rows, at one width."""
@@ -154,8 +163,7 @@ def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict
         batch["token_type_ids"] = data.token_type_ids[index, :width]
     if data.second is not None:
         batch["texts_per_example"] = 2
-    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}
+    return {key: to_device(value, device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def native_cpu_bf16() -> bool:
@@ -247,7 +255,7 @@ class LocalClient:
     def batch_loss(self, data: Encoded, index: torch.Tensor) -> torch.Tensor:
         """The mean training loss of rows ``index`` of ``data`` (called under autocast)."""
         batch = make_batch(data, index, self.settings.device)
-        return F.cross_entropy(self.logits(batch), data.labels[index].to(self.settings.device, non_blocking=True))
+        return F.cross_entropy(self.logits(batch), to_device(data.labels[index], self.settings.device))
 
     def batch_tokens(self, data: Encoded, index: torch.Tensor) -> int:
         """The padded tokens rows ``index`` take as one batch (a separately encoded pair: both texts' rows)."""
@@ -372,17 +380,18 @@ class LocalClient:
         against ``data.labels``. ``mixture`` (N, M): per-example expert weights for "fixed" routing."""
         settings = self.settings
         self.adapted.model.eval()
-        out = torch.empty(len(data), self.spec.num_labels)
         loss_sum = torch.zeros((), device=settings.device)
+        order, parts = [], []  # kept on the device and copied back once: no wait for the GPU per batch
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             batch = make_batch(data, index, settings.device)
             if mixture is not None:  # a separately encoded pair's rows: first texts, then second texts
                 self.adapted.set_mixture(mixture[index].repeat(int(batch.get("texts_per_example", 1)), 1))
             with settings.autocast():
                 logits = self.logits(batch)
-            loss_sum += F.cross_entropy(logits, data.labels[index].to(settings.device), reduction="sum")
-            out[index] = logits.cpu()
-        return out, float(loss_sum) / max(len(data), 1)
+            loss_sum += F.cross_entropy(logits, to_device(data.labels[index], settings.device), reduction="sum")
+            order.append(index)
+            parts.append(logits)
+        return in_order(order, parts, (len(data), self.spec.num_labels)), float(loss_sum) / max(len(data), 1)
 
     def predict(self, data: Encoded, mixture: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
         """Predicted labels in data order, and the mean cross-entropy (see ``scores``)."""
@@ -405,15 +414,12 @@ class LocalClient:
         given alone, never of a reference answer (an instruction row's response), as a test query needs."""
         settings = self.settings
         self.adapted.model.eval()
-        out: torch.Tensor | None = None
+        order, parts = [], []
         for index in batch_indices(data.example_lengths, settings.eval_batch_size, None):
             with settings.autocast():
-                pooled = self.batch_embedding(data, index, inputs_only).float().cpu()
-            if out is None:
-                out = torch.empty(len(data), pooled.shape[-1])
-            out[index] = pooled
-        assert out is not None
-        return out
+                parts.append(self.batch_embedding(data, index, inputs_only))
+            order.append(index)
+        return in_order(order, parts, (len(data), parts[0].shape[-1] if parts else 0))
 
     @torch.inference_mode()
     def train_loss(self) -> float:
@@ -421,6 +427,14 @@ class LocalClient:
         _, loss = self.predict(self.train_data)
         return loss
 
+
+
+def in_order(order: list[torch.Tensor], parts: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """Batches' rows ``parts`` (on the device) put back in data order ``order``, on the CPU in fp32: one copy."""
+    out = torch.empty(shape)
+    if parts:
+        out[torch.cat(order)] = torch.cat([part.float() for part in parts]).cpu()
+    return out
 
 
 def example_embedding(model: torch.nn.Module, batch: Mapping[str, torch.Tensor | int]) -> torch.Tensor:
