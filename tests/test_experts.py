@@ -102,6 +102,30 @@ def test_route_equals_the_top_k_slots_added_up_per_expert(layout):
     torch.testing.assert_close(route(logits, layout), naive_route(logits, layout))
 
 
+def test_tied_slots_keep_exactly_k_and_a_kept_slot_its_probability():
+    # bf16 router logits tie now and then: still exactly k slots, and one kept slot weighs its probability once
+    logits = torch.zeros(5, 7)
+    adaptive = ExpertLayout(num_experts=4, own_expert=2, routing="adaptive")
+    torch.testing.assert_close(route(logits, adaptive), naive_route(logits, adaptive))
+    assert ((route(logits, adaptive) > 0).sum(-1) <= 4).all()
+    top1 = ExpertLayout(num_experts=3, own_expert=0, routing="topk", top_k=1)
+    tied = torch.tensor([[2.0, 2.0, 0.0]])
+    torch.testing.assert_close(route(tied, top1).sum(-1), tied.softmax(-1).max(-1).values)
+
+
+def test_a_layer_configured_while_evaluating_trains_and_any_float_dtype_runs():
+    layer = make_layer()
+    with torch.inference_mode():
+        randomize(layer, ExpertLayout(num_experts=3, own_expert=1, routing="adaptive"))
+    layer.router.requires_grad_(True)
+    layer(torch.randn(2, 5, 16)).pow(2).sum().backward()  # nothing it keeps is an inference tensor
+    assert layer.router.grad.abs().sum() > 0
+    layer.double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
 def naive_forward(layer: ExpertLinear, x: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k B_k A_k x with a Python loop over experts: the definition, not the implementation."""
     layout = layer.layout
@@ -156,7 +180,7 @@ def test_the_forward_follows_every_change_of_the_bank_it_keeps_in_its_own_layout
     torch.testing.assert_close(grads, (layer.lora_A.grad, layer.lora_B.grad), rtol=1e-5, atol=1e-3)
     with torch.inference_mode():  # a bank made in inference mode keeps no version: used as it is each time
         layer.configure(ExpertLayout(num_experts=3, own_expert=2, routing="adaptive"))
-        layer.router.normal_()  # a zero router's ties would keep only the own expert's slots
+        layer.router.normal_()  # a zero router ties every slot: top-k would pick among them by position
         layer.experts_A.normal_()
         layer.experts_B.normal_()
         first = layer(x)

@@ -380,6 +380,17 @@ def test_an_unknown_unit_from_python_is_refused():
         check_privacy(RunConfig(dp_unit="example", dp_clip=1.0, dp_noise=1.0))
 
 
+def test_8bit_weights_with_record_level_dp_are_refused_unless_fp32():
+    from fedlease.config import RunConfig
+
+    # 8-bit computes under fp16 autocast (auto), which DP-SGD here cannot scale: refused before anything loads
+    for precision in ("auto", "fp16"):
+        with pytest.raises(ConfigError, match="--precision fp32"):
+            RunConfig(dp_unit="record", dp_clip=1.0, dp_noise=1.0, quantization="8bit", precision=precision).validate()
+    RunConfig(dp_unit="record", dp_clip=1.0, dp_noise=1.0, quantization="8bit", precision="fp32").validate()
+    RunConfig(dp_unit="client", dp_clip=1.0, dp_noise=1.0, quantization="8bit").validate()
+
+
 def test_fp16_loss_scaling_is_refused_in_record_mode(tiny_clients):
     from dataclasses import replace
 

@@ -128,8 +128,9 @@ class RunConfig:
         "Instruction tasks: the most tokens generated per test prompt (greedy decoding)."))
     quantization: str = field(default="none", metadata=_opt(
         "Instruction tasks on CUDA: store the frozen decoder in 8-bit or 4-bit (NF4) with bitsandbytes, as the "
-        "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]'). 8-bit loads the rest of the "
-        "model in fp16 and trains under fp16 autocast (LLM.int8's precision).", choices=("none", "8bit", "4bit")))
+        "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]'). 8-bit with --precision auto or "
+        "fp16 loads the rest of the model in fp16 and trains under fp16 autocast (LLM.int8's precision).",
+        choices=("none", "8bit", "4bit")))
     instruction_dir: str | None = field(default=None, metadata=_opt(
         "A folder of your own instruction data: train.jsonl (and test.jsonl) with one JSON object per line, "
         "{instruction, input (optional), output, category}; each category becomes a task for --tasks."))
@@ -268,6 +269,9 @@ class RunConfig:
             raise ConfigError("--tasks is empty: name at least one task, e.g. --tasks sst2 qnli")
         if not self.model_name.strip():
             raise ConfigError("--model_name is empty")
+        if self.dp_unit == "record" and self.quantization == "8bit" and self.precision in ("auto", "fp16"):
+            raise ConfigError("--dp_unit record with --quantization 8bit: 8-bit computes in fp16 and DP-SGD here "
+                              "has no fp16 loss scaling; use --precision fp32 (bf16 weights, no autocast)")
         for name in CONDITIONAL:
             if getattr(self, name) != default_of(name) and (why := self.unused(name)):
                 raise ConfigError(f"--{name} {getattr(self, name)} does not apply to this run: {why}")

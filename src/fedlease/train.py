@@ -346,7 +346,8 @@ class LocalClient:
         settings, data, dp = self.settings, self.train_data, self.record
         assert dp is not None
         if settings.amp_dtype == torch.float16:
-            raise ConfigError("--dp_unit record trains without fp16 loss scaling: use --precision bf16 or fp32")
+            raise ConfigError("--dp_unit record trains without fp16 loss scaling: use --precision bf16 or fp32 "
+                              "(fp32 with --quantization 8bit)")
         epochs = settings.epochs if epochs is None else epochs
         steps = record_dp.steps_per_call(epochs, settings.batch_size, len(data))
         params, optimizer, schedule = self.optimizer(parts, steps)

@@ -135,10 +135,13 @@ def quantization_config(quantization: str, device: torch.device):
 
 def load_causal_lm(model_name: str, *, rank: int, alpha: float, dropout: float,
                    target_modules: list[str] | None = None, device: str = "auto", quantization: str = "none",
-                   attention_dropout: bool = True) -> Backbone:
+                   attention_dropout: bool = True, precision: str = "auto") -> Backbone:
     """Load the decoder, freeze it and inject LoRA expert layers. The tokenizer pads on the right for training
-    (generation left-pads its own batches)."""
+    (generation left-pads its own batches). On CUDA the frozen weights are bf16 (fp32 where bf16 is missing),
+    and fp16 where 8-bit weights train under fp16 autocast (``precision``), LLM.int8's own precision."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fedlease.train import resolve_precision
 
     quiet_transformers()
     torch_device = resolve_device(device)
@@ -155,8 +158,8 @@ def load_causal_lm(model_name: str, *, rank: int, alpha: float, dropout: float,
     if not attention_dropout:
         config.attention_dropout = 0.0
     quant = quantization_config(quantization, torch_device)
-    if quantization == "8bit":  # what LLM.int8 computes in: fp16 activations reach its products uncast
-        dtype = torch.float16
+    if quant is not None and resolve_precision(precision, torch_device, quantization) is torch.float16:
+        dtype = torch.float16  # 8-bit under fp16 autocast: fp16 activations reach LLM.int8's products uncast
     else:
         dtype = torch.bfloat16 if torch_device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:

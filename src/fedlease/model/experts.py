@@ -89,18 +89,19 @@ def route(router_logits: torch.Tensor, layout: ExpertLayout, assign: torch.Tenso
 
     ``assign`` (slots, X) maps a slot's weight onto X outputs; the default, one-hot rows of the slots' experts,
     gives (..., M). The expert layer passes each expert's weight repeated over its r rank columns and scaled by
-    alpha / r, so that one product gives what multiplies its rank-(M*r) activations. The kept slots are those
-    whose logit reaches the k-th largest (exact ties at the k-th are all kept); their renormalised probabilities
-    are the softmax over them alone. A single kept slot keeps its
-    raw probability, as in Switch Transformers (Fedus et al., 2022): renormalised it would always weigh 1, and the
-    router would get no gradient."""
-    if assign is None:
-        assign = F.one_hot(layout.slot_to_expert(), layout.num_experts).to(router_logits.device, torch.float32)
+    alpha / r, so that one product gives what multiplies its rank-(M*r) activations. Exactly k slots are kept
+    (top-k's, ties broken as it breaks them); their renormalised probabilities are the softmax over them alone. A
+    single kept slot keeps its raw probability, as in Switch Transformers (Fedus et al., 2022): renormalised it
+    would always weigh 1, and the router would get no gradient."""
     logits = router_logits.float()
-    kth = logits.topk(layout.kept_slots, dim=-1).values[..., -1:]
+    if assign is None:
+        assign = F.one_hot(layout.slot_to_expert(), layout.num_experts).to(logits.device)
+    kept = logits.topk(layout.kept_slots, dim=-1).indices
     if layout.kept_slots > 1:  # the kept slots' probabilities renormalised: a softmax over them alone
-        return logits.masked_fill(logits < kth, -math.inf).softmax(dim=-1) @ assign
-    return (logits.softmax(dim=-1) * (logits >= kth)) @ assign
+        weights = (logits + torch.full_like(logits, -math.inf).scatter(-1, kept, 0.0)).softmax(dim=-1)
+    else:
+        weights = logits.softmax(dim=-1) * torch.zeros_like(logits).scatter(-1, kept, 1.0)
+    return weights @ assign.to(weights.dtype)
 
 
 def expert_columns(experts: int, rank: int, scaling: float, rows: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,12 @@ class ExpertLinear(nn.Module):
         self.layout = ExpertLayout()
 
     def configure(self, layout: ExpertLayout) -> None:
-        """Re-arrange for ``layout``; tensors are re-allocated only when their shape changes."""
+        """Re-arrange for ``layout``; tensors are re-allocated only when their shape changes. What it makes is
+        never an inference tensor: a layer configured while evaluating still trains."""
+        with torch.inference_mode(False):
+            self._configure(layout)
+
+    def _configure(self, layout: ExpertLayout) -> None:
         device, dtype = self.lora_A.device, self.lora_A.dtype
         m, slots = layout.num_experts, layout.num_slots
         if layout.routing == "none":
@@ -163,7 +169,7 @@ class ExpertLinear(nn.Module):
             return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
         experts_A, experts_B = self.spliced_bank()  # (M*r, d_in), (d_out, M*r)
         if self.router is None:  # "fixed": the mixture set from outside, (M,) or (batch, 1, M)
-            columns = self.mixture @ self.assign
+            columns = self.mixture.to(self.assign.dtype) @ self.assign
         else:
             columns = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.assign)
         z = h @ experts_A.t()  # every expert's A at once: (..., M*r)
@@ -172,8 +178,9 @@ class ExpertLinear(nn.Module):
     def spliced_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts as one rank-(M*r) pair, (M*r, d_in) and (d_out, M*r), the own expert's rows and columns
         the trained ``lora_A``/``lora_B`` (one concatenation each, whose backward is a view). The B bank's
-        (d_out, M*r) layout is a copy, made again only when the bank changes (a new tensor, or an in-place load,
-        which bumps its version): not in every step."""
+        (d_out, M*r) layout is a copy, made again only when the bank changes (a new tensor, or an in-place write,
+        which bumps its version: ``load_state``'s copy, any in-place op; not a write through ``.data`` or a NumPy
+        view, which nothing here makes): not in every step."""
         bank = self.experts_B
         # an inference tensor (made under torch.inference_mode) keeps no version: its layout is never reused
         version = None if bank.is_inference() else bank._version

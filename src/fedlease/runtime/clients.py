@@ -76,7 +76,8 @@ def load_shared_backbone(config: RunConfig) -> Backbone:
 
         return load_causal_lm(config.model_name, rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=config.target_modules, device=config.device,
-                              quantization=config.quantization, attention_dropout=not config.no_attention_dropout)
+                              quantization=config.quantization, attention_dropout=not config.no_attention_dropout,
+                              precision=config.precision)
     num_labels = max(get_spec(task).num_labels for task in config.tasks)
     return load_backbone(config.model_name, num_labels, rank=rank, alpha=config.lora_alpha,
                          dropout=config.lora_dropout, target_modules=config.target_modules, device=config.device,

@@ -31,7 +31,8 @@ class GeneratorModel(TrainedClient):
         config = self.config
         return load_causal_lm(config.model_name, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=self.final.target_modules, device=config.device,
-                              quantization=config.quantization, attention_dropout=not config.no_attention_dropout)
+                              quantization=config.quantization, attention_dropout=not config.no_attention_dropout,
+                              precision=config.precision)
 
     def make_client(self, train: LMEncoded | None) -> GenerationClient:
         from fedlease.runtime.clients import train_settings
