@@ -123,6 +123,12 @@ def row(path: Path) -> dict:
     return result
 
 
+def noise_span(values: list[float | None]) -> str:
+    """Noise multipliers as printed: "-" for none, one value, or the lowest-highest where they differ."""
+    shown = sorted({f"{v:.3f}" for v in values if v is not None}, key=float)
+    return "-" if not shown else shown[0] if len(shown) == 1 else f"{shown[0]}-{shown[-1]}"
+
+
 def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -140,9 +146,7 @@ def summary(rows: list[dict]) -> list[str]:
     for (method, target), group in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         group.sort(key=lambda r: r["seed"])
         changes = [100 * (r["accuracy"] - plain[method, r["seed"]]) for r in group if (method, r["seed"]) in plain]
-        noises = sorted({round(n, 3) for r in group for n in (r["noise_multiplier"], r.get("noise_multiplier_min"))
-                         if n is not None})
-        noise = "-" if not noises else (f"{noises[0]:.3f}" if len(noises) == 1 else f"{noises[0]:.3f}-{noises[-1]:.3f}")
+        noise = noise_span([n for r in group for n in (r["noise_multiplier"], r.get("noise_multiplier_min"))])
         spent = max((r["epsilon_spent"] for r in group if r["epsilon_spent"] is not None), default=None)
         lines.append(f"| {method} | {'inf (no DP)' if target == math.inf else f'{target:g}'} | "
                      f"{' '.join(str(r['seed']) for r in group)} | {mean_sd([100 * r['accuracy'] for r in group])} | "
@@ -168,9 +172,7 @@ def table(out: Path) -> str:
         aggregates = "adapter_contributors" in r  # client-level DP only
         groups = f"{r['adapter_contributors']:.1f} / {r['head_contributors']:.1f}" if aggregates else "-"
         noise = f"{r['adapter_noise_sd']:.4f} / {r['head_noise_sd']:.4f}" if aggregates else "-"
-        multiplier = fmt(r["noise_multiplier"], ".3f")
-        if r.get("noise_multiplier_min") is not None and f"{r['noise_multiplier_min']:.3f}" != multiplier:
-            multiplier = f"{r['noise_multiplier_min']:.3f}-{multiplier}"
+        multiplier = noise_span([r.get("noise_multiplier_min"), r["noise_multiplier"]])
         lines.append(f"| {r['method']} | {r['unit']} | {eps} | {multiplier} | "
                      f"{fmt(r['epsilon_spent'], '.2f')} | {fmt(r.get('allocation_epsilon'), '.2f')} | "
                      f"{r['allocation']} | {groups} | {noise} | {fmt(r.get('cohort_for_noise_at_most_signal'), 'd')} | "

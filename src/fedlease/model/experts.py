@@ -95,7 +95,7 @@ def route(router_logits: torch.Tensor, layout: ExpertLayout, assign: torch.Tenso
     would always weigh 1, and the router would get no gradient."""
     logits = router_logits.float()
     if assign is None:
-        assign = F.one_hot(layout.slot_to_expert(), layout.num_experts).to(logits.device)
+        assign = expert_columns(layout.num_experts, 1, 1.0, layout.slot_to_expert()).to(logits.device)
     kept = logits.topk(layout.kept_slots, dim=-1).indices
     if layout.kept_slots > 1:  # the kept slots' probabilities renormalised: a softmax over them alone
         weights = (logits + torch.full_like(logits, -math.inf).scatter(-1, kept, 0.0)).softmax(dim=-1)
@@ -135,13 +135,10 @@ class ExpertLinear(nn.Module):
         self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
 
+    @torch.inference_mode(False)
     def configure(self, layout: ExpertLayout) -> None:
         """Re-arrange for ``layout``; tensors are re-allocated only when their shape changes. What it makes is
         never an inference tensor: a layer configured while evaluating still trains."""
-        with torch.inference_mode(False):
-            self._configure(layout)
-
-    def _configure(self, layout: ExpertLayout) -> None:
         device, dtype = self.lora_A.device, self.lora_A.dtype
         m, slots = layout.num_experts, layout.num_slots
         if layout.routing == "none":
