@@ -588,3 +588,38 @@ def test_twenty_real_supernodes_five_a_round_and_a_node_that_joins_after_the_all
     final = h["rounds"][-1]["clients"]
     assert sorted(int(cid) for cid, c in final.items() if c["eval"] is not None) == list(range(20))
     assert sum(h["final"]["counts"].values()) == 20
+
+
+@pytest.mark.parametrize(("method", "unit"), [("fedlease", "client"), ("ifca", "client"), ("fedit", "record")])
+def test_flower_gives_the_in_process_runners_results_under_differential_privacy(tiny_model, tmp_path, monkeypatch,
+                                                                               method, unit):
+    """Client-level DP: the server, which loads no model, asks a node for the seeded initial state that the first
+    aggregates are noised changes against (IFCA: one per cluster seed); record-level DP: each node's DP-SGD and its
+    accounting. The secrets (the server's noise, each client's) are fixed so that both runs draw the same noise."""
+    import secrets
+
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 123456789)
+    config = tiny_run_config(tiny_model, tmp_path / "in-process", method=method, tasks=["rotten_tomatoes:2", "snli"],
+                             num_clusters=2 if method == "ifca" else 4, dp_clip=0.5, dp_noise=0.3, dp_unit=unit,
+                             global_rounds=2)
+    run(config, progress=False)
+    queries = []
+    push = InProcessGrid.push_messages
+
+    def counted(grid, messages):
+        messages = list(messages)
+        queries.extend(int(m.content["config"]["seed"]) for m in messages
+                       if m.metadata.message_type == "query.initial")
+        return push(grid, messages)
+
+    monkeypatch.setattr(InProcessGrid, "push_messages", counted)
+    flower = flower_run(dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
+                                            output_dir=str(tmp_path / "flower")))
+    assert_same_results(tmp_path / "in-process", flower)
+    privacy, expected = history(flower)["privacy"], history(tmp_path / "in-process")["privacy"]
+    assert privacy == expected and privacy["epsilon"] > 0
+    if unit == "client":  # each seed asked once: the run's, and IFCA's clusters' own
+        assert sorted(set(queries)) == sorted(queries) and config.seed in queries
+        assert len(queries) == (1 + config.num_clusters if method == "ifca" else 1)
+    else:
+        assert not queries and set(privacy["clients"]) == {"0", "1", "2"}

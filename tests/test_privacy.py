@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from conftest import tiny_run_config
 from fedlease.cli import main
-from fedlease.errors import ConfigError
 from fedlease.methods import METHODS
 from fedlease.privacy import expected_contributors
 from fedlease.privacy.accounting import Release, calibrate, epsilon
@@ -300,12 +299,3 @@ def test_bad_privacy_settings_are_one_line_exit_2_and_nothing_written(capsys, tm
     assert code == 2 and err[-1].startswith("fedlease: error: ") and fragment in err[-1], err
     assert not out.exists()
 
-
-def test_dp_on_flower_is_refused_with_the_reason(tmp_path):
-    from fedlease.config import RunConfig
-    from fedlease.runtime.flower.server_app import refuse_privacy_on_flower
-
-    with pytest.raises(ConfigError, match="runs in process only"):
-        refuse_privacy_on_flower(RunConfig(dp_clip=1.0, dp_noise=1.0))
-    with pytest.raises(ConfigError, match="--dp_unit record runs in process only"):
-        refuse_privacy_on_flower(RunConfig(dp_clip=1.0, dp_noise=1.0, dp_unit="record"))

@@ -54,6 +54,7 @@ from fedlease.runtime.flower.messages import (
     encode_training_error,
     encode_update,
     instruction_from,
+    put_state,
 )
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.flower.secure import RECORD, schema_of, secure_aggregation_mod, secure_reply
@@ -66,6 +67,7 @@ log = logging.getLogger("fedlease")
 
 STATE = "fedlease-client-state"  # the record holding the client's state in Flower's node state
 SCHEMA_ACTION = "schema"  # query.schema
+INITIAL_ACTION = "initial"  # query.initial
 ERROR_CODE = 0x7E1E  # a user-fixable problem on the node (Flower's own error codes are small integers)
 
 
@@ -240,6 +242,19 @@ def schema(msg: Message, context: Context) -> Message:
         current.client.adapted.configure(ins.layout)
         return Message(RecordDict({"schema": ConfigRecord({"tensors": schema_of(current.client.state(ins.upload))})}),
                        reply_to=msg)
+
+    return answer(msg, context, handle)
+
+
+@app.query(INITIAL_ACTION)
+def initial(msg: Message, context: Context) -> Message:
+    """Differential privacy: the seeded initial LoRA and head for the message's seed, the reference of an aggregate
+    no client has downloaded yet (the server loads no model). Public: the run's seed and the public model make it,
+    the same on every node; nothing of the client's data or training is in it."""
+    def handle(msg: Message, context: Context) -> Message:
+        current = session(context)
+        state = current.client.adapted.initial_state(int(msg.content["config"]["seed"]))
+        return Message(put_state(RecordDict(), "state", state), reply_to=msg)
 
     return answer(msg, context, handle)
 

@@ -269,11 +269,9 @@ def deploy(config: RunConfig, workdir: Path, tls: bool = False, executor: str = 
 
     Everything that can be checked here (flags, tasks, data, model location, output directory) is checked
     before any process starts: inside the run an error would only surface in the streamed log."""
-    from fedlease.runtime.flower.server_app import refuse_privacy_on_flower
     from fedlease.runtime.simulation import check_model_source, check_output_dir, load_partition, prepare_config
 
     config = prepare_config(dataclasses.replace(config, output_dir=str(Path(config.output_dir).expanduser().resolve())))
-    refuse_privacy_on_flower(config)
     if secure_aggregation:
         from fedlease.runtime.flower.secure import refuse
 

@@ -10,6 +10,11 @@ With sampling (``clients-per-round``, ``sample-rate``) the server does not wait 
 as many nodes as a round asks for have connected (or after ``wait-nodes-timeout``), and each round's cohort is
 drawn from the nodes connected at that moment, so a node that joins later (after the allocation, say) is sampled
 from then on, and placed by its signature when it first trains.
+
+Differential privacy runs here as in process, with one addition: the server keeps each client-level DP aggregate
+as a noised change against what the clients started from, and for an aggregate no client has downloaded yet that
+is the seeded initial state, which the server, loading no model, asks of a node (``query.initial``: public, the
+run's seed and the public model make it).
 """
 
 from __future__ import annotations
@@ -20,15 +25,15 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedlease.config import RunConfig
-from fedlease.errors import ConfigError
+from fedlease.errors import FedleaseError
 from fedlease.methods import create_method
 from fedlease.methods.base import Instruction, Update, select
-from fedlease.privacy import record_level
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
@@ -42,6 +47,7 @@ from fedlease.runtime.flower.messages import (
     decode_update,
     decode_update_evaluation,
     encode_instruction,
+    get_state,
 )
 from fedlease.runtime.flower.run_config import from_run_config
 from fedlease.runtime.loop import Diverged, Evaluation, Federation, FinalSink, Sync
@@ -233,6 +239,20 @@ class FlowerTransport:
         self.discover(self.grid.get_node_ids())
         return sorted(self.node_of)
 
+    def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """The seeded initial LoRA and head (``AdaptedModel.initial_state``), asked of a connected node: under
+        differential privacy, the reference of an aggregate no client has downloaded yet. Public (the seed and
+        the public model make it), so any node may answer; the next is asked where one does not."""
+        self.discover(self.grid.get_node_ids())
+        for cid, nid in sorted(self.node_of.items()):
+            query = Message(RecordDict({"config": ConfigRecord({"seed": int(seed)})}), dst_node_id=nid,
+                            message_type="query.initial")
+            reply = self.exchange({cid: query}, timeout=self.round_timeout).get(cid)
+            if reply is not None:
+                return get_state(reply.content, "state")
+        raise FedleaseError("no node answered the query for the seeded initial state, which differential privacy "
+                            "needs as the reference of the first aggregates; see the nodes' logs")
+
     def send(self, rnd: int, message_type: str, instructions: Mapping[int, Instruction], sync: Sync,
              final: bool = False, evaluate_first: tuple[int, Mapping[int, Instruction]] | None = None
              ) -> dict[int, Message]:
@@ -420,16 +440,6 @@ class SecureTransport(FlowerTransport):
         return scores, updates
 
 
-def refuse_privacy_on_flower(config: RunConfig) -> None:
-    if record_level(config):
-        raise ConfigError("--dp_unit record runs in process only so far: its per-client DP-SGD accounting has not "
-                          "been tested on Flower nodes; run it with fedlease run")
-    if config.dp_clip is not None:
-        raise ConfigError("--dp_clip runs in process only so far: the server keeps each aggregate as a change "
-                          "against the seeded initial state, which a Flower ServerApp (it loads no model) does not "
-                          "have; run it with fedlease run")
-
-
 def resend(message: Message, node_id: int) -> Message:
     """The same instruction for the client's new node."""
     return Message(message.content, dst_node_id=node_id, message_type=message.metadata.message_type,
@@ -451,7 +461,6 @@ def main(grid: Grid, context: Context) -> None:
     log_to_flower()
     config, runtime = from_run_config(context.run_config)
     config = prepare_config(config)
-    refuse_privacy_on_flower(config)
     if runtime["secure-aggregation"]:
         secure.refuse(config)
     out = Path(config.output_dir).expanduser()
@@ -477,6 +486,7 @@ def main(grid: Grid, context: Context) -> None:
             transport = SecureTransport(*options, method=method, context=context)
         else:
             transport = FlowerTransport(*options)
+        method.initial = transport.initial_state  # public: the reference of DP's first aggregates
         federation = Federation(config, method, transport, recorder, out, info)
         start = federation.restore(ckpt) if ckpt is not None else 0  # first: the nodes below join its history
         transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
