@@ -72,13 +72,13 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_variant(args) -> dict:
     """One variant in this process: returns tokens/s over the timed epochs and the peak memory."""
     from fedlease.config import RunConfig
-    from fedlease.generation import encode_instructions, lm_batch
+    from fedlease.generation import encode_instructions, lm_batch, response_targets
     from fedlease.methods.base import Instruction
     from fedlease.methods.fedlease import ADAPTIVE_PARTS, FedLease
     from fedlease.model.experts import ExpertLayout
     from fedlease.runtime.clients import load_shared_backbone, train_settings
     from fedlease.runtime.simulation import prepare_config
-    from fedlease.train import batch_indices
+    from fedlease.train import batch_indices, to_device
 
     torch.set_num_threads(args.threads)
     config = prepare_config(RunConfig(model_name=args.model_name, tasks=["instruct_struct2text:2"],
@@ -112,7 +112,7 @@ def run_variant(args) -> dict:
                 batch = lm_batch(data, index, device)
                 with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
                     loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch["targets"]).loss
+                                 labels=to_device(response_targets(data, index), device)).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

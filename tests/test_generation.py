@@ -36,20 +36,25 @@ def backbone(tiny_causal_lm):
 def test_only_response_tokens_are_targets_and_the_loss_is_theirs(backbone):
     data = encode_instructions(backbone.tokenizer, examples(["yes", "no way"]), max_length=64)
     batch = lm_batch(data, torch.arange(2), torch.device("cpu"))
+    ids = batch["input_ids"]
+    rows, positions = batch["scored_positions"] // ids.shape[1], batch["scored_positions"] % ids.shape[1]
+    targets = torch.full_like(ids, IGNORE)
     for row in range(2):
         start, end = int(data.prompt_lengths[row]), int(data.lengths[row])
-        targets = batch["targets"][row]
-        assert (targets[:start] == IGNORE).all() and (targets[end:] == IGNORE).all()
-        assert torch.equal(targets[start:end], batch["input_ids"][row, start:end])
+        # position p is scored where it predicts a response token, p + 1: from the prompt's last token on
+        assert positions[rows == row].tolist() == list(range(start - 1, end - 1))
+        assert torch.equal(batch["scored_targets"][rows == row], ids[row, start:end])
         # the response is the output's characters and the end-of-sequence token
-        assert backbone.tokenizer.decode(targets[start:end]) == ["yes", "no way"][row] + "</s>"
+        assert backbone.tokenizer.decode(ids[row, start:end]) == ["yes", "no way"][row] + "</s>"
+        targets[row, start:end] = ids[row, start:end]
+    assert batch["scored_tokens"] == len(batch["scored_targets"]) == int((data.lengths - data.prompt_lengths).sum())
     config = RunConfig(tasks=["instruct_edit"], batch_size=2, lr=1e-2)
     from fedlease.generation import GenerationClient
 
     client = GenerationClient(0, get_spec("instruct_edit"), backbone.adapted, data, data,
                               train_settings(config, backbone), backbone.tokenizer, 4)
-    logits = backbone.adapted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["targets"][:, 1:].flatten(), ignore_index=IGNORE)
+    logits = backbone.adapted.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE)
     torch.testing.assert_close(client.batch_loss(data, torch.arange(2)), expected)
 
 

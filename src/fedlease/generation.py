@@ -137,22 +137,29 @@ def lm_width(data: LMEncoded, index: torch.Tensor) -> int:
     return min(round_up(int(data.lengths[index].max())), data.input_ids.shape[1])
 
 
+def response_targets(data: LMEncoded, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` at ``lm_width``, on the host: each response token's id (its end-of-sequence token included),
+    ``IGNORE`` at the prompt's and the padding's positions (Hugging Face's ``labels``)."""
+    width = lm_width(data, index)
+    positions = torch.arange(width)
+    response = (positions < data.lengths[index, None]) & (positions >= data.prompt_lengths[index, None])
+    return torch.where(response, data.input_ids[index, :width], IGNORE)
+
+
 def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | int]:
-    """Rows ``index`` trimmed to their longest (rounded up to 8), with the response-token targets; and, found on
-    the host so that the loss needs no wait for the device, the positions (row x width + position) whose next
-    token is a target, those targets and their number."""
+    """Rows ``index`` trimmed to their longest (rounded up to 8); and, found on the host so that the loss needs no
+    wait for the device, the positions (row x width + position) whose next token is a response token (the
+    targets: the response and its end-of-sequence token), those targets and their number."""
     width = lm_width(data, index)
     ids = data.input_ids[index, :width]
-    positions = torch.arange(width)
-    attention = positions < data.lengths[index, None]
-    response = attention & (positions >= data.prompt_lengths[index, None])
-    targets = torch.where(response, ids, IGNORE)
+    attention = torch.arange(width) < data.lengths[index, None]
+    targets = response_targets(data, index)
     following = torch.full_like(targets, IGNORE)  # what position p of each row predicts: its token at p + 1
     following[:, :-1] = targets[:, 1:]
     following = following.flatten()
     scored = (following != IGNORE).nonzero().squeeze(1)
     return {"input_ids": to_device(ids, device), "attention_mask": to_device(attention.long(), device),
-            "targets": to_device(targets, device), "scored_positions": to_device(scored, device),
+            "scored_positions": to_device(scored, device),
             "scored_targets": to_device(following[scored], device), "scored_tokens": len(scored)}
 
 
