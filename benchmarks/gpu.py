@@ -16,6 +16,8 @@ code (nothing is downloaded), saved once to a scratch folder and loaded by the p
    intermediate 1536, vocab 49152, tied embeddings), bf16 frozen weights on CUDA, ``GenerationClient``s of 64
    instruction examples (up to 192 tokens), batch 8: a warmup and an adaptive local training through
    ``FedLease.client_train``, the data signature, greedy generation (48 new tokens) and the teacher-forced loss.
+   Generation is then timed again with ``--generation_cache static`` (on CUDA transformers compiles the decoding
+   step: the first call compiles, the second is timed), with the share of responses equal to the dynamic cache's.
 3. ``llama7b_bf16`` / ``llama7b_4bit`` / ``llama7b_8bit``: LLaMA-2-7B's shape (hidden 4096, 32 layers, 32 heads,
    intermediate 11008, vocab 32000) with ``--quantization none / 4bit / 8bit`` (the latter two only where
    bitsandbytes imports and CUDA is there): one client of 32 examples, batch 8, its training steps and its
@@ -777,7 +779,7 @@ def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: d
             client.max_new_tokens = new_tokens
             sync(device)
             t0 = time.perf_counter()
-            client.generate(test)
+            responses = client.generate(test)
             sync(device)
             timings[label] = (time.perf_counter() - t0, dict(generated), t0)
         full_s, full, t_full = timings["full"]
@@ -791,9 +793,12 @@ def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: d
             "layout": f"adaptive, {p['experts']} experts"}
         log(f"  generation: {full['rows']} prompts x {full['new']} tokens in {full_s:.2f} s, "
             f"{result['generation']['seconds_per_token_overall'] * 1000:.1f} ms per token (prefill included)")
+        guarded(static := [], static_generation, client, test, responses, full_s)
+        result["generation_static"] = static[0]
     finally:
         model.generate = original
         client.max_new_tokens = p["new_tokens"]
+        client.cache = "dynamic"
     t0 = time.perf_counter()
     client.mean_loss(test)
     result["eval_loss_seconds"] = time.perf_counter() - t0
@@ -820,6 +825,25 @@ def decoder_steps(p: dict, device: torch.device, config, folder: Path, result: d
     backbone.adapted.load_state(state)
     guarded(result["profile"], profile_fit, small, ADAPTIVE_PARTS, f"adaptive ({p['experts']} experts)")
     guarded(result["profile"], profile_generate, client, test, min(8, p["new_tokens"]))
+
+
+def static_generation(client, test, dynamic: list[str], dynamic_seconds: float) -> dict:
+    """--generation_cache static on the same prompts: the first call (on CUDA transformers compiles the decoding
+    step then, once per batch shape) and a second, timed alone; and how many responses equal the dynamic cache's
+    (compiled kernels may round differently in bf16)."""
+    device = client.settings.device
+    client.cache = "static"
+    seconds = []
+    for _ in range(2):
+        sync(device)
+        t0 = time.perf_counter()
+        responses = client.generate(test)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return {"label": "generation, --generation_cache static", "compiled": device.type == "cuda",
+            "seconds_first_call": seconds[0], "seconds": seconds[1],
+            "speedup_over_dynamic": dynamic_seconds / seconds[1] if seconds[1] > 0 else None,
+            "same_responses": sum(a == b for a, b in zip(responses, dynamic, strict=True)) / max(len(dynamic), 1)}
 
 
 SHAPES_BY_FOLDER: dict[str, dict] = {}
@@ -989,6 +1013,9 @@ def summary(results: dict) -> dict:
             s[f"{name}_adaptive_training_gpu_busy"] = d["adaptive_fit"]["gpu_busy"]
         if d.get("generation"):
             s[f"{name}_seconds_per_token_step"] = d["generation"]["seconds_per_token_step"]
+        if (static := d.get("generation_static") or {}).get("seconds"):
+            s[f"{name}_static_cache_generation_speedup"] = static["speedup_over_dynamic"]
+            s[f"{name}_static_cache_first_call_seconds"] = static["seconds_first_call"]
         if d.get("round_estimate"):
             s[f"{name}_round_seconds_estimate"] = d["round_estimate"]["adaptive_round_seconds"]
         if d.get("peak_memory_gib") is not None:

@@ -63,6 +63,8 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     (["--alpha", "nan"], "--alpha nan does not apply to this run: only --partition dirichlet uses it"),
     (["--alpha", "0.1"], "--alpha 0.1 does not apply to this run: only --partition dirichlet uses it"),
     (["--quantization", "8bit"], "--quantization 8bit does not apply to this run: it stores the decoder"),
+    (["--generation_cache", "static"], "--generation_cache static does not apply to this run: it is the generation "
+                                       "cache of instruction tasks"),
 ])
 def test_bad_flags(capsys, tmp_path, args, fragment):
     # FAST first, so that the case's own flags win and a case that is wrongly accepted fails in seconds

@@ -313,3 +313,16 @@ def test_a_new_head_starts_as_its_modules_own_initialisation():
 def test_invalid_layouts_are_refused(bad):
     with pytest.raises(ValueError):
         ExpertLayout(**bad)
+
+
+@pytest.mark.parametrize("routing", ["adaptive", "fixed"])
+def test_the_expert_layer_compiles_into_one_graph_with_the_same_output(routing):
+    """torch.compile (what a static generation cache gets on CUDA) traces the layer without a graph break: the B
+    bank's cached layout is made inside the graph there. fullgraph=True raises at any break."""
+    layer = make_layer()
+    layout = ExpertLayout(num_experts=3, own_expert=2, routing=routing)
+    randomize(layer, layout)
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x))

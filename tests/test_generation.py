@@ -137,6 +137,43 @@ def test_training_teaches_the_response_and_generation_returns_it(tiny_causal_lm,
     assert client.generate(data) == ["ok"] * 8
 
 
+def test_a_static_cache_generates_the_dynamic_caches_tokens_at_one_shape(tiny_causal_lm, monkeypatch):
+    """--generation_cache static: the same greedy tokens as the default cache, through FedLEASE's expert layers
+    (adaptive routing, experts that are not zero), with every batch left-padded to one width, so that a compiled
+    decoding step (CUDA) is compiled for one shape, not one per batch."""
+    from fedlease.generation import GenerationClient
+    from fedlease.model.experts import ExpertLayout
+
+    backbone = load_causal_lm(tiny_causal_lm, rank=4, alpha=8, dropout=0.0, device="cpu")
+    adapted = backbone.adapted
+    adapted.configure(ExpertLayout(num_experts=3, own_expert=1, routing="adaptive"))
+    gen = torch.Generator().manual_seed(0)
+    for layer in adapted.sites.values():
+        for tensor in (layer.lora_A, layer.lora_B, layer.experts_A, layer.experts_B, layer.router):
+            tensor.data.copy_(0.3 * torch.randn(tensor.shape, generator=gen))
+    prompts = [" ".join(["say"] * (1 + 3 * i)) for i in range(5)]  # five lengths, in batches of two
+    data = encode_instructions(backbone.tokenizer, [InstructionExample(p, "", "ok", 0) for p in prompts], 64)
+    config = RunConfig(tasks=["instruct_edit"], eval_batch_size=2)
+    widths = []
+    generate = adapted.model.generate
+
+    def recorded(**kwargs):
+        widths.append((kwargs["input_ids"].shape[1], kwargs.get("cache_implementation")))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(adapted.model, "generate", recorded)
+    outputs = {}
+    for cache in ("dynamic", "static"):
+        client = GenerationClient(0, get_spec("instruct_edit"), adapted, data, data, train_settings(config, backbone),
+                                  backbone.tokenizer, 8, cache)
+        outputs[cache] = client.generate(data)
+    assert outputs["static"] == outputs["dynamic"] and any(outputs["static"])
+    dynamic, static = widths[:3], widths[3:]
+    assert len({w for w, _ in dynamic}) == 3 and {c for _, c in dynamic} == {None}
+    assert len({w for w, _ in static}) == 1 and {c for _, c in static} == {"static"}
+    assert static[0][0] % 8 == 0 and static[0][0] >= max(w for w, _ in dynamic)
+
+
 ABLATIONS = [("fedlease", {"num_experts": 4}), ("fedlease", {"num_experts": 2, "top_k": 2}),
              ("fedlease", {"num_experts": 2, "top_k": 1}), ("fedit", {"rank": 16})]
 

@@ -126,6 +126,11 @@ class RunConfig:
         "Longest input in tokens (for instruction tasks: prompt and response together); longer ones are cut."))
     max_new_tokens: int = field(default=48, metadata=_opt(
         "Instruction tasks: the most tokens generated per test prompt (greedy decoding)."))
+    generation_cache: str = field(default="dynamic", metadata=_opt(
+        "Instruction tasks: the KV cache of greedy generation. static: a fixed-size cache, for which transformers "
+        "compiles the decoding step on CUDA (torch.compile with CUDA graphs; each new batch shape compiles first, "
+        "for seconds). The same tokens as dynamic; not yet timed on a GPU here (benchmarks/gpu.py times both).",
+        choices=("dynamic", "static")))
     quantization: str = field(default="none", metadata=_opt(
         "Instruction tasks on CUDA: store the frozen decoder in 8-bit or 4-bit (NF4) with bitsandbytes, as the "
         "paper loads LLaMA-2-7B in 8-bit (pip install 'fedlease[quantization]'). 8-bit with --precision auto or "

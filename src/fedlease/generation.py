@@ -163,9 +163,11 @@ def lm_batch(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict
             "scored_targets": to_device(following[scored], device), "scored_tokens": len(scored)}
 
 
-def left_padded_prompts(data: LMEncoded, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def left_padded_prompts(data: LMEncoded, index: torch.Tensor, device: torch.device, width: int = 0
+                        ) -> dict[str, torch.Tensor]:
+    """The prompts of rows ``index``, left-padded to their longest, or to ``width`` where that is longer."""
     prompts = [data.input_ids[i, : data.prompt_lengths[i]] for i in index.tolist()]
-    width = max(len(p) for p in prompts)
+    width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), data.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -215,10 +217,11 @@ class GenerationClient(LocalClient):
     """One client's instruction data bound to the process's shared causal LM."""
 
     def __init__(self, client_id: int, spec: TaskSpec, adapted: AdaptedModel, train: LMEncoded, test: LMEncoded,
-                 settings: TrainSettings, tokenizer, max_new_tokens: int) -> None:
+                 settings: TrainSettings, tokenizer, max_new_tokens: int, cache: str = "dynamic") -> None:
         super().__init__(client_id, spec, adapted, train, test, settings)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.cache = cache  # --generation_cache: static lets transformers compile the decoding step on CUDA
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's last hidden states, without the LM head."""
@@ -262,13 +265,16 @@ class GenerationClient(LocalClient):
         settings, model = self.settings, self.adapted.model
         model.eval()
         out = [""] * len(data)
+        # a static cache compiles once per shape: every batch at one width (the longest prompt, rounded up)
+        width = round_up(int(data.prompt_lengths.max())) if self.cache == "static" and len(data) else 0
         for index in batch_indices(data.prompt_lengths, settings.eval_batch_size, None):
-            batch = left_padded_prompts(data, index, settings.device)
+            batch = left_padded_prompts(data, index, settings.device, width)
             if mixture is not None:
                 self.adapted.set_mixture(mixture[index])
             with settings.autocast():
                 tokens = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                        pad_token_id=data.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                                        pad_token_id=data.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                        **({"cache_implementation": "static"} if self.cache == "static" else {}))
             texts = self.tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(index.tolist(), texts, strict=True):
                 out[i] = text.strip()

@@ -179,6 +179,8 @@ class ExpertLinear(nn.Module):
         which bumps its version: ``load_state``'s copy, any in-place op; not a write through ``.data`` or a NumPy
         view, which nothing here makes): not in every step."""
         bank = self.experts_B
+        if torch.compiler.is_compiling():  # a compiled graph makes the layout itself, at no launch of its own
+            return self.splice(self.experts_A.flatten(0, 1), bank.permute(1, 0, 2).reshape(bank.shape[1], -1))
         # an inference tensor (made under torch.inference_mode) keeps no version: its layout is never reused
         version = None if bank.is_inference() else bank._version
         if version is None or self._flat_B_of is None or self._flat_B_of[0] is not bank or \
@@ -186,8 +188,11 @@ class ExpertLinear(nn.Module):
             with torch.inference_mode(version is None):  # one made while evaluating serves training later
                 self._flat_B = bank.permute(1, 0, 2).reshape(bank.shape[1], -1)
             self._flat_B_of = None if version is None else (bank, version)
+        return self.splice(self.experts_A.flatten(0, 1), self._flat_B)
+
+    def splice(self, flat_A: torch.Tensor, flat_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The banks (M*r, d_in) and (d_out, M*r) with the own expert's rows and columns ``lora_A``/``lora_B``."""
         start, end = self.layout.own_expert * self.rank, (self.layout.own_expert + 1) * self.rank
-        flat_A, flat_B = self.experts_A.flatten(0, 1), self._flat_B
         return (torch.cat([flat_A[:start], self.lora_A, flat_A[end:]]),
                 torch.cat([flat_B[:, :start], self.lora_B, flat_B[:, end:]], dim=1))
 

@@ -101,7 +101,7 @@ def local_client(config: RunConfig, backbone: Backbone, settings: TrainSettings,
         return GenerationClient(split.client_id, spec, backbone.adapted,
                                 encode_instructions(tokenizer, split.train, length),
                                 encode_instructions(tokenizer, split.test, length, answers_like=split.train), settings,
-                                tokenizer, config.max_new_tokens)
+                                tokenizer, config.max_new_tokens, config.generation_cache)
     separate = backbone.pair_encoding == "separate"
     return LocalClient(split.client_id, spec, backbone.adapted,
                        encode(backbone.tokenizer, split.train, config.max_length, separate),

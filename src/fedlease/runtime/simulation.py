@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fedlease.config import RunConfig, expand_tasks
+from fedlease.config import RunConfig, default_of, expand_tasks
 from fedlease.data.partition import ClientSplit
 from fedlease.data.tasks import check_tasks, task_kind
 from fedlease.errors import ConfigError
@@ -75,9 +75,11 @@ def prepare_config(config: RunConfig) -> RunConfig:
     config = replace(config, tasks=expand_tasks(config.tasks)).validate()
     check_tasks(config.tasks)
     config = resolve_defaults(config)
-    if config.quantization != "none" and task_kind(config.tasks) != "generation":
-        raise ConfigError(f"--quantization {config.quantization} does not apply to this run: it stores the decoder "
-                          f"of instruction tasks, and these tasks are classification")
+    if task_kind(config.tasks) != "generation":
+        for name, what in (("quantization", "stores the decoder"), ("generation_cache", "is the generation cache")):
+            if getattr(config, name) != default_of(name):
+                raise ConfigError(f"--{name} {getattr(config, name)} does not apply to this run: it {what} of "
+                                  f"instruction tasks, and these tasks are classification")
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; known methods: {' '.join(METHODS)}")
     if config.warmup_rounds >= config.global_rounds:

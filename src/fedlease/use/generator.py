@@ -40,7 +40,7 @@ class GeneratorModel(TrainedClient):
         return GenerationClient(self.final.client, self.spec, self.backbone.adapted,
                                 self.encode([]) if train is None else train, self.encode([]),
                                 train_settings(self.config, self.backbone), self.backbone.tokenizer,
-                                self.max_new_tokens)
+                                self.max_new_tokens, self.config.generation_cache)
 
     def encode(self, examples: Sequence[InstructionExample],
                answers_like: Sequence[InstructionExample] | None = None) -> LMEncoded:
