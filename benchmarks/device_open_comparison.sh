@@ -18,14 +18,9 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-"--tasks rotten_tomatoes:25 snli:25 newsgroups:25 election_tweets:25 --train_samples 100 --test_samples 40 --partition dirichlet --alpha 0.5 --allow_overlap --clients_per_round 10 --unseen_clients 10 --global_rounds 27 --warmup_rounds 3 --local_epochs 1 --batch_size 16"}
 WORK=${WORK:-/tmp/open_comparison}
 PYTHON=${PYTHON:-python3}
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-mkdir -p "$WORK"
-(nvidia-smi || true; $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") >"$OUT/device.txt" 2>&1
-$PYTHON tools/minilm_int8.py unpack .carry/minilm-int8 "$WORK/minilm" >>"$OUT/device.txt" 2>&1 || exit 1
-pack() {
-    tar czf "$OUT/runs.tar.gz.part" -C "$WORK" --exclude checkpoint --exclude final --exclude clients --exclude minilm \
-        --exclude 'round_summary_*.json' --exclude 'lora_client_map_round_*.json' . && mv "$OUT/runs.tar.gz.part" "$OUT/runs.tar.gz"
-}
+source benchmarks/lib/device.sh
+export OMP_NUM_THREADS=2
+device_setup || exit 1
 start=$SECONDS
 for spec in fedlease fedlease:allocation=paper fedit ffa_lora fedsa_lora feddpa ifca local; do
     folder="$WORK/${spec//[:=]/_}"
@@ -33,10 +28,4 @@ for spec in fedlease fedlease:allocation=paper fedit ffa_lora fedsa_lora feddpa 
     $PYTHON -m fedlease compare --methods "$spec" --seeds $SEEDS $SIZE --precision fp32 --device "$DEVICE" \
         --model_name "$WORK/minilm" --output_dir "$folder" --no_progress >"$folder.log" 2>&1 &
 done
-while [ $((SECONDS - start)) -lt "$BUDGET" ] && [ -n "$(jobs -r)" ]; do
-    sleep 30
-    pack
-    echo "$((SECONDS - start)) s: $(ls -d "$WORK"/*/*/seed_*/results.md 2>/dev/null | wc -l) runs finished" >>"$OUT/device.txt"
-done
-pack
-echo "packed after $((SECONDS - start)) s; still running: $(jobs -r | wc -l)" >>"$OUT/device.txt"
+watch_runs "$BUDGET" "*/*/seed_*/results.md"

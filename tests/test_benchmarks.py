@@ -29,7 +29,8 @@ RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
             "test_prompt_cut.py", "signature_heldout.py", "round_profile.py", "dp_step_cost.py",
             "peak_batches.py", "dp_utility.py"}
-ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
+ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py",
+             "device_parity.sh": "test_device_parity_runs_every_variant_and_seed_and_merge_comparison_tables_them"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
     "deployment.py": "starts a real Flower SuperLink and SuperNodes and times them; the deployment itself is tested "
@@ -426,3 +427,35 @@ def test_dp_step_cost_times_dp_sgd_against_the_same_training_without_it(tiny_mod
     # a DP call takes as many steps as a plain one, at q = batch / examples
     assert call["steps"] == call["dp_steps"] == 2 and call["poisson_rate"] == 0.5
     assert call["ratio"] == pytest.approx(call["dp_cpu_s_per_step"] / call["plain_cpu_s_per_step"], rel=0.01)
+
+
+def test_device_parity_runs_every_variant_and_seed_and_merge_comparison_tables_them(tiny_model, tmp_path):
+    """benchmarks/device_parity.sh with the CPU standing in for the GPU and a tiny setting: one process per
+    (variant, seed), all packed into runs.tar.gz; merge_comparison.py tables the variants as method specs."""
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "GPU": "cpu", "MODEL": tiny_model, "SETTINGS": "quick",
+           "SEEDS": "1 2", "POLL": "1", "CPU_THREADS": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+           "QUICK_SIZE": "--tasks rotten_tomatoes:2 snli:2 --global_rounds 2 --warmup_rounds 1 --train_samples 16 "
+                         "--test_samples 8 --batch_size 8 --max_length 24"}
+    proc = subprocess.run(["bash", str(BENCHMARKS / "device_parity.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "still running: 0" in (out / "device.txt").read_text()
+    back = tmp_path / "back"
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        tar.extractall(back, filter="data")
+    histories = sorted(p.relative_to(back).parts[:2] for p in back.glob("quick/*/*/seed_*/training_history.json"))
+    assert histories == [("quick", f"cpu_{p}_seed{s}") for p in ("bf16", "fp32") for s in (1, 2)]
+    specs = [f"fedlease:device=cpu,precision={p},model_name={tiny_model}" for p in ("fp32", "bf16")]
+    proc = run_script("merge_comparison.py", *map(str, sorted(back.glob("quick/*"))), "--into", str(tmp_path / "t"),
+                      "--methods", *specs, cwd=tmp_path)
+    table = (tmp_path / "t" / "comparison.md").read_text()
+    for precision in ("fp32", "bf16"):
+        accuracies = [json.loads(p.read_text())["final"]["mean"]["accuracy"]
+                      for p in back.glob(f"quick/cpu_{precision}_seed*/*/seed_*/training_history.json")]
+        assert len(accuracies) == 2
+        row = next(line for line in table.splitlines() if f"precision={precision}" in line)
+        assert f"{100 * statistics.mean(accuracies):.2f} ± {100 * statistics.stdev(accuracies):.2f}" in row, row
