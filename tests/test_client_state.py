@@ -107,3 +107,27 @@ def test_a_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ClientStateError, match="not writable"):
         FolderBackend(tmp_path / "file")
+
+
+def test_what_a_client_spent_is_never_rolled_back():
+    """The privacy.* keys (its noise's secret, its DP-SGD steps) of a version the server never used are carried
+    into the store the client works from: that upload left the client all the same."""
+    state = ClientState(MemoryBackend(), OWNER)
+
+    def spent(value: float, steps: int) -> dict[str, torch.Tensor]:
+        return {**store(value), "privacy.secret": torch.tensor(77), "privacy.record.steps": torch.tensor(steps)}
+
+    state.current(-1)
+    state.stage(0, spent(1.0, 4))
+    assert int(state.current(0)["privacy.record.steps"]) == 4
+    state.stage(1, spent(2.0, 8))  # round 1's reply missed the round
+    got = state.current(0)
+    assert torch.equal(got["x.lora_B"], store(1.0)["x.lora_B"])  # the model state is round 0's
+    assert int(got["privacy.record.steps"]) == 8 and int(got["privacy.secret"]) == 77  # what it spent is not
+    state.stage(2, spent(3.0, 12))
+    state.current(2)
+    assert int(state.current(0)["privacy.record.steps"]) == 12  # a server resumed from before round 2: the same
+    fresh = ClientState(MemoryBackend(), OWNER)
+    fresh.current(-1)
+    fresh.stage(0, spent(1.0, 4))
+    assert {k: int(v) for k, v in fresh.current(-1).items()} == {"privacy.secret": 77, "privacy.record.steps": 4}

@@ -623,3 +623,17 @@ def test_flower_gives_the_in_process_runners_results_under_differential_privacy(
         assert len(queries) == (1 + config.num_clusters if method == "ifca" else 1)
     else:
         assert not queries and set(privacy["clients"]) == {"0", "1", "2"}
+
+
+def test_a_record_level_reply_that_misses_the_round_is_still_charged(tiny_model, tmp_path):
+    """Client 0 trains in round 2 with DP-SGD but its reply misses the round: the upload left the client all the
+    same, so its steps count (they are not rolled back with its state) and the ledger charges them."""
+    from fedlease.privacy.record import steps_per_call
+
+    config = tiny_run_config(tiny_model, tmp_path / "o", method="fedit", tasks=["rotten_tomatoes", "rotten_tomatoes"],
+                             global_rounds=3, warmup_rounds=1, dp_clip=0.5, dp_noise=1.0, dp_unit="record")
+    out = flower_run(config, late={0: {1}}, node_config=state_dirs(tmp_path / "state", 2), round_timeout=20.0)
+    clients = history(out)["privacy"]["clients"]
+    per_round = steps_per_call(config.local_epochs, config.batch_size, config.train_samples)
+    assert clients["0"]["steps"] == clients["1"]["steps"] == 3 * per_round
+    assert history(out)["rounds"][1]["clients"].get("0", {}).get("upload_bytes", 0) == 0  # it did miss round 2

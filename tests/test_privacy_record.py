@@ -404,3 +404,29 @@ def test_fp16_loss_scaling_is_refused_in_record_mode(tiny_clients):
             client.fit(("lora_B",), seed=0)
     finally:
         client.settings, client.record = saved, None
+
+
+def test_the_ledger_charges_the_steps_of_an_update_that_never_arrived():
+    """A client's running count says it took steps in a round whose update the server never saw (a reply past the
+    round's timeout): they are charged when its next update arrives; a client that lost its count is not
+    uncharged."""
+    from fedlease.config import RunConfig
+    from fedlease.methods.base import Update
+    from fedlease.privacy.record import RecordLedger
+
+    ledger = RecordLedger(RunConfig(dp_clip=1.0, dp_noise=1.0, dp_unit="record"))
+
+    def update(steps: int, round_steps: int, releases: int = 0, round_releases: int = 0) -> Update:
+        return Update({}, 1, {"dp_noise": 1.0, "dp_sample_rate": 0.5, "dp_steps": steps, "dp_round_steps": round_steps,
+                              "dp_releases": releases, "dp_round_releases": round_releases})
+
+    ledger.observe({0: update(4, 4, 1, 1), 1: update(4, 4)})
+    ledger.observe({1: update(8, 4)})  # client 0's round-2 update did not arrive
+    ledger.observe({0: update(12, 4, 1, 0), 1: update(12, 4)})
+    assert ledger.clients[0]["steps"] == ledger.clients[1]["steps"] == 12
+    assert ledger.clients[0]["signature_releases"] == 1
+    ledger.observe({1: update(4, 4)})  # client 1's node lost its state and started again
+    assert ledger.clients[1]["steps"] == 16
+    assert ledger.epsilon_of(0) == pytest.approx(spent(1.0, 0.5, 12, 1e-5, 1))
+    assert set(ledger.record()["clients"]["0"]) == {"noise_multiplier", "sample_rate", "steps", "signature_releases",
+                                                    "epsilon"}

@@ -182,7 +182,9 @@ def release(params: Sequence[torch.nn.Parameter]) -> None:
 class RecordLedger:
     """The server's record of a record-level run: each client's noise multiplier, rate and steps as the client
     reported them (public numbers), charged by dp-accounting. The steps are summed from every update that
-    arrived, accepted or not: a rejected update's store reverts on its client, but the server saw the upload."""
+    arrived, accepted or not; and where a client's running count says it took steps in rounds whose update never
+    arrived here (a reply past the round's timeout: it left the client all the same, and the client's count is
+    never rolled back, see ``runtime.client_state``), those are charged too, once its next update arrives."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -199,8 +201,13 @@ class RecordLedger:
                                                        "sample_rate": metrics["dp_sample_rate"], "steps": 0,
                                                        "signature_releases": 0})
             entry["noise_multiplier"], entry["sample_rate"] = metrics["dp_noise"], metrics["dp_sample_rate"]
-            entry["steps"] = int(entry["steps"] + metrics["dp_round_steps"])
-            entry["signature_releases"] = int(entry["signature_releases"] + metrics.get("dp_round_releases", 0))
+            for total, running, this_round in (("steps", "dp_steps", "dp_round_steps"),
+                                               ("signature_releases", "dp_releases", "dp_round_releases")):
+                counted = f"reported_{total}"  # the client's running count as its last update here said it
+                before = int(metrics.get(running, 0) - metrics.get(this_round, 0))
+                unseen = max(0, before - int(entry.get(counted, entry[total])))  # rounds whose update never came
+                entry[total] = int(entry[total] + unseen + metrics.get(this_round, 0))
+                entry[counted] = int(metrics.get(running, 0))
 
     def epsilon_of(self, cid: int) -> float:
         entry = self.clients[cid]
@@ -213,7 +220,8 @@ class RecordLedger:
 
     def record(self) -> dict[str, Any]:
         """What training_history.json keeps under ``privacy``."""
-        clients = {str(cid): {**entry, "steps": int(entry["steps"]),
+        clients = {str(cid): {**{k: v for k, v in entry.items() if not k.startswith("reported_")},
+                              "steps": int(entry["steps"]),
                               "signature_releases": int(entry["signature_releases"]), "epsilon": self.epsilon_of(cid)}
                    for cid, entry in sorted(self.clients.items())}
         return {"unit": "record", "epsilon": self.largest(), "delta": self.delta, "clip": self.config.dp_clip,

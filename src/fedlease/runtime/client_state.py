@@ -15,7 +15,11 @@ client it last accepted (``accepted``, -1 for none). On each message the client 
   previous round, whose last accepted version is that one.
 
 So a client's store always matches the server's view of it: after a rejected update, a timeout, a restart of
-the node, or a resume of the server.
+the node, or a resume of the server. With one exception: what the client has *spent* (the store's ``privacy.*``
+keys: the secret its own noise is drawn from, its DP-SGD steps and releases so far) is never rolled back. An
+upload the server did not use has left the client all the same, so the newest dropped version's ``privacy.*``
+values are carried into the store the client works from: its next noise is never a draw it already released,
+and its running count of steps includes those of the dropped round.
 
 Where a store lives is a small key-value backend: a dict (the in-process runner, whose checkpoints hold the
 committed stores), Flower's node state (lost if the SuperNode restarts), or a node-local folder (survives the
@@ -46,6 +50,7 @@ log = logging.getLogger("fedlease")
 INDEX = "state.json"
 FORMAT = 1
 NO_ROUND = -1
+SPENT = "privacy."  # the store keys a rollback keeps from the dropped versions (see above)
 
 
 class ClientStateError(FedleaseError):
@@ -200,6 +205,10 @@ class ClientState:
         """Reconcile with the server's ``accepted`` round; return the store to work from (a new dict), or None
         when the version of round ``accepted`` is not here (the node lost it)."""
         changed = False
+        dropped = {r: d for r, d in self.committed.items() if r > accepted}  # the server resumed from before them
+        if self.staged is not None and self.staged[0] != accepted:
+            dropped[self.staged[0]] = self.staged[1]
+        spent = self.spent(*max(dropped.items())) if dropped else {}
         if self.staged is not None:
             rnd, digest = self.staged
             if rnd == accepted:
@@ -215,10 +224,19 @@ class ClientState:
             self.write_index()
             self.collect()
         if accepted == NO_ROUND:
-            return {}
+            return spent
         if accepted not in self.committed:
             return None
-        return self.read(accepted, self.committed[accepted])
+        return {**self.read(accepted, self.committed[accepted]), **spent}
+
+    def spent(self, rnd: int, digest: str) -> dict[str, torch.Tensor]:
+        """The ``privacy.*`` keys of the dropped version of round ``rnd`` (none where it cannot be read)."""
+        try:
+            return {key: value for key, value in self.read(rnd, digest).items() if key.startswith(SPENT)}
+        except ClientStateError as exc:
+            log.warning("client %d: %s; what it spent in round %d is not carried over", self.owner.client, exc,
+                        rnd + 1)
+            return {}
 
     def stage(self, rnd: int, store: Mapping[str, torch.Tensor]) -> None:
         """Keep the store that training round ``rnd`` produced until the server's verdict on its update."""
