@@ -26,6 +26,6 @@ for spec in fedlease fedlease:allocation=paper fedit ffa_lora fedsa_lora feddpa 
     folder="$WORK/${spec//[:=]/_}"
     # shellcheck disable=SC2086
     $PYTHON -m fedlease compare --methods "$spec" --seeds $SEEDS $SIZE --precision fp32 --device "$DEVICE" \
-        --model_name "$WORK/minilm" --output_dir "$folder" --no_progress >"$folder.log" 2>&1 &
+        --model_name "$MODEL" --output_dir "$folder" --no_progress >"$folder.log" 2>&1 &
 done
 watch_runs "$BUDGET" "*/*/seed_*/results.md"

@@ -166,3 +166,14 @@ def test_resume_flag_conflicts(capsys, tmp_path):
     assert_one_line_error(code, err, "do not pass a different --output_dir")
     code, err = run_cli(capsys, "run", "--resume", str(tmp_path), "--overwrite")
     assert_one_line_error(code, err, "pass one of them")
+
+
+@pytest.mark.parametrize(("name", "value"), [("generation_cache", "Static"), ("precision", "fp8"),
+                                             ("allocation", "kmeans")])
+def test_a_setting_outside_its_choices_is_refused_where_argparse_does_not_look(name, value):
+    """A Flower run-config or a method spec (`fedlease:allocation=...`) builds a RunConfig without argparse."""
+    from fedlease.config import RunConfig
+    from fedlease.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--{name} must be one of .*got {value!r}"):
+        RunConfig(**{name: value}).validate()

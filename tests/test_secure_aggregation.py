@@ -242,7 +242,9 @@ def test_a_loopback_deployment_with_secure_aggregation_sees_only_sums(tiny_model
     (["--tasks", "rotten_tomatoes:4", "--sample_rate", "0.5"], "--sample_rate"),
     (["--tasks", "rotten_tomatoes:4", "--method", "ifca"], "cannot run --method ifca"),
     (["--tasks", "rotten_tomatoes:4", "--method", "local"], "cannot run --method local"),
-    (["--tasks", "rotten_tomatoes:4", "--dp_clip", "1.0", "--dp_noise", "1.0"], "--dp_clip"),
+    (["--tasks", "rotten_tomatoes:4", "--dp_clip", "1.0", "--dp_noise", "1.0"], "the server's noise"),
+    (["--tasks", "rotten_tomatoes:4", "--dp_clip", "1.0", "--dp_noise", "1.0", "--dp_unit", "record"],
+     "--dp_unit record is not supported yet"),
     (["--tasks", "rotten_tomatoes:4", "--max_update_norm", "1.0"], "--update_norm_action clip"),
 ])
 def test_combinations_secure_aggregation_cannot_run_are_one_line(tiny_model, tmp_path, capsys, flags, says):

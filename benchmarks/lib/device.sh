@@ -16,15 +16,18 @@ device_setup() {
 
 # $OUT/runs.tar.gz: every run in $WORK, without weights, checkpoints or the model
 pack_runs() {
-    tar czf "$OUT/runs.tar.gz.part" -C "$WORK" --exclude checkpoint --exclude final --exclude clients --exclude minilm \
-        --exclude 'round_summary_*.json' --exclude 'lora_client_map_round_*.json' . && mv "$OUT/runs.tar.gz.part" "$OUT/runs.tar.gz"
+    # tar exits 1 when a file (a log still being written) changed while it read it: the pack is still good
+    tar czf "$OUT/runs.tar.gz.part" -C "$WORK" --warning=no-file-changed --exclude checkpoint --exclude final \
+        --exclude clients --exclude minilm --exclude 'round_summary_*.json' --exclude 'lora_client_map_round_*.json' .
+    [ $? -le 1 ] && mv "$OUT/runs.tar.gz.part" "$OUT/runs.tar.gz"
 }
 
 # pack every POLL seconds (30) while background jobs run, until $1 seconds from $start; then once more.
 # $2: the glob (under $WORK) of a finished run's results.md, counted in device.txt
 watch_runs() {
     while [ $((SECONDS - start)) -lt "$1" ] && [ -n "$(jobs -r)" ]; do
-        sleep "${POLL:-30}"
+        left=$(($1 - (SECONDS - start)))
+        sleep $((left < ${POLL:-30} ? left : ${POLL:-30}))
         pack_runs
         # shellcheck disable=SC2086
         echo "$((SECONDS - start)) s: $(ls -d $WORK/$2 2>/dev/null | wc -l) runs finished" >>"$OUT/device.txt"

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedlease.errors import ConfigError
@@ -129,7 +129,8 @@ class RunConfig:
     generation_cache: str = field(default="dynamic", metadata=_opt(
         "Instruction tasks: the KV cache of greedy generation. static: a fixed-size cache, for which transformers "
         "compiles the decoding step on CUDA (torch.compile with CUDA graphs; each new batch shape compiles first, "
-        "for seconds). The same tokens as dynamic; not yet timed on a GPU here (benchmarks/gpu.py times both).",
+        "for seconds). The same tokens as dynamic in fp32 on a CPU (tested); compiled bf16 kernels may round "
+        "differently. Not yet timed on a GPU here (benchmarks/gpu.py times both).",
         choices=("dynamic", "static")))
     quantization: str = field(default="none", metadata=_opt(
         "Instruction tasks on CUDA: store the frozen decoder in 8-bit or 4-bit (NF4) with bitsandbytes, as the "
@@ -227,6 +228,11 @@ class RunConfig:
         """Check what can be checked without data or model; raise ConfigError with one line if not."""
         positive = ("global_rounds", "local_epochs", "rank", "batch_size", "max_length", "eval_batch_size",
                     "max_new_tokens")
+        for option in fields(self):  # argparse checks these; a Flower run-config or a method spec does not
+            choices = option.metadata.get("choices")
+            if choices is not None and getattr(self, option.name) not in choices:
+                raise ConfigError(f"--{option.name} must be one of {', '.join(map(str, choices))}, "
+                                  f"got {getattr(self, option.name)!r}")
         for name in ("train_samples", "test_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be at least 1 or all, got {getattr(self, name)}")

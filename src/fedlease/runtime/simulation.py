@@ -54,7 +54,8 @@ CONSOLE = "console"  # a log record with extra={CONSOLE: False} goes to training
 
 # Settings that may differ when a run is resumed: they change how it is computed, not what (precision rounds
 # differently; --max_batch_tokens splits batches, so dropout draws differ).
-RESUME_MAY_CHANGE = frozenset({"device", "precision", "eval_batch_size", "max_batch_tokens", "overwrite"})
+RESUME_MAY_CHANGE = frozenset({"device", "precision", "eval_batch_size", "max_batch_tokens", "generation_cache",
+                               "overwrite"})
 
 # Files a run writes at the top of its output directory; --overwrite removes exactly these (and final/).
 OWNED_PATTERNS = ("training_log.txt", "training_history.json", "results.md", "lora_client_map_round_*.json",

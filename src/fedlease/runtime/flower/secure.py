@@ -90,6 +90,9 @@ def refuse(config: RunConfig) -> None:
     if config.method in REFUSED:
         raise ConfigError(f"--secure_aggregation cannot run --method {config.method}: {REFUSED[config.method]}, "
                           f"so its aggregate is not a sum over a known group of clients")
+    if config.dp_clip is not None and config.dp_unit == "record":
+        raise ConfigError("--secure_aggregation with --dp_unit record is not supported yet: SecAgg+ rounds have not "
+                          "been tested with DP-SGD clients (the server adds no noise there, so the two could combine)")
     if config.dp_clip is not None:
         raise ConfigError("--secure_aggregation with --dp_clip is not supported: the server's noise is added to each "
                           "aggregate it forms, and under SecAgg+ it never holds one before the sum is unmasked")

@@ -34,6 +34,7 @@ from fedlease.config import RunConfig
 from fedlease.errors import FedleaseError
 from fedlease.methods import create_method
 from fedlease.methods.base import Instruction, Update, select
+from fedlease.privacy import enabled
 from fedlease.report.artifacts import RunRecorder
 from fedlease.runtime.checkpoint import load_checkpoint
 from fedlease.runtime.clients import client_infos
@@ -244,7 +245,8 @@ class FlowerTransport:
         differential privacy, the reference of an aggregate no client has downloaded yet. Public (the seed and
         the public model make it), so any node may answer; the next is asked where one does not."""
         self.discover(self.grid.get_node_ids())
-        for cid, nid in sorted(self.node_of.items()):
+        # the nodes that answered the last message first: a straggler still training would keep the query waiting
+        for cid, nid in sorted(self.node_of.items(), key=lambda item: (item[0] not in self.delivered, item[0])):
             query = Message(RecordDict({"config": ConfigRecord({"seed": int(seed)})}), dst_node_id=nid,
                             message_type="query.initial")
             reply = self.exchange({cid: query}, timeout=self.round_timeout).get(cid)
@@ -490,6 +492,8 @@ def main(grid: Grid, context: Context) -> None:
         federation = Federation(config, method, transport, recorder, out, info)
         start = federation.restore(ckpt) if ckpt is not None else 0  # first: the nodes below join its history
         transport.wait_for_clients(float(runtime["wait-nodes-timeout"]))
+        if enabled(config):  # the reference of DP's first aggregates, asked before round 1, not amid one
+            method.initial_parts(())
         if ckpt is not None:
             log.info("resuming after round %d; each client's own state is taken back, on its node, to the last "
                      "update of it this checkpoint accepted", ckpt.round + 1)
