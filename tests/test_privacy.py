@@ -299,3 +299,23 @@ def test_bad_privacy_settings_are_one_line_exit_2_and_nothing_written(capsys, tm
     assert code == 2 and err[-1].startswith("fedlease: error: ") and fragment in err[-1], err
     assert not out.exists()
 
+
+
+def test_under_client_dp_the_cohort_is_drawn_from_the_servers_secret_not_the_public_seed(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """Amplification by sampling assumes nobody outside the server knows who was sampled: whoever knows the run's
+    settings knows --seed, so a DP run draws its cohorts from the server's secret (kept in its checkpoint)."""
+    import secrets
+
+    from fedlease.runtime.participation import Participation
+
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 987654321)
+    config = tiny_run_config(tiny_model, tmp_path / "run", method="fedit", tasks=["snli"] * 8, global_rounds=4,
+                             warmup_rounds=1, dp_clip=0.05, dp_noise=0.3, sample_rate=0.5, train_samples=8,
+                             test_samples=4)
+    run(config, progress=False)
+    rounds = json.loads((tmp_path / "run" / "training_history.json").read_text())["rounds"]
+    trained = [sorted(int(cid) for cid, c in r["clients"].items() if c.get("upload_bytes")) for r in rounds]
+    sampler = Participation(config)
+    assert trained == [sampler.cohort(rnd, secret=987654321) for rnd in range(4)]
+    assert trained != [sampler.cohort(rnd) for rnd in range(4)]  # the public seed's draw

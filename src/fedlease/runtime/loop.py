@@ -172,7 +172,8 @@ class Federation:
         config, method = self.config, self.method
         last = rnd == config.global_rounds - 1
         start = time.perf_counter()
-        cohort = self.participation.cohort(rnd, self.transport.available())
+        cohort = self.participation.cohort(rnd, self.transport.available(),
+                                           None if self.privacy is None else self.privacy.noisy.secret)
         log.info("round %d/%d%s", rnd + 1, config.global_rounds,
                  f": {len(cohort)} clients sampled" if self.participation.partial else "")
         if not cohort:

@@ -69,19 +69,22 @@ class Participation:
         held = set(self.unseen)
         return [cid for cid in range(self.config.num_clients) if cid not in held]
 
-    def cohort(self, rnd: int, available: Sequence[int] | None = None) -> list[int]:
+    def cohort(self, rnd: int, available: Sequence[int] | None = None, secret: int | None = None) -> list[int]:
         """The clients that train in round ``rnd`` (0-based), sorted. ``available``: those that can be reached
         now (a Flower run's connected nodes); default every trainable client. A uniform sample asks for more
-        clients than are reachable gets all of them."""
+        clients than are reachable gets all of them. The draw comes from the public ``--seed``, or from
+        ``secret`` (client-level DP: the server's own, so that who was sampled is not known to whoever knows the
+        run's settings, as amplification by sampling assumes)."""
         held = set(self.unseen)
         pool = sorted(cid for cid in (self.trainable() if available is None else available) if cid not in held)
         config = self.config
+        draw = generator(config.seed if secret is None else secret, "cohort", rnd)
         if config.sample_rate is not None:
-            draws = torch.rand(len(pool), generator=generator(config.seed, "cohort", rnd))
+            draws = torch.rand(len(pool), generator=draw)
             return [cid for cid, u in zip(pool, draws.tolist(), strict=True) if u < config.sample_rate]
         if not config.clients_per_round or config.clients_per_round >= len(pool):
             return pool
-        picks = torch.randperm(len(pool), generator=generator(config.seed, "cohort", rnd))[: config.clients_per_round]
+        picks = torch.randperm(len(pool), generator=draw)[: config.clients_per_round]
         return sorted(pool[i] for i in picks.tolist())
 
     def evaluated(self, rnd: int, cohort: Sequence[int]) -> list[int]:
