@@ -109,25 +109,35 @@ def test_a_path_that_is_a_file_is_refused(tmp_path):
         FolderBackend(tmp_path / "file")
 
 
-def test_what_a_client_spent_is_never_rolled_back():
-    """The privacy.* keys (its noise's secret, its DP-SGD steps) of a version the server never used are carried
-    into the store the client works from: that upload left the client all the same."""
+def test_what_a_client_spent_is_not_rolled_back_past_a_round_it_will_not_train_again():
+    """The privacy.* keys (its noise's secret, its DP-SGD steps) of a version the server never used pass to the
+    store of a later round's training: that upload left the client all the same. A round trained again (a server
+    resumed from before it) starts as it did the first time: same model, same draws, same release."""
     state = ClientState(MemoryBackend(), OWNER)
 
     def spent(value: float, steps: int) -> dict[str, torch.Tensor]:
         return {**store(value), "privacy.secret": torch.tensor(77), "privacy.record.steps": torch.tensor(steps)}
 
-    state.current(-1)
+    state.current(-1, 0)
     state.stage(0, spent(1.0, 4))
-    assert int(state.current(0)["privacy.record.steps"]) == 4
+    assert int(state.current(0, 1)["privacy.record.steps"]) == 4
     state.stage(1, spent(2.0, 8))  # round 1's reply missed the round
-    got = state.current(0)
+    got = state.current(0, 2)
     assert torch.equal(got["x.lora_B"], store(1.0)["x.lora_B"])  # the model state is round 0's
     assert int(got["privacy.record.steps"]) == 8 and int(got["privacy.secret"]) == 77  # what it spent is not
     state.stage(2, spent(3.0, 12))
-    state.current(2)
-    assert int(state.current(0)["privacy.record.steps"]) == 12  # a server resumed from before round 2: the same
-    fresh = ClientState(MemoryBackend(), OWNER)
-    fresh.current(-1)
-    fresh.stage(0, spent(1.0, 4))
-    assert {k: int(v) for k, v in fresh.current(-1).items()} == {"privacy.secret": 77, "privacy.record.steps": 4}
+    state.current(2, 3)
+    assert int(state.current(0, 1)["privacy.record.steps"]) == 4  # a server resumed to train round 1 again
+    state.stage(1, spent(2.0, 8))
+    state.current(1, 2)
+    state.stage(2, spent(3.0, 12))
+    state.current(2, 3)
+    assert int(state.current(1, 3)["privacy.record.steps"]) == 12  # resumed to round 3: round 2's release stands
+    assert "privacy.secret" not in ClientState(MemoryBackend(), OWNER).current(-1, 0)
+    fresh = []
+    for _ in range(3):  # round 0's only update dropped, then: round 0 again, round 1, an evaluation
+        fresh.append(ClientState(MemoryBackend(), OWNER))
+        fresh[-1].current(-1, 0)
+        fresh[-1].stage(0, spent(1.0, 4))
+    assert fresh[0].current(-1, 0) == {} and fresh[2].current(-1) == {}
+    assert {k: int(v) for k, v in fresh[1].current(-1, 1).items()} == {"privacy.secret": 77, "privacy.record.steps": 4}

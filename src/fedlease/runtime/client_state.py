@@ -16,10 +16,13 @@ client it last accepted (``accepted``, -1 for none). On each message the client 
 
 So a client's store always matches the server's view of it: after a rejected update, a timeout, a restart of
 the node, or a resume of the server. With one exception: what the client has *spent* (the store's ``privacy.*``
-keys: the secret its own noise is drawn from, its DP-SGD steps and releases so far) is never rolled back. An
-upload the server did not use has left the client all the same, so the newest dropped version's ``privacy.*``
-values are carried into the store the client works from: its next noise is never a draw it already released,
-and its running count of steps includes those of the dropped round.
+keys: the secret its own noise is drawn from, its DP-SGD steps and releases so far) is not rolled back past a
+round it is not about to train again. An upload the server did not use (a reply past the round's timeout) has
+left the client all the same, so when the client trains a later round, the ``privacy.*`` values of the newest
+dropped version of an earlier round are carried into its store: its noise is never a draw it released for
+another model, and its running count of steps includes the dropped round's. A round that is trained again (a
+server resumed from before it) starts from what it started from the first time: the same model, the same draws,
+the same release.
 
 Where a store lives is a small key-value backend: a dict (the in-process runner, whose checkpoints hold the
 committed stores), Flower's node state (lost if the SuperNode restarts), or a node-local folder (survives the
@@ -201,14 +204,16 @@ class ClientState:
         except SafetensorError as exc:
             raise ClientStateError(f"{blob_name(rnd)} in the {self.backend.where} is unreadable ({exc})") from None
 
-    def current(self, accepted: int) -> dict[str, torch.Tensor] | None:
+    def current(self, accepted: int, training: int | None = None) -> dict[str, torch.Tensor] | None:
         """Reconcile with the server's ``accepted`` round; return the store to work from (a new dict), or None
-        when the version of round ``accepted`` is not here (the node lost it)."""
+        when the version of round ``accepted`` is not here (the node lost it). ``training``: the round the store
+        is for (None: an evaluation), whose earlier dropped versions pass on what they spent (see above)."""
         changed = False
         dropped = {r: d for r, d in self.committed.items() if r > accepted}  # the server resumed from before them
         if self.staged is not None and self.staged[0] != accepted:
             dropped[self.staged[0]] = self.staged[1]
-        spent = self.spent(*max(dropped.items())) if dropped else {}
+        earlier = {r: d for r, d in dropped.items() if training is not None and r < training}
+        spent = self.spent(*max(earlier.items())) if earlier else {}
         if self.staged is not None:
             rnd, digest = self.staged
             if rnd == accepted:

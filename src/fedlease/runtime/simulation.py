@@ -198,8 +198,8 @@ class InProcessTransport:
     def available(self) -> None:
         return None  # every client is in this process
 
-    def store(self, cid: int, sync: Sync) -> dict[str, torch.Tensor]:
-        store = self.state(cid, sync).current(sync.of(cid))
+    def store(self, cid: int, sync: Sync, training: int | None = None) -> dict[str, torch.Tensor]:
+        store = self.state(cid, sync).current(sync.of(cid), training)
         assert store is not None, "an in-process client keeps every accepted version"
         return store
 
@@ -215,7 +215,7 @@ class InProcessTransport:
     def train(self, rnd: int, instructions: Mapping[int, Instruction], sync: Sync) -> dict[int, Update]:
         updates = {}
         for cid, ins in self.bar(instructions.items(), rnd, "train"):
-            store = self.store(cid, sync)
+            store = self.store(cid, sync, rnd)
             try:
                 updates[cid] = self.method.client_update(self.clients[cid], ins, rnd, store)
             except TrainingDiverged as exc:

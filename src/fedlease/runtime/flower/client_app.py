@@ -178,13 +178,14 @@ def client_state(context: Context, federation: str, partition_id: int) -> Client
     return ClientState(backend, Owner(federation, partition_id))
 
 
-def working_store(msg: Message, context: Context, current: Session) -> tuple[ClientState, dict[str, torch.Tensor],
-                                                                             bool]:
-    """The client's state, reconciled with the server's last accepted round, and the store to work from; a node
-    that no longer holds the version the server expects continues from the empty store (logged, and reported)."""
+def working_store(msg: Message, context: Context, current: Session, training: int | None = None
+                  ) -> tuple[ClientState, dict[str, torch.Tensor], bool]:
+    """The client's state, reconciled with the server's last accepted round, and the store to work from (for
+    training round ``training``, see ``ClientState.current``); a node that no longer holds the version the server
+    expects continues from the empty store (logged, and reported)."""
     federation, accepted = decode_sync(msg.content)
     state = client_state(context, federation, current.partition_id)
-    store = state.current(accepted)
+    store = state.current(accepted, training)
     if store is None:
         log.warning("client %d: its own state of round %d is not in the %s (the node lost it); it continues from "
                     "the initial state", current.partition_id, accepted + 1, state.backend.where)
@@ -269,7 +270,7 @@ def train(msg: Message, context: Context) -> Message:
         start = time.perf_counter()
         current = session(context)
         ins, rnd, _ = decode_instruction(msg.content)
-        state, store, lost = working_store(msg, context, current)
+        state, store, lost = working_store(msg, context, current, rnd)
         evaluation, evaluation_seconds, evaluation_error = None, 0.0, None
         if (first := decode_evaluate_first(msg.content, ins.state)) is not None:
             evaluated, before = first
