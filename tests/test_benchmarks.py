@@ -28,9 +28,8 @@ RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline
             "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
             "test_prompt_cut.py", "signature_heldout.py", "round_profile.py", "dp_step_cost.py",
-            "peak_batches.py", "dp_utility.py"}
-ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py",
-             "device_parity.sh": "test_device_parity_runs_every_variant_and_seed_and_merge_comparison_tables_them"}
+            "peak_batches.py", "dp_utility.py", "device_parity.sh"}
+ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
     "deployment.py": "starts a real Flower SuperLink and SuperNodes and times them; the deployment itself is tested "
