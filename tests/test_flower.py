@@ -412,7 +412,7 @@ def test_a_reply_that_misses_the_round_does_not_advance_the_clients_state(tiny_m
     # client 0 trains in round 2 but its reply arrives too late, or it does not train at all: the same to the server,
     # and now the same to the client, whose round-2 training is dropped instead of kept
     late = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "late")), late={0: {1}},
-                      node_config=state_dirs(tmp_path / "state-late", 2), round_timeout=20.0)
+                      node_config=state_dirs(tmp_path / "state-late", 2), round_timeout=10.0)
     absent = flower_run(dataclasses.replace(config, output_dir=str(tmp_path / "absent")), fail={0: {1}},
                         node_config=state_dirs(tmp_path / "state-absent", 2))
     h_late, h_absent = history(late), history(absent)
@@ -632,7 +632,7 @@ def test_a_record_level_reply_that_misses_the_round_is_still_charged(tiny_model,
 
     config = tiny_run_config(tiny_model, tmp_path / "o", method="fedit", tasks=["rotten_tomatoes", "rotten_tomatoes"],
                              global_rounds=3, warmup_rounds=1, dp_clip=0.5, dp_noise=1.0, dp_unit="record")
-    out = flower_run(config, late={0: {1}}, node_config=state_dirs(tmp_path / "state", 2), round_timeout=20.0)
+    out = flower_run(config, late={0: {1}}, node_config=state_dirs(tmp_path / "state", 2), round_timeout=10.0)
     clients = history(out)["privacy"]["clients"]
     per_round = steps_per_call(config.local_epochs, config.batch_size, config.train_samples)
     assert clients["0"]["steps"] == clients["1"]["steps"] == 3 * per_round
