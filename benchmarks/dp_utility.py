@@ -22,7 +22,8 @@ at ``--clip``, noise every step, epsilon per client and per example, the server 
 setting (arXiv 2403.12313: epsilon 6, 3, 1, delta 1e-5). Its rows give each client's noise multiplier (they differ
 with the clients' sizes) and the largest epsilon a client spent; the aggregate columns, client-level notions, are
 left empty. Both units end with a summary over seeds: per method and epsilon the final accuracy's mean and sd and
-its change from the same seed's run without DP (a drop that freezing A makes smaller is FFA-LoRA's finding).
+its change from the same seed's run without DP (a drop that freezing A makes smaller is FFA-LoRA's finding), and
+each task's accuracy over seeds beside a uniform guess's (which tasks still learn where the mean falls).
 
     python benchmarks/dp_utility.py --out benchmarks/results/dp_utility_builtin [--epsilons inf 8 2]
         [--methods fedlease fedit ffa_lora] [--seeds 1] [--clip 0.5] [--delta 1e-5] [--unit client|record]
@@ -72,6 +73,7 @@ def finished(out: Path, epsilon: str, method: str, seed: int) -> bool:
 def row(path: Path) -> dict:
     history = read_history(path)
     config, privacy = history["config"], history.get("privacy") or {}
+    labels = {c["task"]: len(c["labels"]) for c in history["clients"]}
     trained = [c for r in history["rounds"] for c in r["clients"].values() if c.get("train")]
     norms = [c["train"]["change_norm"] for c in trained if "change_norm" in c["train"]]
     method = config["method"]
@@ -86,6 +88,8 @@ def row(path: Path) -> dict:
               "allocation": describe_allocation(history) or "-",
               "upload_params": statistics.median(c["upload_params"] for c in trained),
               "accuracy": history["final"]["mean"]["accuracy"],
+              "task_labels": labels,
+              "task_accuracy": {task: scores["accuracy"] for task, scores in history["final"]["tasks"].items()},
               "best_round_accuracy": history["final"]["oracle_best_mean"]["accuracy"],
               "median_change_norm": statistics.median(norms) if norms else None,
               "minutes": sum(r["seconds"] for r in history["rounds"]) / 60}
@@ -155,6 +159,25 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def per_task(rows: list[dict]) -> list[str]:
+    """Per method and epsilon: each task's final accuracy over seeds (which tasks still learn where the mean
+    falls), and the accuracy a uniform guess would get (1 / its labels, from each run's clients)."""
+    tasks = sorted({task for r in rows for task in r["task_accuracy"]})
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target_epsilon"] or math.inf), []).append(r)
+    lines = ["| method | epsilon | seeds | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    for (method, target), group in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        cells = [mean_sd([100 * r["task_accuracy"][task] for r in group if task in r["task_accuracy"]])
+                 if any(task in r["task_accuracy"] for r in group) else "-" for task in tasks]
+        lines.append(f"| {method} | {'inf (no DP)' if target == math.inf else f'{target:g}'} | "
+                     f"{' '.join(str(r['seed']) for r in sorted(group, key=lambda r: r['seed']))} | "
+                     + " | ".join(cells) + " |")
+    guess = {task: 100 / labels for r in rows for task, labels in r["task_labels"].items()}
+    lines.append("| uniform guess | | | " + " | ".join(f"{guess[task]:.2f}" for task in tasks) + " |")
+    return lines
+
+
 def table(out: Path) -> str:
     rows = [row(path) for path in histories(out)]
     (out / "utility.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -178,7 +201,8 @@ def table(out: Path) -> str:
                      f"{r['allocation']} | {groups} | {noise} | {fmt(r.get('cohort_for_noise_at_most_signal'), 'd')} | "
                      f"{100 * r['accuracy']:.2f} | {fmt(r['median_change_norm'], '.3f')} | {r['seed']} | "
                      f"{r['minutes']:.0f} |")
-    text = "\n".join(lines) + "\n\nOver seeds:\n\n" + "\n".join(summary(rows)) + "\n"
+    text = ("\n".join(lines) + "\n\nOver seeds:\n\n" + "\n".join(summary(rows)) + "\n\nPer task, over seeds:\n\n"
+            + "\n".join(per_task(rows)) + "\n")
     (out / "utility.md").write_text(text)
     return text
 

@@ -255,7 +255,14 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
     table = run_script("dp_utility.py", "--out", str(out), "--table-only", cwd=tmp_path).stdout
     assert table.strip() == (out / "utility.md").read_text().strip() and table.strip() in first.stdout
     runs, over_seeds = table.split("Over seeds:")
-    assert runs.count("\n| fed") == 4 and over_seeds.count("\n| fed") == 4
+    over_seeds, tasks = over_seeds.split("Per task, over seeds:")
+    assert runs.count("\n| fed") == 4 and over_seeds.count("\n| fed") == 4 and tasks.count("\n| fed") == 4
+    # each task's column is the histories' final accuracy of that task; a uniform guess is 1 / its labels
+    assert "| method | epsilon | seeds | rotten_tomatoes | snli |" in tasks
+    assert "| uniform guess | | | 50.00 | 33.33 |" in tasks
+    final = json.loads(Path(by["fedit", 4]["run"], "training_history.json").read_text())["final"]["tasks"]
+    assert (f"| fedit | 4 | 1 | {100 * final['rotten_tomatoes']['accuracy']:.2f} | "
+            f"{100 * final['snli']['accuracy']:.2f} |") in tasks
     # a committed history is gzipped: the table is the same
     for path in out.glob("runs/eps*/*/*/seed_*/training_history.json"):
         path.with_suffix(".json.gz").write_bytes(gzip.compress(path.read_bytes()))
