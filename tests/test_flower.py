@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import tomllib
 import torch
 from flower_grid import InProcessGrid, run_server
+from flwr.app import RecordDict
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_instruction_config, tiny_run_config, write_instruction_folder
@@ -35,6 +37,7 @@ from fedlease.runtime.flower.messages import (
     encode_instruction,
     encode_update,
     get_state,
+    put_state,
 )
 from fedlease.runtime.flower.run_config import from_run_config, to_run_config
 from fedlease.runtime.loop import Evaluation, Federation
@@ -613,14 +616,28 @@ def test_flower_gives_the_in_process_runners_results_under_differential_privacy(
         return push(grid, messages)
 
     monkeypatch.setattr(InProcessGrid, "push_messages", counted)
+    if method == "fedlease" and unit == "client":  # the first node's answer is not finite: the next node is asked
+        pull = InProcessGrid.pull_messages
+
+        def spoiled(grid, message_ids):
+            replies = list(pull(grid, message_ids))
+            for reply in replies:
+                if queries == [config.seed] and reply.metadata.message_type == "query.initial":
+                    state = get_state(reply.content, "state")
+                    reply.content = put_state(RecordDict(), "state", {k: v * math.nan for k, v in state.items()})
+            return replies
+
+        monkeypatch.setattr(InProcessGrid, "pull_messages", spoiled)
     flower = flower_run(dataclasses.replace(config, tasks=["rotten_tomatoes", "rotten_tomatoes", "snli"],
                                             output_dir=str(tmp_path / "flower")))
     assert_same_results(tmp_path / "in-process", flower)
     privacy, expected = history(flower)["privacy"], history(tmp_path / "in-process")["privacy"]
     assert privacy == expected and privacy["epsilon"] > 0
-    if unit == "client":  # each seed asked once: the run's, and IFCA's clusters' own
+    if method == "fedlease" and unit == "client":  # asked again after the spoiled answer, and then never
+        assert queries == [config.seed, config.seed]
+    elif unit == "client":  # each seed asked once: the run's, and IFCA's clusters' own
         assert sorted(set(queries)) == sorted(queries) and config.seed in queries
-        assert len(queries) == (1 + config.num_clusters if method == "ifca" else 1)
+        assert len(queries) == 1 + config.num_clusters
     else:
         assert not queries and set(privacy["clients"]) == {"0", "1", "2"}
 

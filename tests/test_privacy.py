@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_run_config
 from fedlease.cli import main
+from fedlease.errors import FedleaseError
 from fedlease.methods import METHODS
 from fedlease.privacy import expected_contributors
 from fedlease.privacy.accounting import Release, calibrate, epsilon
@@ -70,6 +71,20 @@ def test_an_aggregate_is_the_reference_plus_the_sum_of_changes_over_the_expected
     states = [{"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([1.0, 4.0])}]
     out = NoisyMean(clip=1.0, noise=0.0, secret=1).mean(states, reference, expected=4.0, name="g")
     assert torch.allclose(out["w"], torch.tensor([1.25, 2.5]))  # (1, 2) / 4 added, not / 2 replied
+
+
+@pytest.mark.parametrize("state,fragment", [
+    ({"w": torch.zeros(2)}, "the upload lacks v"),
+    ({"w": torch.zeros(2), "v": torch.zeros(1), "u": torch.zeros(1)}, "the reference lacks u"),
+    ({"w": torch.zeros(3), "v": torch.zeros(1)}, r"w has shape \(3,\), the reference \(2,\)"),
+])
+def test_an_upload_that_does_not_match_its_reference_stops_the_aggregate_instead_of_losing_arrays(state, fragment):
+    """The noised mean is formed over the reference's arrays: an array it lacks would silently drop from the
+    aggregate, so a mismatch (a node that returned another initial state) is an error that names it."""
+    reference = {"w": torch.ones(2), "v": torch.ones(1)}
+    ok = {"w": torch.zeros(2), "v": torch.zeros(1)}
+    with pytest.raises(FedleaseError, match=fragment):
+        NoisyMean(clip=1.0, noise=0.0, secret=1).mean([ok, state], reference, expected=2.0, name="g")
 
 
 # -- accounting -----------------------------------------------------------------------------------------------

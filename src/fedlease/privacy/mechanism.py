@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from fedlease.errors import FedleaseError
 from fedlease.seeding import derive_seed
 
 
@@ -57,6 +58,18 @@ def add_noise(state: Mapping[str, torch.Tensor], keys: Iterable[str], std: float
     return {**state, **{key: (state[key].double() + noise[key]).to(state[key].dtype) for key in keys}}
 
 
+def mismatched(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """How ``state`` differs from ``reference`` in its keys or shapes; None where they match."""
+    if missing := sorted(set(reference) - set(state)):
+        return f"the upload lacks {missing[0]}"
+    if extra := sorted(set(state) - set(reference)):
+        return f"the reference lacks {extra[0]}"
+    for key, ref in reference.items():
+        if state[key].shape != ref.shape:
+            return f"{key} has shape {tuple(state[key].shape)}, the reference {tuple(ref.shape)}"
+    return None
+
+
 class NoisyMean:
     """The server's aggregate under DP: reference + (sum of changes + N(0, (noise x clip)^2)) / expected.
 
@@ -72,6 +85,12 @@ class NoisyMean:
              expected: float, name: str) -> dict[str, torch.Tensor]:
         """The noised mean of ``states`` (the keys of ``reference``) for the aggregate called ``name`` in this
         round; ``expected``: how many contributors the round was expected to have (at least 1 is used)."""
+        for state in states:  # each change is measured against the reference: they must hold the same arrays
+            if (mismatch := mismatched(state, reference)) is not None:
+                raise FedleaseError(f"differential privacy's aggregate {name!r}: an upload does not match the "
+                                    f"reference its change is measured against ({mismatch}); where the reference "
+                                    f"is the seeded initial state a node returned, do all nodes run the same "
+                                    f"fedlease and model?")
         divisor = max(float(expected), 1.0)
         noise = gaussian_like(reference, self.noise * self.clip, derive_seed(self.secret, "dp", self.round, name))
         out = {}

@@ -243,15 +243,28 @@ class FlowerTransport:
     def initial_state(self, seed: int) -> dict[str, torch.Tensor]:
         """The seeded initial LoRA and head (``AdaptedModel.initial_state``), asked of a connected node: under
         differential privacy, the reference of an aggregate no client has downloaded yet. Public (the seed and
-        the public model make it), so any node may answer; the next is asked where one does not."""
+        the public model make it), so any node may answer; the next is asked where one does not, or answers
+        with an unreadable, empty or non-finite state. A state of other arrays than the uploads' stops the first
+        aggregate (``NoisyMean.mean``)."""
         self.discover(self.grid.get_node_ids())
         # the nodes that answered the last message first: a straggler still training would keep the query waiting
         for cid, nid in sorted(self.node_of.items(), key=lambda item: (item[0] not in self.delivered, item[0])):
             query = Message(RecordDict({"config": ConfigRecord({"seed": int(seed)})}), dst_node_id=nid,
                             message_type="query.initial")
             reply = self.exchange({cid: query}, timeout=self.round_timeout).get(cid)
-            if reply is not None:
-                return get_state(reply.content, "state")
+            if reply is None:
+                continue
+            try:
+                state = get_state(reply.content, "state")
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                log.warning("client %d's node sent an unreadable initial state (%s); asking the next node", cid, err)
+                continue
+            if not state or not all(torch.is_floating_point(t) and bool(torch.isfinite(t).all())
+                                    for t in state.values()):
+                log.warning("client %d's node sent an initial state that is empty or not finite; asking the next node",
+                            cid)
+                continue
+            return state
         raise FedleaseError("no node answered the query for the seeded initial state, which differential privacy "
                             "needs as the reference of the first aggregates; see the nodes' logs")
 
