@@ -1,16 +1,17 @@
 """What record-level DP-SGD (``--dp_unit record``) costs in local training time, against the same training without DP.
 
-Opacus' ``GradSampleModule`` refuses the expert layer (it holds buffers), so ``fit_private`` gets each example's
-gradient by micro-batching: a forward and a backward pass per example (``privacy.record.per_sample_gradients``).
-For each task's first client and each batch size this measures, on one thread and with the process's CPU clock (so
-the ratios hold when other work shares the cores):
+``fit_private`` gets every example's gradient of a batch in one batched pass (``privacy.per_example``: Opacus'
+hooks, with a grad sampler for the expert layer); before, it took a forward and a backward pass per example
+(micro-batching, ``privacy.record.per_sample_gradients``, kept as the exact reference). For each task's first client
+and each batch size this measures, on one thread and with the process's CPU clock (so the ratios hold when other
+work shares the cores):
 
-- ``gradients``: the same batches (``train.batch_indices``, seeded) differentiated twice: one batched
-  ``backward`` of the batch's mean loss, and the per-example gradients of its rows; the ratio is micro-batched over
-  batched CPU seconds.
+- ``gradients``: the same batches (``train.batch_indices``, seeded) differentiated three times: one batched
+  ``backward`` of the batch's mean loss, the per-example gradients of its rows by micro-batching, and the same in
+  one pass; ``ratio`` is micro-batched over batched CPU seconds, ``one_pass_ratio`` one pass over batched.
 - ``local_call``: a whole local training call of one epoch, ``fit`` against ``fit_private`` (Poisson batches of
-  the same expected size, clipping and noise by Opacus' DPOptimizer, noise multiplier 1, clip 1), each from the
-  same initial LoRA; the ratio is DP over plain CPU seconds per step.
+  the same expected size, per-example gradients in one pass, clipping and noise by Opacus' DPOptimizer, noise
+  multiplier 1, clip 1), each from the same initial LoRA; the ratio is DP over plain CPU seconds per step.
 
 Each figure is the best of ``--repeats`` runs after an untimed one. Prints one JSON object as the last line of
 stdout. ``--quick`` (the test suite runs it): one task, one batch size, few examples; give ``--model_name`` to run
@@ -35,6 +36,7 @@ from fedlease import train as T
 from fedlease.config import RunConfig
 from fedlease.methods.base import LORA_PARTS
 from fedlease.methods.fedlease import PLAIN_LORA
+from fedlease.privacy import per_example
 from fedlease.privacy import record as record_dp
 from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
 
@@ -72,9 +74,16 @@ def gradient_cost(client: T.LocalClient, batch_size: int, repeats: int, seed: in
             record_dp.per_sample_gradients(loss_of, index, params)
         record_dp.release(params)
 
+    def one_pass() -> None:
+        with per_example.hooks(client.adapted.model):
+            for index in batches:
+                per_example.gradients(lambda rows: client.example_losses(data, rows), [index], params)
+
     plain, private = cpu_seconds(batched, repeats), cpu_seconds(micro, repeats)
+    vectorised = cpu_seconds(one_pass, repeats)
     return {"batches": len(batches), "examples": len(data), "batched_cpu_s": round(plain, 6),
-            "micro_batched_cpu_s": round(private, 6), "ratio": round(private / plain, 3)}
+            "micro_batched_cpu_s": round(private, 6), "ratio": round(private / plain, 3),
+            "one_pass_cpu_s": round(vectorised, 6), "one_pass_ratio": round(vectorised / plain, 3)}
 
 
 def call_cost(client: T.LocalClient, batch_size: int, repeats: int, seed: int) -> dict:

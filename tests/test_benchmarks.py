@@ -430,6 +430,7 @@ def test_dp_step_cost_times_dp_sgd_against_the_same_training_without_it(tiny_mod
     grads, call = row["gradients"], row["local_call"]
     assert row["batch_size"] == 8 and grads["examples"] == 16 and grads["batches"] == 2
     assert grads["ratio"] == pytest.approx(grads["micro_batched_cpu_s"] / grads["batched_cpu_s"], rel=0.01)
+    assert grads["one_pass_ratio"] == pytest.approx(grads["one_pass_cpu_s"] / grads["batched_cpu_s"], rel=0.01)
     # a DP call takes as many steps as a plain one, at q = batch / examples
     assert call["steps"] == call["dp_steps"] == 2 and call["poisson_rate"] == 0.5
     assert call["ratio"] == pytest.approx(call["dp_cpu_s_per_step"] / call["plain_cpu_s_per_step"], rel=0.01)

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_instruction_config, tiny_run_config
 from fedlease.cli import main
+from fedlease.config import RunConfig
 from fedlease.errors import ConfigError
-from fedlease.privacy import record_level
+from fedlease.model.experts import ExpertLayout
+from fedlease.privacy import per_example, record_level
 from fedlease.privacy.record import (
     DPSGD,
     NOISE,
@@ -29,6 +31,7 @@ from fedlease.privacy.record import (
     calibrated_noise,
     per_sample_gradients,
     planned_steps,
+    release,
     sample_rate,
     spent,
 )
@@ -90,6 +93,116 @@ def test_micro_batched_gradients_of_a_lora_client_sum_to_the_batched_gradient(ti
         for p in params:
             p.requires_grad_(False)
             del p.grad_sample
+
+
+# -- every example's gradient in one pass (Opacus' hooks, the expert layer's grad sampler) -------------------------
+
+LAYOUTS = {"plain LoRA": ExpertLayout(), "adaptive": ExpertLayout(3, 1, "adaptive"),
+           "top-2": ExpertLayout(3, 2, "topk", top_k=2), "fixed": ExpertLayout(3, 0, "fixed")}
+
+
+def clients_of(config: RunConfig) -> list[LocalClient]:
+    from fedlease.runtime.simulation import build_clients, load_partition, prepare_config
+
+    config = prepare_config(config)
+    _, splits = load_partition(config)
+    return build_clients(config, splits)[1]
+
+
+def randomised(client: LocalClient, layout: ExpertLayout, parts=("lora_A", "lora_B", "router", "head")) -> list:
+    """``client`` arranged as ``layout`` with every LoRA, bank and router weight random (B = 0 at init gives
+    zero gradients), its dropout off but in training mode (Opacus records only then); its trainable params."""
+    client.adapted.configure(layout)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for tensor in client.adapted.tensors(("lora_A", "lora_B", "router", "experts")).values():
+            tensor.copy_(0.3 * torch.randn(tensor.shape, generator=gen))
+    if layout.routing == "fixed":
+        client.adapted.set_mixture(torch.tensor([0.5, 0.3, 0.2]))
+    for module in client.adapted.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    client.adapted.model.train()
+    return client.adapted.set_trainable(parts)
+
+
+def assert_one_pass_equals_one_example_at_a_time(client: LocalClient, params: list, index: torch.Tensor,
+                                                 parts: list[torch.Tensor]) -> None:
+    data = client.train_data
+    try:
+        reference_losses = per_sample_gradients(lambda rows: client.batch_loss(data, rows), index, params)
+        reference = [p.grad_sample.clone() for p in params]
+        release(params)
+        with per_example.hooks(client.adapted.model):
+            losses = per_example.gradients(lambda rows: client.example_losses(data, rows), parts, params)
+            for param, expected in zip(params, reference, strict=True):
+                assert param.grad_sample.shape == expected.shape
+                assert torch.allclose(param.grad_sample, expected, atol=1e-5, rtol=1e-4), param.shape
+        assert torch.allclose(losses, reference_losses, atol=1e-5)
+        assert all(float(g.abs().sum()) > 0 for g in reference)  # every parameter's gradient was checked
+        assert all(not hasattr(p, "grad_sample") for p in client.adapted.model.parameters())  # hooks removed
+    finally:
+        release(params)
+        for p in params:
+            p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("task", ["rotten_tomatoes", "snli"])
+def test_per_example_gradients_in_one_pass_are_those_of_one_example_at_a_time(tiny_model, tmp_path, layout, task):
+    """Every routing, one text or a separately encoded pair (two encoder rows an example, folded), one batch or
+    the same rows in two parts (--max_batch_tokens): each example's gradient of every trainable weight (the own
+    expert's A and B, the router, the head) is the one its own forward and backward give."""
+    config = tiny_run_config(tiny_model, tmp_path, tasks=[task], lora_dropout=0.0, pair_encoding="separate")
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS[layout])
+    index = torch.tensor([5, 0, 3, 7, 2])
+    assert_one_pass_equals_one_example_at_a_time(client, params, index, [index])
+    params = randomised(client, LAYOUTS[layout])
+    assert_one_pass_equals_one_example_at_a_time(client, params, index, [index[:2], index[2:]])
+
+
+@pytest.mark.parametrize("layout", ["plain LoRA", "adaptive"])
+def test_per_example_gradients_of_a_decoder_are_each_rows_mean_over_its_response_tokens(tiny_causal_lm, tmp_path,
+                                                                                         layout):
+    config = tiny_instruction_config(tiny_causal_lm, tmp_path, lora_dropout=0.0, train_samples=6)
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS[layout], parts=("lora_A", "lora_B", "router"))
+    index = torch.tensor([4, 1, 0, 5])
+    assert_one_pass_equals_one_example_at_a_time(client, params, index, [index])
+
+
+@given(st.lists(st.integers(1, 128), min_size=0, max_size=40), st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_a_poisson_batch_is_computed_in_parts_of_similar_lengths(lengths, seed):
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    index = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed))[: len(lengths) // 2 + 1]
+    index = index[: len(lengths)]
+    parts = per_example.length_parts(index, lengths)
+    assert sorted(torch.cat(parts).tolist() if parts else []) == sorted(index.tolist())  # every row once
+    for part in parts:
+        assert lengths[part].max() <= per_example.SPREAD * lengths[part].min()
+    for longer, shorter in zip(parts, parts[1:], strict=False):  # cut only where needed
+        assert lengths[shorter[0]] * per_example.SPREAD < lengths[longer[0]]
+
+
+def test_per_example_gradients_use_the_dropout_the_forward_drew(tiny_model, tmp_path):
+    """With LoRA dropout on, each example's gradient must use its own forward's dropped-out input: their sum is
+    the gradient of the summed loss from the same pass (a grad sampler that used the undropped input would not)."""
+    config = tiny_run_config(tiny_model, tmp_path, tasks=["rotten_tomatoes"], lora_dropout=0.5)
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS["adaptive"])
+    for layer in client.adapted.sites.values():
+        layer.dropout.p = 0.5  # randomised switched every dropout off
+    try:
+        with per_example.hooks(client.adapted.model):
+            client.example_losses(client.train_data, torch.arange(6)).sum().backward()
+            for param in params:
+                assert torch.allclose(param.grad_sample.sum(0), param.grad, atol=1e-5, rtol=1e-4), param.shape
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
 
 
 # -- the DP step (Opacus' DPOptimizer around AdamW or SGD) ---------------------------------------------------------

@@ -228,12 +228,23 @@ class GenerationClient(LocalClient):
         return self.adapted.model.get_decoder()(input_ids=batch["input_ids"],
                                                 attention_mask=batch["attention_mask"]).last_hidden_state
 
+    def scored_losses(self, batch: dict[str, torch.Tensor | int]) -> torch.Tensor:
+        """The cross-entropy of each scored position of ``lm_batch``'s ``batch`` (its response tokens)."""
+        hidden = self.hidden_states(batch).flatten(0, 1).index_select(0, batch["scored_positions"])
+        logits = self.adapted.model.get_output_embeddings()(hidden).float()  # the LM head on scored positions only
+        return F.cross_entropy(logits, batch["scored_targets"], reduction="none")
+
     def token_losses(self, data: LMEncoded, index: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy of the response tokens of rows ``index``, and their number."""
         batch = lm_batch(data, index, self.settings.device)
-        hidden = self.hidden_states(batch).flatten(0, 1).index_select(0, batch["scored_positions"])
-        logits = self.adapted.model.get_output_embeddings()(hidden).float()  # the LM head on scored positions only
-        return F.cross_entropy(logits, batch["scored_targets"], reduction="sum"), batch["scored_tokens"]
+        return self.scored_losses(batch).sum(), batch["scored_tokens"]
+
+    def example_losses(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Each row's mean cross-entropy over its own response tokens, (len(index),): what DP-SGD clips."""
+        batch = lm_batch(data, index, self.settings.device)
+        rows = batch["scored_positions"] // batch["input_ids"].shape[1]
+        totals = torch.zeros(len(index), device=rows.device).index_add_(0, rows, self.scored_losses(batch))
+        return totals / torch.bincount(rows, minlength=len(index)).clamp(min=1)
 
     def batch_loss(self, data: LMEncoded, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         total, count = self.token_losses(data, index)

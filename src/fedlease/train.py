@@ -37,6 +37,7 @@ from fedlease.data.tasks import Example, TaskSpec
 from fedlease.errors import ConfigError, FedleaseError
 from fedlease.model.bi_encoder import BiEncoderClassifier
 from fedlease.model.experts import AdaptedModel, ExpertLayout
+from fedlease.privacy import per_example
 from fedlease.privacy import record as record_dp
 
 LENGTH_GROUP_BATCHES = 50
@@ -257,6 +258,12 @@ class LocalClient:
         batch = make_batch(data, index, self.settings.device)
         return F.cross_entropy(self.logits(batch), to_device(data.labels[index], self.settings.device))
 
+    def example_losses(self, data: Encoded, index: torch.Tensor) -> torch.Tensor:
+        """Each row's own training loss, (len(index),) (called under autocast): what DP-SGD clips one by one."""
+        batch = make_batch(data, index, self.settings.device)
+        return F.cross_entropy(self.logits(batch), to_device(data.labels[index], self.settings.device),
+                               reduction="none")
+
     def batch_tokens(self, data: Encoded, index: torch.Tensor) -> int:
         """The padded tokens rows ``index`` take as one batch (a separately encoded pair: both texts' rows)."""
         texts = [data] if data.second is None else [data, data.second]
@@ -355,22 +362,26 @@ class LocalClient:
         torch.manual_seed(seed)  # dropout
         batches = dp.batches()
 
-        def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        def losses_of(rows: torch.Tensor) -> torch.Tensor:
             with settings.autocast():
-                return self.batch_loss(data, rows)
+                return self.example_losses(data, rows)
 
         model = self.adapted.model
         model.train()
         loss_sum = torch.zeros((), device=settings.device)
         examples = 0
         start = time.perf_counter()
-        for _ in range(steps):
-            index = dp.batch(len(data), batches)
-            loss_sum += record_dp.per_sample_gradients(loss_of, index, params).sum()
-            private.step()  # an empty batch still takes a step: the noise alone
-            schedule.step()
-            private.zero_grad(set_to_none=True)
-            examples += len(index)
+        with per_example.hooks(model):
+            for _ in range(steps):
+                index = dp.batch(len(data), batches)
+                parts = [chunk for part in per_example.length_parts(index, data.example_lengths)
+                         for chunk in token_chunks(part, functools.partial(self.batch_tokens, data),
+                                                   settings.max_batch_tokens)]
+                loss_sum += per_example.gradients(losses_of, parts, params).sum()
+                private.step()  # an empty batch still takes a step: the noise alone
+                schedule.step()
+                private.zero_grad(set_to_none=True)
+                examples += len(index)
         dp.took(steps)
         record_dp.release(params)
         return self.finished(params, float(loss_sum) / max(examples, 1), steps, examples, start)

@@ -134,6 +134,9 @@ class ExpertLinear(nn.Module):
         # "fixed" routing: expert weights (M,) or per example (batch, 1, M), set by AdaptedModel.set_mixture
         self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
+        # DP-SGD's per-example gradients (privacy/per_example.py): while a list, every training forward's
+        # dropout(x), which the backward cannot draw again
+        self.dp_inputs: list[torch.Tensor] | None = None
 
     @torch.inference_mode(False)
     def configure(self, layout: ExpertLayout) -> None:
@@ -162,6 +165,9 @@ class ExpertLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         h = self.dropout(x).to(self.lora_A.dtype)
+        if self.dp_inputs is not None and self.training and torch.is_grad_enabled() and \
+                any(p.requires_grad for p in self.parameters(recurse=False)):  # as Opacus records x
+            self.dp_inputs.append(h.detach())
         if self.layout.routing == "none":
             return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
         experts_A, experts_B = self.spliced_bank()  # (M*r, d_in), (d_out, M*r)

@@ -3,10 +3,11 @@
 What is protected is one training example of one client (add-or-remove-one-example adjacency). Every local step
 of every local training call is a DP-SGD step (``LocalClient.fit`` with a :class:`DPSGD`): a batch is a Poisson
 sample of the client's examples (each independently with probability q = batch size / examples), every example's
-gradient is computed on its own (``per_sample_gradients``: one forward and backward pass per example, exact for
-every layer, since Opacus' GradSampleModule refuses the expert layer, which holds buffers) and handed to Opacus'
-``DPOptimizer``, which clips each to ``--dp_clip``, adds Gaussian noise of standard deviation noise x clip to their
-sum and divides by the expected batch size before the wrapped AdamW steps. The batches and the noise are drawn
+gradient comes from one batched pass (``per_example``: Opacus' hooks and a grad sampler for the expert layer;
+``per_sample_gradients`` here, one forward and backward pass per example, is the exact reference the tests and
+``benchmarks/dp_step_cost.py`` hold it to) and is handed to Opacus' ``DPOptimizer``, which clips each to
+``--dp_clip``, adds Gaussian noise of standard deviation noise x clip to their sum and divides by the expected
+batch size before the wrapped AdamW steps. The batches and the noise are drawn
 from the client's own secret seed (its store's ``privacy.secret``, never the public ``--seed``), so the server
 cannot replay them; dropout keeps its public seed.
 
@@ -153,10 +154,11 @@ def save(dp: DPSGD, store: dict[str, torch.Tensor]) -> None:
 
 def per_sample_gradients(loss_of: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor,
                          params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """Each example's own gradient, by micro-batching: for every row of ``index``, ``loss_of`` (the mean loss of
-    the rows it is given) of that row alone, differentiated. Sets ``p.grad_sample`` (rows, *p.shape) on each of
-    ``params`` for Opacus' DPOptimizer (a parameter the row does not reach gets zeros) and returns the rows'
-    losses. Exact whatever the layers (dropout, routing, pairs, a decoder); costs a pass per example."""
+    """Each example's own gradient, by micro-batching (the exact reference of ``per_example``): for every row of
+    ``index``, ``loss_of`` (the mean loss of the rows it is given) of that row alone, differentiated. Sets
+    ``p.grad_sample`` (rows, *p.shape) on each of ``params`` for Opacus' DPOptimizer (a parameter the row does not
+    reach gets zeros) and returns the rows' losses. Exact whatever the layers (dropout, routing, pairs, a decoder);
+    costs a pass per example."""
     samples = [torch.zeros((len(index), *p.shape), dtype=p.dtype, device=p.device) for p in params]
     losses = torch.zeros(len(index), device=params[0].device if params else None)
     for row in range(len(index)):
