@@ -273,13 +273,13 @@ def test_dp_utility_runs_each_epsilon_and_method_and_rederives_its_table(tiny_mo
 def test_dp_utility_record_unit_runs_dp_sgd_and_sums_up_each_epsilon_over_seeds(tiny_model, tmp_path):
     out = tmp_path / "record"
     run_script("dp_utility.py", "--out", str(out), "--unit", "record", "--epsilons", "inf", "4", "--methods",
-               "fedit", "ffa_lora", "--seeds", "1", "2", "--clip", "1.0", "--", "--model_name", tiny_model, "--tasks",
+               "ffa_lora", "--seeds", "1", "2", "--clip", "1.0", "--", "--model_name", tiny_model, "--tasks",
                "rotten_tomatoes:2", "snli:2", "--global_rounds", "2", "--warmup_rounds", "1", "--train_samples",
                "12", "--test_samples", "8", "--batch_size", "4", "--max_length", "24", "--local_epochs", "1",
                cwd=tmp_path, timeout=400)
     rows = [json.loads(line) for line in (out / "utility.jsonl").read_text().splitlines()]
     by = {(r["method"], r["target_epsilon"], r["seed"]): r for r in rows}
-    assert set(by) == {(m, e, s) for m in ("fedit", "ffa_lora") for e in (None, 4) for s in (1, 2)}
+    assert set(by) == {("ffa_lora", e, s) for e in (None, 4) for s in (1, 2)}
     for (_, target, _), r in by.items():
         history = json.loads(Path(r["run"], "training_history.json").read_text())
         if target is None:
@@ -295,7 +295,7 @@ def test_dp_utility_record_unit_runs_dp_sgd_and_sums_up_each_epsilon_over_seeds(
         assert 0 < r["epsilon_spent"] <= 4 + 1e-6 and "adapter_contributors" not in r
     # the summary: mean and sd over the seeds, and the change from the same seed's run without DP
     summary = (out / "utility.md").read_text().split("Over seeds:")[1]
-    for method in ("fedit", "ffa_lora"):
+    for method in ("ffa_lora",):
         plain = [100 * by[method, None, s]["accuracy"] for s in (1, 2)]
         private = [100 * by[method, 4, s]["accuracy"] for s in (1, 2)]
         change = [p - q for p, q in zip(private, plain, strict=True)]
