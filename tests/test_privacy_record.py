@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import tiny_instruction_config, tiny_run_config
 from fedlease.cli import main
 from fedlease.config import RunConfig
-from fedlease.errors import ConfigError
+from fedlease.errors import ConfigError, FedleaseError
 from fedlease.model.experts import ExpertLayout
 from fedlease.privacy import per_example, record_level
 from fedlease.privacy.record import (
@@ -141,6 +141,7 @@ def assert_one_pass_equals_one_example_at_a_time(client: LocalClient, params: li
         assert torch.allclose(losses, reference_losses, atol=1e-5)
         assert all(float(g.abs().sum()) > 0 for g in reference)  # every parameter's gradient was checked
         assert all(not hasattr(p, "grad_sample") for p in client.adapted.model.parameters())  # hooks removed
+        assert not hasattr(client.adapted.model, "autograd_grad_sample_hooks")
     finally:
         release(params)
         for p in params:
@@ -170,6 +171,89 @@ def test_per_example_gradients_of_a_decoder_are_each_rows_mean_over_its_response
     params = randomised(client, LAYOUTS[layout], parts=("lora_A", "lora_B", "router"))
     index = torch.tensor([4, 1, 0, 5])
     assert_one_pass_equals_one_example_at_a_time(client, params, index, [index])
+
+
+def test_per_example_router_gradients_under_bf16_autocast_follow_the_forwards_choice_of_experts(tiny_model,
+                                                                                                 tmp_path):
+    """As DP-SGD trains in bf16 (the forward under autocast, the backward outside it), the forward picks each
+    token's top-2 experts from bf16 logits; the examples' router gradients must be that routing's, so their sum
+    is the batched gradient of the same pass to bf16's precision. Small router weights make near-ties, for which
+    logits recomputed in fp32 pick other experts (10-15% off on two layers of this model)."""
+    config = tiny_run_config(tiny_model, tmp_path, tasks=["rotten_tomatoes"], lora_dropout=0.0, train_samples=48)
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS["top-2"], parts=("router",))
+    with torch.no_grad():
+        for param in params:
+            param.mul_(0.02)
+    try:
+        with per_example.hooks(client.adapted.model):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = client.example_losses(client.train_data, torch.arange(48))
+            losses.sum().backward()
+            for param in params:
+                error = float((param.grad_sample.sum(0) - param.grad).norm() / param.grad.norm())
+                assert error < 0.04, (param.shape, error)
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def test_hooks_leave_the_model_as_it_was_when_opacus_refuses_a_layer(tiny_model, tmp_path):
+    """A trainable layer Opacus cannot handle (one holding a buffer, no grad sampler) stops the hooks while they
+    are attached: no hook, no kept input is left behind, and the next DP-SGD call attaches its hooks again."""
+    config = tiny_run_config(tiny_model, tmp_path, tasks=["rotten_tomatoes"], lora_dropout=0.0)
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS["adaptive"], parts=("lora_A", "lora_B"))
+    model = client.adapted.model
+    odd = torch.nn.Module()
+    odd.weight = torch.nn.Parameter(torch.zeros(2))
+    odd.register_buffer("count", torch.zeros(1))
+    model.add_module("odd", odd)
+    try:
+        with pytest.raises(NotImplementedError), per_example.hooks(model):
+            pass
+        assert not hasattr(model, "autograd_grad_sample_hooks")
+        experts = [m for m in model.modules() if m.__class__.__name__ == "ExpertLinear"]
+        assert experts and all(layer.dp_inputs is None for layer in experts)
+        client.example_losses(client.train_data, torch.arange(3)).sum().backward()  # a plain step keeps nothing
+        assert all(layer.dp_inputs is None for layer in experts)
+        del model.odd
+        for p in params:
+            p.grad = None
+        with per_example.hooks(model):
+            per_example.gradients(lambda rows: client.example_losses(client.train_data, rows), [torch.arange(3)],
+                                  params)
+            assert all(p.grad_sample.shape[0] == 3 for p in params)
+        assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())
+    finally:
+        if hasattr(model, "odd"):
+            del model.odd
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def test_a_parameter_that_gets_a_gradient_but_no_per_example_gradient_is_refused(tiny_model, tmp_path):
+    """A parameter made trainable after the hooks were attached would get a batched gradient and no per-example
+    one: DP-SGD stops rather than give it zeros (a noise-only update that never learns)."""
+    config = tiny_run_config(tiny_model, tmp_path, tasks=["rotten_tomatoes"], lora_dropout=0.0)
+    client = clients_of(config)[0]
+    params = randomised(client, LAYOUTS["plain LoRA"], parts=("lora_A", "lora_B"))
+    head = [p for name, p in client.adapted.model.named_parameters() if name.startswith("classifier")]
+    assert head and not any(p.requires_grad for p in head)
+    try:
+        with per_example.hooks(client.adapted.model):
+            for p in head:
+                p.requires_grad_(True)
+            with pytest.raises(FedleaseError, match="no per-example gradient"):
+                per_example.gradients(lambda rows: client.example_losses(client.train_data, rows),
+                                      [torch.arange(4)], params + head)
+        assert all(p.grad is None for p in params + head)  # the hooks' exit drops what the failed step left
+    finally:
+        for p in params + head:
+            p.grad = None
+            p.requires_grad_(False)
 
 
 @given(st.lists(st.integers(1, 128), min_size=0, max_size=40), st.integers(0, 2**31))

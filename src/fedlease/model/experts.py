@@ -135,8 +135,8 @@ class ExpertLinear(nn.Module):
         self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
         # DP-SGD's per-example gradients (privacy/per_example.py): while a list, every training forward's
-        # dropout(x), which the backward cannot draw again
-        self.dp_inputs: list[torch.Tensor] | None = None
+        # dropout(x), which the backward cannot draw again, and its router logits (None without a router)
+        self.dp_inputs: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @torch.inference_mode(False)
     def configure(self, layout: ExpertLayout) -> None:
@@ -165,18 +165,24 @@ class ExpertLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         h = self.dropout(x).to(self.lora_A.dtype)
+        logits = None
+        if self.layout.routing == "none":
+            out = result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
+        else:
+            experts_A, experts_B = self.spliced_bank()  # (M*r, d_in), (d_out, M*r)
+            if self.router is None:  # "fixed": the mixture set from outside, (M,) or (batch, 1, M)
+                columns = self.mixture.to(self.assign.dtype) @ self.assign
+            else:
+                logits = F.linear(x.to(self.router.dtype), self.router)
+                columns = route(logits, self.layout, self.assign)
+            z = h @ experts_A.t()  # every expert's A at once: (..., M*r)
+            out = result + ((z * columns.to(z.dtype)) @ experts_B.t()).to(result.dtype)
         if self.dp_inputs is not None and self.training and torch.is_grad_enabled() and \
                 any(p.requires_grad for p in self.parameters(recurse=False)):  # as Opacus records x
-            self.dp_inputs.append(h.detach())
-        if self.layout.routing == "none":
-            return result + (h @ self.lora_A.t() @ self.lora_B.t() * self.scaling).to(result.dtype)
-        experts_A, experts_B = self.spliced_bank()  # (M*r, d_in), (d_out, M*r)
-        if self.router is None:  # "fixed": the mixture set from outside, (M,) or (batch, 1, M)
-            columns = self.mixture.to(self.assign.dtype) @ self.assign
-        else:
-            columns = route(F.linear(x.to(self.router.dtype), self.router), self.layout, self.assign)
-        z = h @ experts_A.t()  # every expert's A at once: (..., M*r)
-        return result + ((z * columns.to(z.dtype)) @ experts_B.t()).to(result.dtype)
+            # dropout's draw and the router's logits as this forward computed them (under autocast, in its dtype:
+            # logits recomputed in fp32 could pick other experts than the forward did)
+            self.dp_inputs.append((h.detach(), None if logits is None else logits.detach()))
+        return out
 
     def spliced_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts as one rank-(M*r) pair, (M*r, d_in) and (d_out, M*r), the own expert's rows and columns

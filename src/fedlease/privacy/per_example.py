@@ -12,10 +12,11 @@ without a router):
     dL/dB_i = sum_t g_t (c * (EA h_t))_o^T        dL/dA_i = sum_t ((EB^T g_t) * c)_o h_t^T
     dL/dG_i = sum_t dlogits_t x_t^T,  dlogits_t = the router's backward of (EB^T g_t) * (EA h_t)
 
-(the router's backward, through top-k and the softmax, is autograd's on the recomputed routing: each token's
-is its own). A separately encoded pair is two rows of every encoder layer's input, first texts then second
-texts; its gradient is their sum (``gradients``). Tests check all of it against ``record.per_sample_gradients``,
-which differentiates one example at a time and is exact for any layer.
+(the router's backward, through top-k and the softmax, is autograd's on the routing recomputed from the logits
+the forward kept: each token's is its own, and its experts are those the forward chose, under autocast too). A
+separately encoded pair is two rows of every encoder layer's input, first texts then second texts; its gradient
+is their sum (``gradients``). Tests check all of it against ``record.per_sample_gradients``, which
+differentiates one example at a time and is exact for any layer.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample import GradSampleHooks, register_grad_sampler
 
+from fedlease.errors import FedleaseError
 from fedlease.model.experts import ExpertLinear, route
 
 
@@ -38,7 +39,8 @@ def expert_grad_sample(layer: ExpertLinear, activations: list[torch.Tensor], bac
     x = activations[0]
     rows = x.shape[0]
     x = x.reshape(rows, -1, x.shape[-1]).float()
-    h = layer.dp_inputs.pop().reshape(rows, -1, x.shape[-1]).float()  # this forward's dropout(x)
+    h, logits = layer.dp_inputs.pop()  # this forward's dropout(x) and router logits
+    h = h.reshape(rows, -1, x.shape[-1]).float()
     g = backprops.reshape(rows, -1, backprops.shape[-1]).float()
     wanted = {name: p for name, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("router", layer.router))
               if p is not None and p.requires_grad}
@@ -54,7 +56,8 @@ def expert_grad_sample(layer: ExpertLinear, activations: list[torch.Tensor], bac
             if layer.router is None:  # "fixed": the mixture (M,) or per example (rows, 1, M)
                 columns = layer.mixture.float() @ layer.assign.float()
             else:
-                columns = route(F.linear(x, layer.router.float()), layout, layer.assign).float()
+                logits = logits.reshape(rows, -1, logits.shape[-1]).float()  # the forward's choice of experts
+                columns = route(logits, layout, layer.assign).float()
         z = h @ experts_A.t()  # (rows, tokens, M*r)
         back = g @ experts_B  # dL/d(z * columns)
         out = {}
@@ -64,7 +67,7 @@ def expert_grad_sample(layer: ExpertLinear, activations: list[torch.Tensor], bac
             out[layer.lora_A] = torch.einsum("btk,bti->bki", (back * columns)[..., own], h)
     if "router" in wanted:
         with torch.enable_grad():
-            logits = F.linear(x, layer.router.detach().float()).requires_grad_(True)
+            logits = logits.detach().requires_grad_(True)
             (dlogits,) = torch.autograd.grad(route(logits, layout, layer.assign), logits, back * z)
         out[layer.router] = torch.einsum("bts,bti->bsi", dlogits, x)
     return {param: grad.to(param.dtype) for param, grad in out.items()}
@@ -94,25 +97,35 @@ def length_parts(index: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tenso
 @contextlib.contextmanager
 def hooks(model: torch.nn.Module) -> Iterator[None]:
     """Opacus' per-example hooks on ``model``'s trainable layers (those trainable when entered), for the
-    summed per-example losses; the expert layers keep their dropped-out inputs meanwhile."""
+    summed per-example losses; the expert layers keep their dropped-out inputs meanwhile. On the way out, also
+    after an error (a layer Opacus refuses, a failed step), the model is left as it was: no hook, no kept input,
+    no per-example or accumulated gradient."""
     experts = [m for m in model.modules() if isinstance(m, ExpertLinear)]
-    for layer in experts:
-        layer.dp_inputs = []
-    attached = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    attached = None
     try:
+        for layer in experts:
+            layer.dp_inputs = []
+        attached = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
         with warnings.catch_warnings():  # the first adapted layer's input (frozen embeddings) needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             yield
     finally:
-        attached.remove_hooks()
+        if attached is not None:
+            attached.remove_hooks()
+        else:  # Opacus stopped while attaching (a trainable layer it cannot handle): the hooks it had added
+            for handle in getattr(model, "autograd_grad_sample_hooks", ()):
+                handle.remove()
+            if hasattr(model, "autograd_grad_sample_hooks"):
+                delattr(model, "autograd_grad_sample_hooks")
         for layer in experts:
             layer.dp_inputs = None
         for param in model.parameters():
+            param.grad = None
             for name in ("grad_sample", "_forward_counter", "_current_grad_sample"):
                 if hasattr(param, name):
                     delattr(param, name)
         for module in model.modules():
-            for name in ("activations", "max_batch_len"):
+            for name in ("activations", "max_batch_len", "ft_compute_sample_grad"):
                 if hasattr(module, name):
                     delattr(module, name)
 
@@ -136,6 +149,10 @@ def gradients(losses_of: Callable[[torch.Tensor], torch.Tensor], parts: Sequence
         part_losses.sum().backward()
         for param, sample in zip(params, samples, strict=True):
             grad = param.grad_sample
+            if grad is None and param.grad is not None:  # trained, yet never clipped: refuse, not zero-fill
+                raise FedleaseError(f"DP-SGD: a trainable parameter of shape {tuple(param.shape)} has a gradient "
+                                    "but no per-example gradient (its layer was not trainable when the hooks "
+                                    "were attached, or Opacus has no grad sampler for it)")
             if grad is not None:
                 if grad.shape[0] != n:  # k rows per example, one block of n rows after another
                     assert grad.shape[0] % n == 0, (grad.shape, n)
