@@ -22,7 +22,7 @@ from conftest import tiny_instruction_config, tiny_run_config
 from fedlease.cli import main
 from fedlease.config import RunConfig
 from fedlease.errors import ConfigError, FedleaseError
-from fedlease.model.experts import ExpertLayout
+from fedlease.model.experts import ExpertLayout, ExpertLinear
 from fedlease.privacy import per_example, record_level
 from fedlease.privacy.record import (
     DPSGD,
@@ -214,7 +214,7 @@ def test_hooks_leave_the_model_as_it_was_when_opacus_refuses_a_layer(tiny_model,
         with pytest.raises(NotImplementedError), per_example.hooks(model):
             pass
         assert not hasattr(model, "autograd_grad_sample_hooks")
-        experts = [m for m in model.modules() if m.__class__.__name__ == "ExpertLinear"]
+        experts = [m for m in model.modules() if isinstance(m, ExpertLinear)]
         assert experts and all(layer.dp_inputs is None for layer in experts)
         client.example_losses(client.train_data, torch.arange(3)).sum().backward()  # a plain step keeps nothing
         assert all(layer.dp_inputs is None for layer in experts)
