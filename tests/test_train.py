@@ -272,3 +272,27 @@ def test_a_batch_goes_to_a_gpu_through_pinned_memory_without_waiting():
     assert moved.pinned and moved.non_blocking is True and moved.device == torch.device("cuda")
     on_cpu = to_device(HostTensor(), torch.device("cpu"))
     assert not on_cpu.pinned  # pinning needs CUDA; a CPU run copies nothing
+
+
+def test_adamw_runs_fused_and_trains_as_the_per_parameter_loop(tiny_clients, monkeypatch):
+    """The trainable parameters are updated by AdamW's fused kernel (one operation per group instead of about ten
+    per parameter, and no wait for the GPU under fp16 loss scaling), which must train as the per-parameter loop
+    does: same parameters after a local call, to float rounding."""
+    from fedlease import train
+    from fedlease.model.experts import ExpertLayout
+
+    client = tiny_clients[1][0]
+    parts = ("lora_A", "lora_B", "head")
+    assert client.optimizer(parts, 1)[1].defaults["fused"] is True
+    assert not train.fused_adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+    start = {name: torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())) * 0.05
+             for name, t in client.state(parts).items()}
+    trained = {}
+    for fused in (True, False):
+        monkeypatch.setattr(train, "fused_adamw", lambda params, fused=fused: fused)
+        client.apply(ExpertLayout(), start)
+        client.fit(parts, seed=3)
+        trained[fused] = client.state(parts)
+    assert any(not torch.equal(trained[True][name], start[name]) for name in start)
+    for name in start:
+        torch.testing.assert_close(trained[True][name], trained[False][name], rtol=1e-5, atol=1e-6)
