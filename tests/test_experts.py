@@ -326,3 +326,37 @@ def test_the_expert_layer_compiles_into_one_graph_with_the_same_output(routing):
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_one_compiled_graph_serves_every_own_expert_and_trains_as_the_eager_layer():
+    """Clients of different clusters differ by their own expert only: a compiled layer (a static generation cache on
+    CUDA, a compiled training step) must not compile again for each of them, and its gradients must be the eager
+    layer's. Before the own expert's rows were a tensor, the graph sliced at their Python offsets, and every own
+    expert compiled a graph of its own."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layer = make_layer()
+    compiled = torch.compile(layer, backend=counting, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 5, 16)
+    for own in range(3):
+        randomize(layer, ExpertLayout(num_experts=3, own_expert=own, routing="adaptive"), seed=own)
+        results = []
+        for forward in (compiled, layer):
+            params = (layer.lora_A, layer.lora_B, layer.router)
+            for p in params:
+                p.requires_grad_(True)
+                p.grad = None
+            out = forward(x)
+            out.square().sum().backward()
+            results.append((out.detach(), [p.grad.clone() for p in params]))
+        (out, grads), (eager_out, eager_grads) = results
+        torch.testing.assert_close(out, eager_out)
+        for g, eager_g in zip(grads, eager_grads, strict=True):
+            assert eager_g.abs().sum() > 0
+            torch.testing.assert_close(g, eager_g)
+    assert len(graphs) == 1

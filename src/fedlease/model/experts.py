@@ -109,6 +109,14 @@ def expert_columns(experts: int, rank: int, scaling: float, rows: torch.Tensor) 
     return F.one_hot(rows, experts).float().repeat_interleave(rank, dim=1) * scaling
 
 
+def refill(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` written into ``buffer`` where the shapes agree, else ``value`` on ``buffer``'s device: a buffer keeps
+    its memory from client to client, as a CUDA graph, which reads its inputs at recorded addresses, needs."""
+    if buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.is_inference():
+        return value.to(buffer.device)
+    return buffer.copy_(value)
+
+
 class ExpertLinear(nn.Module):
     """A frozen ``nn.Linear`` plus LoRA experts and a router; see the module docstring."""
 
@@ -131,6 +139,8 @@ class ExpertLinear(nn.Module):
         self._flat_B: torch.Tensor | None = None
         self._flat_B_of: tuple[torch.Tensor, int] | None = None  # the bank and version _flat_B was made from
         self.register_buffer("assign", torch.zeros(0, 0, device=factory["device"]), persistent=False)
+        # the own expert's rows of the (M*r, d_in) bank as a tensor, for compiled graphs (spliced_bank)
+        self.register_buffer("own_rows", torch.arange(rank, device=factory["device"]), persistent=False)
         # "fixed" routing: expert weights (M,) or per example (batch, 1, M), set by AdaptedModel.set_mixture
         self.register_buffer("mixture", torch.ones(1, device=factory["device"]), persistent=False)
         self.layout = ExpertLayout()
@@ -158,8 +168,10 @@ class ExpertLinear(nn.Module):
                 self.router = nn.Parameter(torch.zeros(slots, self.base.in_features, device=device, dtype=dtype))
         # what turns slot (or, for "fixed" routing, expert) weights into the rank columns' multipliers
         rows = layout.slot_to_expert() if slots else torch.arange(m)
-        self.assign = expert_columns(m, self.rank, self.scaling, rows).to(device)
+        self.assign = refill(self.assign, expert_columns(m, self.rank, self.scaling, rows))
         self.mixture = torch.full((m,), 1.0 / m, device=device)
+        self.own_rows = refill(self.own_rows, torch.arange(layout.own_expert * self.rank,
+                                                           (layout.own_expert + 1) * self.rank))
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +203,12 @@ class ExpertLinear(nn.Module):
         which bumps its version: ``load_state``'s copy, any in-place op; not a write through ``.data`` or a NumPy
         view, which nothing here makes): not in every step."""
         bank = self.experts_B
-        if torch.compiler.is_compiling():  # a compiled graph makes the layout itself, at no launch of its own
-            return self.splice(self.experts_A.flatten(0, 1), bank.permute(1, 0, 2).reshape(bank.shape[1], -1))
+        if torch.compiler.is_compiling():
+            # A compiled graph makes the layout itself, at no launch of its own, and splices the own expert in at
+            # the rows a tensor names: slicing at the own expert's Python offsets would make the graph specialise
+            # on them, so every own expert (every cluster of clients) would compile a graph of its own.
+            flat_A, flat_B = self.experts_A.flatten(0, 1), bank.permute(1, 0, 2).reshape(bank.shape[1], -1)
+            return flat_A.index_copy(0, self.own_rows, self.lora_A), flat_B.index_copy(1, self.own_rows, self.lora_B)
         # an inference tensor (made under torch.inference_mode) keeps no version: its layout is never reused
         version = None if bank.is_inference() else bank._version
         if version is None or self._flat_B_of is None or self._flat_B_of[0] is not bank or \
