@@ -28,7 +28,7 @@ RUN_HERE = {"end_to_end.py", "expert_layer.py", "memory.py", "edit_copy_baseline
             "allocation_diagnostics.py", "batch_grouping.py", "decoder_throughput.py", "label_skew_signature.py",
             "merge_comparison.py", "open_federation_label_mix.py", "private_allocation.py", "rss_timeline.py",
             "test_prompt_cut.py", "signature_heldout.py", "round_profile.py", "dp_step_cost.py",
-            "peak_batches.py", "dp_utility.py", "device_parity.sh"}
+            "peak_batches.py", "dp_utility.py", "device_parity.sh", "compile_training.py"}
 ELSEWHERE = {"gpu.py": "tests/test_benchmark_gpu.py", "open_federation.py": "tests/test_benchmark_open_federation.py"}
 NOT_RUN = {
     "device_open_comparison.sh": "runs the open-federation comparison on a lent GPU machine (hours of runs)",
@@ -466,3 +466,20 @@ def test_device_parity_runs_every_variant_and_seed_and_merge_comparison_tables_t
         assert len(accuracies) == 2
         row = next(line for line in table.splitlines() if f"precision={precision}" in line)
         assert f"{100 * statistics.mean(accuracies):.2f} ± {100 * statistics.stdev(accuracies):.2f}" in row, row
+
+
+def test_compile_training_compiles_one_graph_per_layout_and_trains_as_eager(tmp_path):
+    """The quick run compiles with the eager backend (dynamo's tracing and guards, no generated code): the compiled
+    model must train every client exactly as eager does, and make no graph per own expert (4 clients, each its own
+    expert of K = 4: a graph each would be 4 adaptive graphs)."""
+    result = last_json(run_script("compile_training.py", "--quick", cwd=tmp_path))
+    assert result["benchmark"] == "compile_training" and result["backend"] == "eager"
+    assert result["compiled"]["graph_breaks"] == 0
+    assert result["compiled"]["graphs"] <= 3  # warmup: one, and one with dynamic shapes; adaptive: one
+    eager, compiled = result["rounds"]["eager"], result["rounds"]["compiled"]
+    assert [(r["layout"], r["round"]) for r in eager] == [(r["layout"], r["round"]) for r in compiled]
+    assert len({f["loss"] for r in eager for f in r["fits"]}) > 4  # the clients and layouts differ
+    for ours, reference in zip(compiled, eager, strict=True):
+        assert [f["steps"] for f in ours["fits"]] == [f["steps"] for f in reference["fits"]]
+        assert [f["loss"] for f in ours["fits"]] == pytest.approx([f["loss"] for f in reference["fits"]], rel=1e-5)
+    assert result["eager"]["aten_calls_per_adaptive_step"] > 0
