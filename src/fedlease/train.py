@@ -8,8 +8,8 @@ benchmarks/results/details.md, "Speed and memory"). Training batches are grouped
 chunks of 50 batches, shuffle the batches), which removes most padding; the price is that for a client of up to 50
 batches 60-81% of the example pairs that share a batch share one again the next epoch (benchmarks/batch_grouping.py; the
 effect on accuracy is not yet measured). A fresh AdamW with linear decay is used per local call, as in the
-released code (Hugging Face Trainer defaults: weight decay on matrices only, gradient clipping at 1.0; the fused
-AdamW kernel, the Trainer's default from torch 2.8, and the gradient norm over all parameters at once). Matrix
+released code (Hugging Face Trainer defaults: weight decay on matrices only, gradient clipping at 1.0, and the
+fused AdamW kernel, the Trainer's default from torch 2.8). Matrix
 products run under autocast in the dtype ``--precision`` resolves to (bf16 on CUDA and on CPUs with native bf16;
 fp16 with loss scaling on GPUs without bf16); parameters and optimiser state stay fp32. Evaluation runs under
 ``torch.inference_mode``.
@@ -171,8 +171,8 @@ def make_batch(data: Encoded, index: torch.Tensor, device: torch.device) -> dict
 def fused_adamw(params: Sequence[torch.nn.Parameter]) -> bool:
     """Whether AdamW can update ``params`` with its fused kernel: one operation per parameter group instead of
     about ten per parameter (the default on a CPU; the default on CUDA, foreach, groups them but still issues
-    about ten per group, and under fp16 loss scaling waits for the GPU to read the scale). fp32 parameters
-    on a CPU or CUDA, what the trainable LoRA, router and head always are."""
+    about ten per group, and under fp16 loss scaling waits for the GPU to read whether a gradient overflowed).
+    fp32 parameters on a CPU (torch 2.4 on) or CUDA, what the trainable LoRA, router and head always are."""
     return bool(params) and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
 
 
@@ -323,7 +323,7 @@ class LocalClient:
                 loss = self.backward_batch(data, index, scaler)
                 if settings.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm, foreach=True)
+                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()

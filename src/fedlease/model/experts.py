@@ -110,8 +110,11 @@ def expert_columns(experts: int, rank: int, scaling: float, rows: torch.Tensor) 
 
 
 def refill(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` written into ``buffer`` where the shapes agree, else ``value`` on ``buffer``'s device: a buffer keeps
-    its memory from client to client, as a CUDA graph, which reads its inputs at recorded addresses, needs."""
+    """``value`` written into ``buffer`` where the shapes agree, else ``value`` on ``buffer``'s device: ``assign`` and
+    ``own_rows`` keep their memory from client to client, as a CUDA graph, which reads its inputs at recorded
+    addresses, needs. A forward saves them for its backward (the routing's product, the splice's rows): configure
+    a layer between a forward and its backward and the backward refuses the changed buffer, which nothing here
+    does."""
     if buffer.shape != value.shape or buffer.dtype != value.dtype or buffer.is_inference():
         return value.to(buffer.device)
     return buffer.copy_(value)
