@@ -336,9 +336,9 @@ def test_one_compiled_graph_serves_every_own_expert_and_trains_as_the_eager_laye
     torch._dynamo.reset()
     graphs = []
 
-    def counting(gm, example_inputs):
+    def counting(gm, example_inputs):  # AOTAutograd's forward and backward graphs, as inductor gets them
         graphs.append(gm)
-        return gm.forward
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     layer = make_layer()
     compiled = torch.compile(layer, backend=counting, fullgraph=True, dynamic=False)
