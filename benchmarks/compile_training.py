@@ -25,12 +25,14 @@ tests/test_experts.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,11 +51,11 @@ def gpu_module():
 def clients_of(args, gpu, scratch: Path):
     from fedlease.config import RunConfig
     from fedlease.data.partition import ClientSplit
+    from fedlease.model.backbone import resolve_device
     from fedlease.runtime import simulation
     from fedlease.runtime.clients import load_shared_backbone, local_client, train_settings
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     gpu.build_folder("encoder", args.shape, scratch / "encoder", device, torch.float32)
     tasks = list(gpu.GLUE_TASKS)
     config = simulation.prepare_config(RunConfig(
@@ -68,7 +70,14 @@ def clients_of(args, gpu, scratch: Path):
     return backbone, settings, [local_client(config, backbone, settings, split) for split in splits]
 
 
-def rounds(clients, experts: int, device: torch.device) -> list[dict]:
+def adaptive_layout(client, experts: int):
+    """The adaptive layout of ``client``: K = ``experts``, its own expert ``client % K``."""
+    from fedlease.model.experts import ExpertLayout
+
+    return ExpertLayout(experts, client.client_id % experts, "adaptive")
+
+
+def rounds(clients, experts: int, sync: Callable[[], None]) -> list[dict]:
     """Two warmup rounds, then two adaptive rounds: every client's fit timed (seconds), its loss and steps."""
     from fedlease.methods.fedlease import ADAPTIVE_PARTS, WARMUP_PARTS
     from fedlease.model.experts import ExpertLayout
@@ -78,13 +87,12 @@ def rounds(clients, experts: int, device: torch.device) -> list[dict]:
         for repeat in range(2):
             fits = []
             for client in clients:
-                layout = ExpertLayout() if name == "warmup" else \
-                    ExpertLayout(experts, client.client_id % experts, "adaptive")
+                layout = ExpertLayout() if name == "warmup" else adaptive_layout(client, experts)
                 client.apply(layout, start_state(client, layout))
-                sync(device)
+                sync()
                 start = time.perf_counter()
                 metrics = client.fit(parts, seed=1)
-                sync(device)
+                sync()
                 fits.append({"seconds": time.perf_counter() - start, "steps": metrics["steps"],
                              "loss": metrics["train_loss"]})
             out.append({"layout": name, "round": repeat + 1, "fits": fits})
@@ -101,11 +109,6 @@ def start_state(client, layout) -> dict[str, torch.Tensor]:
             for index, (name, t) in enumerate(sorted(client.adapted.tensors(PARTS).items()))}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def aten_calls_per_step(client, experts: int) -> tuple[float, float]:
     """aten calls per step of one adaptive fit under the profiler, and how many of them make the batches (cut the
     rows, trim, mask, the labels, the copies to the device: ``make_batch`` and ``to_device``)."""
@@ -113,7 +116,6 @@ def aten_calls_per_step(client, experts: int) -> tuple[float, float]:
 
     from fedlease import train
     from fedlease.methods.fedlease import ADAPTIVE_PARTS
-    from fedlease.model.experts import ExpertLayout
 
     def marked(fn):
         def call(*args, **kwargs):
@@ -121,7 +123,7 @@ def aten_calls_per_step(client, experts: int) -> tuple[float, float]:
                 return fn(*args, **kwargs)
         return call
 
-    layout = ExpertLayout(experts, client.client_id % experts, "adaptive")
+    layout = adaptive_layout(client, experts)
     client.apply(layout, start_state(client, layout))
     originals = train.make_batch, train.to_device
     train.make_batch, train.to_device = map(marked, originals)
@@ -178,6 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         backbone, settings, clients = clients_of(args, gpu, Path(scratch))
         device = settings.device
+        sync = functools.partial(gpu.sync, device)  # a CUDA fit is timed once its kernels have run
         result = {"benchmark": "compile_training", "quick": args.quick, "shape": args.shape, "device": str(device),
                   "precision": str(settings.amp_dtype or "fp32").removeprefix("torch."), "clients": len(clients),
                   "train_per_client": args.train, "batch_size": args.batch, "experts": args.experts,
@@ -185,7 +188,7 @@ def main() -> None:
                       "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}}
-        eager = rounds(clients, args.experts, device)
+        eager = rounds(clients, args.experts, sync)
         calls, batch_calls = aten_calls_per_step(clients[0], args.experts)
         result["eager"] = {**summary(eager), "aten_calls_per_adaptive_step": calls,
                            "batch_making_aten_calls_per_adaptive_step": batch_calls}
@@ -197,7 +200,7 @@ def main() -> None:
         torch._dynamo.reset()
         counters.clear()
         backbone.adapted.model.compile(backend=args.backend, mode=args.mode)
-        compiled = rounds(clients, args.experts, device)
+        compiled = rounds(clients, args.experts, sync)
         result["compiled"] = {**summary(compiled), "aten_calls_per_adaptive_step": aten_calls_per_step(
             clients[0], args.experts)[0], "graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": sum(counters["graph_break"].values())}

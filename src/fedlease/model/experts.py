@@ -109,6 +109,11 @@ def expert_columns(experts: int, rank: int, scaling: float, rows: torch.Tensor) 
     return F.one_hot(rows, experts).float().repeat_interleave(rank, dim=1) * scaling
 
 
+def flat_layout(bank_B: torch.Tensor) -> torch.Tensor:
+    """A (M, d_out, r) bank of B matrices as one (d_out, M*r) matrix, expert by expert."""
+    return bank_B.permute(1, 0, 2).reshape(bank_B.shape[1], -1)
+
+
 def refill(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` written into ``buffer`` where the shapes agree, else ``value`` on ``buffer``'s device: ``assign`` and
     ``own_rows`` keep their memory from client to client, as a CUDA graph, which reads its inputs at recorded
@@ -206,23 +211,23 @@ class ExpertLinear(nn.Module):
         which bumps its version: ``load_state``'s copy, any in-place op; not a write through ``.data`` or a NumPy
         view, which nothing here makes): not in every step."""
         bank = self.experts_B
-        if torch.compiler.is_compiling():
-            # A compiled graph makes the layout itself, at no launch of its own, and splices the own expert in at
-            # the rows a tensor names: slicing at the own expert's Python offsets would make the graph specialise
-            # on them, so every own expert (every cluster of clients) would compile a graph of its own.
-            flat_A, flat_B = self.experts_A.flatten(0, 1), bank.permute(1, 0, 2).reshape(bank.shape[1], -1)
-            return flat_A.index_copy(0, self.own_rows, self.lora_A), flat_B.index_copy(1, self.own_rows, self.lora_B)
+        if torch.compiler.is_compiling():  # a compiled graph makes the layout itself, at no launch of its own
+            return self.splice(self.experts_A.flatten(0, 1), flat_layout(bank))
         # an inference tensor (made under torch.inference_mode) keeps no version: its layout is never reused
         version = None if bank.is_inference() else bank._version
         if version is None or self._flat_B_of is None or self._flat_B_of[0] is not bank or \
                 self._flat_B_of[1] != version:
             with torch.inference_mode(version is None):  # one made while evaluating serves training later
-                self._flat_B = bank.permute(1, 0, 2).reshape(bank.shape[1], -1)
+                self._flat_B = flat_layout(bank)
             self._flat_B_of = None if version is None else (bank, version)
         return self.splice(self.experts_A.flatten(0, 1), self._flat_B)
 
     def splice(self, flat_A: torch.Tensor, flat_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The banks (M*r, d_in) and (d_out, M*r) with the own expert's rows and columns ``lora_A``/``lora_B``."""
+        """The banks (M*r, d_in) and (d_out, M*r) with the own expert's rows and columns ``lora_A``/``lora_B``.
+        Compiled, at the rows a tensor names: slicing at the own expert's Python offsets would make the graph
+        specialise on them, so every own expert (every cluster of clients) would compile a graph of its own."""
+        if torch.compiler.is_compiling():
+            return flat_A.index_copy(0, self.own_rows, self.lora_A), flat_B.index_copy(1, self.own_rows, self.lora_B)
         start, end = self.layout.own_expert * self.rank, (self.layout.own_expert + 1) * self.rank
         return (torch.cat([flat_A[:start], self.lora_A, flat_A[end:]]),
                 torch.cat([flat_B[:, :start], self.lora_B, flat_B[:, end:]], dim=1))
